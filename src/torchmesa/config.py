@@ -1,0 +1,134 @@
+"""What to store and how: bits, ranges, groups, and which tensors stay exact.
+
+A ``Config`` is a frozen dataclass that checks itself when it is built, so a bad value
+fails where the user wrote it, with the field's name and the allowed values, instead of
+deep inside a forward pass. Granularity objects say how a saved tensor is split into
+groups that each get one quantization range (Mesa: head-wise for attention tensors,
+channel groups for the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ESTIMATORS = ("ema", "dynamic")
+ROUNDINGS = ("nearest", "stochastic")
+SUPPORTED_BITS = (8,)
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One range for the whole tensor: any shape -> ranges of shape ``(1,)``."""
+
+
+@dataclass(frozen=True)
+class PerHead:
+    """One range per index of dim 1: ``(B, H, N, ·)`` -> ``(H,)``.
+
+    Mesa's head-wise quantization for attention tensors, whose heads have very different
+    distributions. On a ``(B, C, H, W)`` feature map the same rule is one range per channel.
+    """
+
+
+@dataclass(frozen=True)
+class PerChannelGroup:
+    """Contiguous groups of the last dim: ``(..., C)`` -> ``(G,)``.
+
+    Give ``num_groups`` (Mesa's ``convert_by_num_groups``) or ``group_size`` (Mesa's
+    ``convert_by_group_size``). When C does not divide evenly the last group is smaller.
+    """
+
+    num_groups: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("num_groups", "group_size") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "PerChannelGroup: give exactly one of num_groups or group_size, "
+                f"got {given or 'neither'}"
+            )
+        value = getattr(self, given[0])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"PerChannelGroup.{given[0]} must be a positive int, got {value!r}")
+
+    def group_size_for(self, channels: int) -> int:
+        """Channels per group for a last dim of ``channels``."""
+        if self.group_size is not None:
+            return min(self.group_size, channels)
+        return -(-channels // min(self.num_groups, channels))
+
+
+Granularity = PerTensor | PerHead | PerChannelGroup
+
+
+@dataclass(frozen=True)
+class Config:
+    """How saved activations are stored.
+
+    Args:
+        bits: bits per stored value. 8 (Mesa's setting).
+        estimator: ``"ema"``: running range per site and group, an exponential moving
+            average of the batch min and range with decay ``ema_decay``, initialised from
+            the first batch (Mesa). ``"dynamic"``: each batch's own range.
+        ema_decay: the EMA's λ in ``[0, 1)``; Mesa uses 0.9.
+        groups: granularity for tensors with fewer than 4 dims ``(..., C)`` and, when
+            ``head_wise`` is off, for all of them. The default, one range per channel, costs
+            8 bytes per channel: noise beside ``B·N`` values per channel.
+        head_wise: tensors of 4 or more dims ``(B, H, N, ·)`` get one range per head (per
+            channel on ``(B, C, H, W)`` feature maps).
+        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased, drawn from a generator of
+            our own so the model's random stream, and so dropout, is untouched).
+        min_numel: tensors with fewer elements stay exact; they cost more to quantize
+            than they save.
+        seed: seed of the stochastic-rounding generator.
+    """
+
+    bits: int = 8
+    estimator: str = "ema"
+    ema_decay: float = 0.9
+    groups: Granularity = PerChannelGroup(group_size=1)
+    head_wise: bool = True
+    rounding: str = "nearest"
+    min_numel: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("bits", self.bits)
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"Config.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"Config.estimator must be one of {ESTIMATORS}, got {self.estimator!r}"
+            )
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)):
+            raise ValueError(f"Config.ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"Config.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not isinstance(self.groups, (PerTensor, PerHead, PerChannelGroup)):
+            raise ValueError(
+                "Config.groups must be PerChannelGroup(num_groups=.. or group_size=..), "
+                f"PerHead() or PerTensor(), got {self.groups!r}"
+            )
+        if isinstance(self.groups, PerHead):
+            raise ValueError(
+                "Config.groups applies to (..., C) tensors; PerHead() is set by head_wise=True"
+            )
+        if not isinstance(self.head_wise, bool):
+            raise ValueError(f"Config.head_wise must be a bool, got {self.head_wise!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"Config.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        _check_int("min_numel", self.min_numel)
+        if self.min_numel < 0:
+            raise ValueError(f"Config.min_numel must be >= 0, got {self.min_numel!r}")
+        _check_int("seed", self.seed)
+
+    @property
+    def levels(self) -> int:
+        """Largest code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Config.{name} must be an int, got {value!r}")

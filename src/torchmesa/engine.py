@@ -1,0 +1,268 @@
+"""The engine: Mesa's memory saving on PyTorch's saved-tensor hooks.
+
+Every tensor an op saves for backward passes through ``pack`` while a compressed module
+runs; ``unpack`` gives it back when backward needs it. Forward computes on the exact
+tensors and is untouched; only the copy autograd keeps is compressed. Forward pre/post
+hooks on each module of the compressed tree keep a stack of the modules running, which
+names the *site* of each save (module path, call, ordinal) for the running estimates.
+
+NOTE [ Engine rules ]
+  1. Scope. Hooks are active only while the compressed root runs in training mode with
+     grad enabled, and not inside a backward pass (checkpoint recomputes forward there).
+  2. Innermost pair wins. If another saved-tensor hooks pair (non-reentrant checkpoint,
+     ``save_on_cpu``) is already active when the root starts, its rule applies to the
+     whole call and we step aside, with a one-time warning. ``track()``'s pair is ours.
+  3. Parameters and buffers (by storage), their views and AMP copies, and leaf tensors
+     that require grad are returned as they are and not counted as activations.
+  4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly.
+  5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
+     module's config: head-wise when they have 4+ dims, channel groups otherwise. Others
+     stay exact: integers, fp64, small ones; sparse, nested, complex, quantized tensors
+     and tensor subclasses (warned once per kind).
+  6. Only what saves memory is stored: a tensor whose storage is smaller than its
+     compressed copy (an expanded mask, say) stays exact.
+  7. A tensor saved twice in one forward (same storage, view and version) is stored once,
+     and only while the first tensor is alive: a freed address may be reused.
+  8. Non-finite groups dequantize to NaN (see quant.reference); estimates skip them.
+  9. Pack runs under ``no_grad``: nothing it computes joins the graph.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from functools import partial
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchmesa import quant
+from torchmesa.config import Config, PerHead
+from torchmesa.estimator import Site, make_estimator
+from torchmesa.tensors import is_parameter_like, storage_nbytes, storage_ptr
+from torchmesa.track import Tracker, active_trackers
+
+_METADATA_BYTES_PER_GROUP = 8
+
+
+class _Forward:
+    """State of one call of the compressed root: module stack, call counts, dedup table."""
+
+    def __init__(self, hooks: torch.autograd.graph.saved_tensors_hooks, params: set[int]):
+        self.hooks = hooks
+        self.param_storages = params
+        self.frames: list[list[Any]] = []
+        self.calls: dict[str, int] = {}
+        self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
+
+    def push(self, path: str) -> None:
+        index = self.calls.get(path, 0)
+        self.calls[path] = index + 1
+        self.frames.append([path, index, 0])
+
+    def pop(self, path: str) -> None:
+        if self.frames and self.frames[-1][0] == path:
+            self.frames.pop()
+
+    def next_site(self) -> Site:
+        frame = self.frames[-1]
+        frame[2] += 1
+        return (frame[0], frame[1], frame[2] - 1)
+
+
+def _dedup_key(t: torch.Tensor) -> tuple:
+    return (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+
+
+def _owner_is_ours(pack_hook: Any) -> bool:
+    return isinstance(getattr(pack_hook, "__self__", None), (Engine, Tracker))
+
+
+def _foreign_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and not _owner_is_ours(hooks[0])
+
+
+def _in_backward() -> bool:
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class Engine:
+    """Compression state of one compressed module tree: hooks, config, estimates."""
+
+    def __init__(self, root: nn.Module, config: Config) -> None:
+        self.config = config
+        self.estimator = make_estimator(config.estimator, config.ema_decay)
+        self._root = weakref.ref(root)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._local = threading.local()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._warned: set[str] = set()
+
+    # -- hooks on the module tree -------------------------------------------------------
+
+    def attach(self) -> None:
+        """Register the forward pre/post hooks on every module of the tree."""
+        root = self._root()
+        assert root is not None
+        for path, module in root.named_modules():
+            is_root = module is root
+            self._handles.append(
+                module.register_forward_pre_hook(partial(self._enter, path, is_root), prepend=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(partial(self._exit, path, is_root), always_call=True)
+            )
+
+    def detach(self) -> None:
+        """Remove every hook :meth:`attach` added."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _stack(self) -> list[_Forward | None]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _enter(self, path: str, is_root: bool, module: nn.Module, args: Any) -> None:
+        stack = self._stack()
+        if is_root:
+            stack.append(self._begin(module))
+        forward = stack[-1] if stack else None
+        if forward is not None:
+            forward.push(path)
+
+    def _exit(self, path: str, is_root: bool, module: nn.Module, args: Any, output: Any) -> None:
+        stack = self._stack()
+        forward = stack[-1] if stack else None
+        if forward is not None:
+            forward.pop(path)
+        if is_root and stack:
+            stack.pop()
+            if forward is not None:
+                forward.hooks.__exit__(None, None, None)
+                forward.dedup.clear()
+
+    def _begin(self, root: nn.Module) -> _Forward | None:
+        """Start a forward of the root: activate the hooks, or not (Rules 1 and 2)."""
+        if not (root.training and torch.is_grad_enabled()) or _in_backward():
+            return None
+        if _foreign_hooks_active():
+            self._warn_once(
+                "foreign-hooks",
+                "torchmesa: another saved-tensor hooks pair (torch.utils.checkpoint or "
+                "save_on_cpu) is active around the compressed module; its rule applies and "
+                "activations there are not compressed (engine rule 2).",
+            )
+            return None
+        params = {storage_ptr(t) for t in chain(root.parameters(), root.buffers()) if t.numel() > 0}
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        hooks.__enter__()
+        return _Forward(hooks, params)
+
+    # -- pack / unpack -----------------------------------------------------------------
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        stack = self._stack()
+        forward = stack[-1] if stack else None
+        if forward is None or not forward.frames:
+            return t
+        if is_parameter_like(t, forward.param_storages):
+            return t
+        site = forward.next_site()
+        with torch.no_grad():
+            stored = self._store(t, site, forward)
+        for tracker in active_trackers():
+            tracker.record(t, stored, site[0])
+        return stored
+
+    @staticmethod
+    def _unpack(stored: Any) -> torch.Tensor:
+        if isinstance(stored, quant.QuantizedTensor):
+            return quant.dequantize(stored)
+        if isinstance(stored, quant.PackedMask):
+            return quant.unpack_mask(stored)
+        return stored
+
+    def _store(self, t: torch.Tensor, site: Site, forward: _Forward) -> Any:
+        """What to keep for ``t``: ``t`` itself, a packed mask or a quantized copy."""
+        kind = self._classify(t)
+        if kind == "exact":
+            return t
+        key = _dedup_key(t)
+        hit = forward.dedup.get(key)
+        if hit is not None and hit[0]() is not None:
+            return hit[1]
+        if kind == "mask":
+            stored: Any = quant.pack_mask(t)
+        else:
+            stored = self._quantize(t, site)
+        forward.dedup[key] = (weakref.ref(t), stored)
+        return stored
+
+    def _classify(self, t: torch.Tensor) -> str:
+        """``"quantize"``, ``"mask"`` or ``"exact"`` (Rules 4 to 6)."""
+        if type(t) is not torch.Tensor:
+            self._warn_once(
+                f"subclass-{type(t).__name__}",
+                f"torchmesa: saved tensors of type {type(t).__name__} are kept exact.",
+            )
+            return "exact"
+        unusual = _unusual_layout(t)
+        if unusual:
+            self._warn_once(unusual, f"torchmesa: {unusual} saved tensors are kept exact.")
+            return "exact"
+        numel = t.numel()
+        if numel == 0 or numel < self.config.min_numel:
+            return "exact"
+        if t.dtype == torch.bool:
+            return "mask" if storage_nbytes(t) > -(-numel // 8) else "exact"
+        if t.dtype not in quant.FLOAT_DTYPES:
+            return "exact"
+        groups = t.shape[1] if (self.config.head_wise and t.dim() >= 4) else t.shape[-1]
+        packed = numel * self.config.bits // 8 + _METADATA_BYTES_PER_GROUP * groups
+        return "quantize" if storage_nbytes(t) > packed else "exact"
+
+    def _quantize(self, t: torch.Tensor, site: Site) -> quant.QuantizedTensor:
+        config = self.config
+        granularity = PerHead() if (config.head_wise and t.dim() >= 4) else config.groups
+        layout = quant.GroupLayout.of(t.shape, granularity)
+        lo, hi = quant.group_minmax(t, layout)
+        shift, rng = self.estimator.ranges(site, lo, hi)
+        generator = self._generator(t.device) if config.rounding == "stochastic" else None
+        return quant.quantize(
+            t, layout, shift, rng, bits=config.bits, rounding=config.rounding, generator=generator
+        )
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self.config.seed)
+        return gen
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _unusual_layout(t: torch.Tensor) -> str:
+    """A name for layouts we do not compress, or ``""``."""
+    if t.is_nested:
+        return "nested"
+    if t.layout != torch.strided:
+        return "sparse"
+    if t.is_complex():
+        return "complex"
+    if t.is_quantized:
+        return "quantized"
+    return ""

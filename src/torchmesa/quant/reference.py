@@ -1,0 +1,171 @@
+"""Eager PyTorch quantization: the ground truth every fast path is tested against.
+
+Mesa's affine quantizer, per group ``g`` of a tensor ``x``:
+
+    scale_g = range_g / (2^bits - 1)
+    q       = clamp(round((x - shift_g) / scale_g), 0, 2^bits - 1)     stored, 1 byte
+    x̂       = q * scale_g + shift_g                                     in backward
+
+``shift`` is the group's (running) minimum and ``range`` its (running) max - min.
+Inside ``[shift, shift + range]`` the error is at most half a step, ``scale / 2``; values
+outside are clamped to the ends (Mesa's kernel wraps them around modulo 256 instead).
+
+Conventions that the fast paths must keep:
+- arithmetic in fp32 whatever the input dtype, so bf16/fp16 inputs lose nothing before
+  rounding; the result is cast back to the dtype that was saved.
+- ``torch.round`` (half to even) for nearest rounding; ``floor(y + u)``, ``u ~ U[0, 1)``,
+  for stochastic rounding, which is unbiased.
+- a group whose range is 0 gets scale 1, so every code is 0 and x̂ is exactly ``shift``.
+- a group whose range is NaN (its batch held NaN or Inf) gets scale NaN: it dequantizes
+  to NaN, so backward sees non-finite values as exact training would, never finite wrong
+  ones.
+
+Functions here are pure: no module state, nothing about which op saved the tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from torchmesa.config import Granularity, PerChannelGroup, PerHead, PerTensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How one tensor's elements map to range groups.
+
+    ``kind`` is ``"tensor"`` (one group), ``"axis1"`` (one group per index of dim 1) or
+    ``"last"`` (contiguous groups of ``group_size`` along the last dim of ``channels``).
+    """
+
+    kind: str
+    num_groups: int
+    channels: int = 1
+    group_size: int = 1
+
+    @staticmethod
+    def of(shape: torch.Size | tuple[int, ...], granularity: Granularity) -> GroupLayout:
+        """The layout of a tensor of ``shape`` under ``granularity``; falls back to one
+        group when the tensor has no dim for the granularity to act on."""
+        if isinstance(granularity, PerHead) and len(shape) >= 2:
+            return GroupLayout("axis1", shape[1])
+        if isinstance(granularity, PerChannelGroup) and len(shape) >= 1 and shape[-1] > 0:
+            channels = shape[-1]
+            size = granularity.group_size_for(channels)
+            return GroupLayout("last", -(-channels // size), channels, size)
+        if isinstance(granularity, (PerTensor, PerHead, PerChannelGroup)):
+            return GroupLayout("tensor", 1)
+        raise TypeError(f"unknown granularity {granularity!r}")
+
+    def broadcast(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Per-group ``values`` of shape ``(G,)`` shaped to broadcast against the tensor."""
+        if self.kind == "axis1":
+            return values.view((1, self.num_groups) + (1,) * (ndim - 2))
+        if self.kind == "last":
+            if self.group_size == 1:
+                return values
+            return values.repeat_interleave(self.group_size)[: self.channels]
+        return values.view((1,) * ndim) if ndim else values.view(())
+
+
+def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group minimum and maximum of ``x`` as fp32 tensors of shape ``(G,)``.
+
+    NaN anywhere in a group makes both NaN; ±Inf shows up as an infinite end.
+    """
+    if layout.kind == "tensor":
+        lo, hi = torch.aminmax(x)
+        return lo.float().view(1), hi.float().view(1)
+    if layout.kind == "axis1":
+        dims = (0,) + tuple(range(2, x.dim()))
+        return x.amin(dim=dims).float(), x.amax(dim=dims).float()
+    dims = tuple(range(x.dim() - 1))
+    lo = x.amin(dim=dims).float() if dims else x.float()
+    hi = x.amax(dim=dims).float() if dims else x.float()
+    if layout.group_size == 1:
+        return lo, hi
+    pad = layout.num_groups * layout.group_size - layout.channels
+    lo = F.pad(lo, (0, pad), value=float("inf")).view(layout.num_groups, -1).amin(dim=1)
+    hi = F.pad(hi, (0, pad), value=float("-inf")).view(layout.num_groups, -1).amax(dim=1)
+    return lo, hi
+
+
+def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantization step per group: ``range / (2^bits - 1)``; 1 where the range is 0,
+    NaN where the range is NaN (see the module docstring)."""
+    levels = (1 << bits) - 1
+    return torch.where(rng == 0, torch.ones_like(rng), rng / levels)
+
+
+def quantize_codes(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Codes ``clamp(round((x - shift) / scale), 0, 2^bits - 1)`` as uint8, shape of ``x``.
+
+    Elementwise ops keep ``x``'s memory layout when it is dense (a transposed q/k/v stays
+    transposed), so dequantizing restores the same strides without a copy.
+    """
+    y = x.float() - layout.broadcast(shift, x.dim())
+    y = y.div_(layout.broadcast(scale, x.dim()))
+    if rounding == "stochastic":
+        noise = torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+        y = y.add_(noise).floor_()
+    else:
+        y = y.round_()
+    return y.clamp_(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``codes * scale + shift`` in fp32, returned in ``dtype``."""
+    ndim = codes.dim()
+    out = torch.addcmul(layout.broadcast(shift, ndim), codes.float(), layout.broadcast(scale, ndim))
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 ``codes`` (each < 2^bits) densely, ``8 // bits`` per byte, flat.
+
+    The first value sits in the lowest bits; the tail is padded with zeros.
+    """
+    if bits == 8:
+        return codes.reshape(-1).clone()
+    if bits not in (1, 2, 4):
+        raise ValueError(f"pack_bits: bits must be 1, 2, 4 or 8, got {bits}")
+    per = 8 // bits
+    flat = codes.reshape(-1)
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    flat = flat.view(-1, per)
+    out = flat[:, 0].clone()
+    for i in range(1, per):
+        out |= flat[:, i] << (bits * i)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``numel`` codes, flat uint8."""
+    if bits == 8:
+        return packed[:numel]
+    if bits not in (1, 2, 4):
+        raise ValueError(f"unpack_bits: bits must be 1, 2, 4 or 8, got {bits}")
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    out = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return out.reshape(-1)[:numel]

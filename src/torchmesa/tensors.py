@@ -1,0 +1,77 @@
+"""What a saved tensor is: a parameter (or a view or AMP copy of one), or an activation.
+
+Parameters reach saved-tensor hooks too, but never as the ``Parameter`` object itself:
+as an alias sharing its storage (``weight.t()``), or under autocast as a cast copy whose
+autograd history is ``ToCopyBackward0 → AccumulateGrad(param)``. Both are recognised here
+so that weights are never quantized and never counted as activations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Single-input nodes that only view or cast their input: a chain of them ending in a
+# parameter's AccumulateGrad means the saved tensor is that parameter, reshaped or cast.
+_VIEW_OR_CAST_NODES = frozenset(
+    {
+        "ToCopyBackward0",
+        "TBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "ExpandBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "AliasBackward0",
+    }
+)
+_MAX_CHAIN = 4
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    """Address of ``t``'s storage (0 for tensors without one)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def storage_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the storage ``t`` keeps alive (its view's bytes when it has no storage)."""
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()
+
+
+def derives_from_parameter(t: torch.Tensor) -> bool:
+    """True if ``t`` is a view or cast of a trainable ``nn.Parameter`` (AMP's weight copies)."""
+    fn = t.grad_fn
+    for _ in range(_MAX_CHAIN):
+        if fn is None:
+            return False
+        name = fn.name()
+        if name.endswith("AccumulateGrad"):
+            return isinstance(fn.variable, nn.Parameter)
+        if name not in _VIEW_OR_CAST_NODES:
+            return False
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        if len(inputs) != 1:
+            return False
+        fn = inputs[0]
+    return False
+
+
+def is_parameter_like(t: torch.Tensor, param_storages: frozenset[int] | set[int]) -> bool:
+    """True for parameters and buffers (by storage), their views and their AMP copies."""
+    if isinstance(t, nn.Parameter):
+        return True
+    if t.is_leaf and t.requires_grad:
+        return True
+    if param_storages and storage_ptr(t) in param_storages:
+        return True
+    return derives_from_parameter(t)

@@ -1,0 +1,156 @@
+"""Count what autograd holds for backward: exact bytes versus what torchmesa stores.
+
+``track()`` is a context manager. Inside it, every tensor saved for backward is counted
+once per storage, parameters excluded (DESIGN.md's *saved-activation bytes*):
+
+- ``exact_bytes``: what exact training would hold (the storages the saved tensors live in);
+- ``stored_bytes``: what is held instead (compressed copies, plus what stayed exact);
+- ``held_bytes``: compressed copies still alive now; it drops to 0 once backward has freed
+  the graph.
+
+Inside compressed modules the engine reports each save; elsewhere (the loss, uncompressed
+code) the tracker's own saved-tensor hooks count the tensor as kept exact, so the totals
+cover the whole graph. A storage's address is trusted only while a tensor of it is alive:
+a compressed original may be freed and its address reused by a new activation.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchmesa.tensors import is_parameter_like, storage_nbytes, storage_ptr
+
+OUTSIDE = "(outside compressed modules)"
+_local = threading.local()
+
+
+def active_trackers() -> list[Tracker]:
+    """Trackers open on this thread, outermost first."""
+    return getattr(_local, "trackers", [])
+
+
+@dataclass
+class ModuleBytes:
+    """Saved bytes attributed to one module path."""
+
+    exact_bytes: int = 0
+    stored_bytes: int = 0
+    tensors: int = 0
+
+
+class _StorageSet:
+    """Storages seen, keyed by address, each valid while a tensor of it is alive."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, weakref.ref] = {}
+
+    def add(self, t: torch.Tensor) -> bool:
+        """Record ``t``'s storage; True if it was not seen (alive) before."""
+        ptr = storage_ptr(t)
+        ref = self._seen.get(ptr)
+        if ptr and ref is not None and ref() is not None:
+            return False
+        if ptr:
+            self._seen[ptr] = weakref.ref(t)
+        return True
+
+
+@dataclass
+class Tracker:
+    """Saved-activation bytes of the forward passes run inside it. See :func:`track`."""
+
+    exact_bytes: int = 0
+    stored_bytes: int = 0
+    saved_tensors: int = 0
+    compressed_tensors: int = 0
+    by_module: dict[str, ModuleBytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._exact_storages = _StorageSet()
+        self._kept_storages = _StorageSet()
+        self._handles: dict[int, weakref.ref] = {}
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    @property
+    def ratio(self) -> float:
+        """``exact_bytes / stored_bytes``: the compression of what backward holds."""
+        if self.stored_bytes == 0:
+            return 1.0
+        return self.exact_bytes / self.stored_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of compressed copies still alive now."""
+        total = 0
+        for ref in self._handles.values():
+            handle = ref()
+            if handle is not None:
+                total += handle.nbytes
+        return total
+
+    def record(self, t: torch.Tensor, stored: Any, module: str) -> None:
+        """Count one saved tensor ``t``, stored as ``stored`` (``t`` itself if kept exact)."""
+        entry = self.by_module.setdefault(module, ModuleBytes())
+        self.saved_tensors += 1
+        entry.tensors += 1
+        if self._exact_storages.add(t):
+            nbytes = storage_nbytes(t)
+            self.exact_bytes += nbytes
+            entry.exact_bytes += nbytes
+        if stored is t:
+            if self._kept_storages.add(t):
+                nbytes = storage_nbytes(t)
+                self.stored_bytes += nbytes
+                entry.stored_bytes += nbytes
+        elif id(stored) not in self._handles or self._handles[id(stored)]() is not stored:
+            self._handles[id(stored)] = weakref.ref(stored)
+            self.compressed_tensors += 1
+            self.stored_bytes += stored.nbytes
+            entry.stored_bytes += stored.nbytes
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not is_parameter_like(t, frozenset()):
+            self.record(t, t, OUTSIDE)
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def __enter__(self) -> Tracker:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        _local.trackers = [*active_trackers(), self]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _local.trackers = [t for t in active_trackers() if t is not self]
+        assert self._hooks is not None
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+    def summary(self) -> str:
+        """One line: exact vs stored bytes and the ratio."""
+        return (
+            f"saved activations: exact {self.exact_bytes / 2**20:.2f} MiB, "
+            f"stored {self.stored_bytes / 2**20:.2f} MiB ({self.ratio:.2f}x smaller)"
+        )
+
+
+def track() -> Tracker:
+    """Measure what backward holds for the forward passes run inside the block.
+
+    Example::
+
+        with torchmesa.track() as t:
+            loss = model(x).loss
+        print(t.exact_bytes, t.stored_bytes, t.ratio)
+        loss.backward()
+        assert t.held_bytes == 0
+    """
+    return Tracker()
