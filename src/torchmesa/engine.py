@@ -22,7 +22,10 @@ NOTE [ Engine rules ]
   6. Only what saves memory is stored: a tensor whose storage is smaller than its
      compressed copy (an expanded mask, say) stays exact.
   7. A tensor saved twice in one forward (same storage, view and version) is stored once,
-     and only while the first tensor is alive: a freed address may be reused.
+     and only while the first tensor is alive: a freed address may be reused. A view
+     that lies inside an earlier quantized dense tensor of the same storage and version
+     (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a
+     view of that copy, at no cost.
   8. Non-finite groups dequantize to NaN (see quant.reference); estimates skip them.
   9. Pack runs under ``no_grad``: nothing it computes joins the graph.
 """
@@ -57,6 +60,7 @@ class _Forward:
         self.frames: list[list[Any]] = []
         self.calls: dict[str, int] = {}
         self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
+        self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
 
     def push(self, path: str) -> None:
         index = self.calls.get(path, 0)
@@ -67,10 +71,37 @@ class _Forward:
         if self.frames and self.frames[-1][0] == path:
             self.frames.pop()
 
+    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
+        """A view of an earlier quantized dense tensor that holds all of ``t`` (Rule 7)."""
+        first = t.storage_offset()
+        last = first + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        for ref, base in self.dense_bases.get(storage_ptr(t), ()):
+            src = ref()
+            if src is None or src.dtype != t.dtype or src._version != t._version:
+                continue
+            start = src.storage_offset()
+            if start <= first and last < start + src.numel():
+                return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
+        return None
+
+    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor) -> None:
+        if _is_dense(t):
+            self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
+
     def next_site(self) -> Site:
         frame = self.frames[-1]
         frame[2] += 1
         return (frame[0], frame[1], frame[2] - 1)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True if ``t``'s elements fill one contiguous stretch of storage (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _dedup_key(t: torch.Tensor) -> tuple:
@@ -99,6 +130,7 @@ class Engine:
         self.config = config
         self.estimator = make_estimator(config.estimator, config.ema_decay)
         self._root = weakref.ref(root)
+        self._root_label = type(root).__name__
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._local = threading.local()
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -149,6 +181,7 @@ class Engine:
             if forward is not None:
                 forward.hooks.__exit__(None, None, None)
                 forward.dedup.clear()
+                forward.dense_bases.clear()
 
     def _begin(self, root: nn.Module) -> _Forward | None:
         """Start a forward of the root: activate the hooks, or not (Rules 1 and 2)."""
@@ -180,13 +213,15 @@ class Engine:
         with torch.no_grad():
             stored = self._store(t, site, forward)
         for tracker in active_trackers():
-            tracker.record(t, stored, site[0])
+            tracker.record(t, stored, site[0] or self._root_label)
         return stored
 
     @staticmethod
     def _unpack(stored: Any) -> torch.Tensor:
         if isinstance(stored, quant.QuantizedTensor):
             return quant.dequantize(stored)
+        if isinstance(stored, quant.QuantizedView):
+            return quant.dequantize_view(stored)
         if isinstance(stored, quant.PackedMask):
             return quant.unpack_mask(stored)
         return stored
@@ -203,7 +238,10 @@ class Engine:
         if kind == "mask":
             stored: Any = quant.pack_mask(t)
         else:
-            stored = self._quantize(t, site)
+            stored = forward.covering_base(t)
+            if stored is None:
+                stored = self._quantize(t, site)
+                forward.add_base(t, stored)
         forward.dedup[key] = (weakref.ref(t), stored)
         return stored
 

@@ -25,7 +25,9 @@ __all__ = [
     "GroupLayout",
     "PackedMask",
     "QuantizedTensor",
+    "QuantizedView",
     "dequantize",
+    "dequantize_view",
     "group_minmax",
     "pack_mask",
     "quantize",
@@ -55,6 +57,31 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes held: codes and metadata."""
         return sum(t.untyped_storage().nbytes() for t in (self.codes, self.shift, self.scale))
+
+
+class QuantizedView:
+    """Another view of a storage already quantized whole: it holds no codes of its own.
+
+    ``base`` was quantized from a dense tensor starting at storage element ``base_offset``;
+    this view has ``size``/``stride`` and starts ``offset`` elements after it.
+    """
+
+    def __init__(
+        self,
+        base: QuantizedTensor,
+        size: torch.Size,
+        stride: tuple[int, ...],
+        offset: int,
+        base_stride: tuple[int, ...],
+    ) -> None:
+        self.base, self.size, self.stride, self.offset = base, size, stride, offset
+        self.base_stride = base_stride
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.size
+
+    nbytes = 0
 
 
 class PackedMask:
@@ -90,6 +117,17 @@ def quantize(
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
     return dequantize_codes(q.codes, q.layout, q.shift, q.scale, q.dtype)
+
+
+def dequantize_view(v: QuantizedView) -> torch.Tensor:
+    """The view, cut from the dequantized base laid out as the original storage was."""
+    base = dequantize(v.base)
+    if base.stride() != v.base_stride:
+        laid_out = torch.empty_strided(
+            base.shape, v.base_stride, dtype=base.dtype, device=base.device
+        )
+        base = laid_out.copy_(base)
+    return base.as_strided(v.size, v.stride, base.storage_offset() + v.offset)
 
 
 def pack_mask(mask: torch.Tensor) -> PackedMask:

@@ -1,0 +1,135 @@
+"""The reference quantizer: error bounds, granularities, edge values, bit packing."""
+
+import pytest
+import torch
+from helpers import sqnr_db
+
+from torchmesa import quant
+from torchmesa.config import PerChannelGroup, PerHead, PerTensor
+from torchmesa.quant.reference import GroupLayout, pack_bits, unpack_bits
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def roundtrip(x, granularity, rounding="nearest", generator=None):
+    layout = GroupLayout.of(x.shape, granularity)
+    lo, hi = quant.group_minmax(x, layout)
+    q = quant.quantize(x, layout, lo, hi - lo, bits=8, rounding=rounding, generator=generator)
+    return q, quant.dequantize(q), layout
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,granularity",
+    [
+        ((3, 5, 7, 11), PerHead()),
+        ((2, 13, 37), PerChannelGroup(group_size=1)),
+        ((2, 13, 37), PerChannelGroup(group_size=8)),
+        ((4097,), PerTensor()),
+        ((6, 42, 123), PerChannelGroup(num_groups=5)),
+    ],
+)
+def test_roundtrip_error_within_half_step(dtype, shape, granularity):
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    q, xr, layout = roundtrip(x, granularity)
+    assert xr.dtype == dtype and xr.shape == x.shape
+    step = layout.broadcast(q.scale, x.dim())
+    err = (xr.float() - x.float()).abs()
+    # half a step, plus the rounding of the result back into a low-precision dtype
+    slack = x.float().abs() * (torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6)
+    assert bool((err <= step / 2 * (1 + 1e-5) + slack).all())
+    assert sqnr_db(x.float(), xr.float()) >= (38 if dtype == torch.float32 else 30)
+
+
+def test_headwise_keeps_small_heads():
+    # heads whose scales differ by 1e6: one shared range would erase the small heads
+    scales = torch.tensor([1e-3, 1.0, 1e3, 1e-2]).view(1, 4, 1, 1)
+    x = torch.randn(2, 4, 16, 8) * scales
+    _, per_head, _ = roundtrip(x, PerHead())
+    _, per_tensor, _ = roundtrip(x, PerTensor())
+    for h in range(4):
+        assert sqnr_db(x[:, h], per_head[:, h]) >= 38, h
+    assert sqnr_db(x[:, 0], per_tensor[:, 0]) < 0
+
+
+def test_channel_groups_match_bruteforce():
+    x = torch.randn(3, 7, 10)
+    x[..., 9] *= 100  # an outlier channel in the last (short) group
+    layout = GroupLayout.of(x.shape, PerChannelGroup(group_size=4))
+    assert (layout.num_groups, layout.group_size) == (3, 4)
+    lo, hi = quant.group_minmax(x, layout)
+    flat = x.reshape(-1, 10)
+    for g, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        assert lo[g] == flat[:, a:b].min() and hi[g] == flat[:, a:b].max()
+    assert GroupLayout.of((5, 12), PerChannelGroup(num_groups=3)).group_size == 4
+    _, xr, _ = roundtrip(x, PerChannelGroup(group_size=4))
+    assert sqnr_db(x[..., :8], xr[..., :8]) >= 38
+
+
+def test_non_contiguous_input_keeps_layout_and_values():
+    base = torch.randn(2, 9, 3, 5)  # (B, N, H, D) as attention code builds it
+    x = base.transpose(1, 2)  # (B, H, N, D), dense but not contiguous
+    q, xr, _ = roundtrip(x, PerHead())
+    _, xr_contig, _ = roundtrip(x.contiguous(), PerHead())
+    assert q.codes.stride() == x.stride()
+    assert torch.equal(xr, xr_contig)
+    sliced = torch.randn(4, 6, 10)[:, 1]  # a strided view that is not dense
+    _, xs, _ = roundtrip(sliced, PerChannelGroup(group_size=1))
+    assert sqnr_db(sliced, xs) >= 38
+
+
+def test_constant_group_is_exact():
+    x = torch.full((2, 3, 4, 5), 0.37)
+    x[:, 1] = torch.randn(2, 4, 5)
+    _, xr, _ = roundtrip(x, PerHead())
+    assert torch.equal(xr[:, 0], x[:, 0]) and torch.equal(xr[:, 2], x[:, 2])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_group_dequantizes_to_nan(bad):
+    x = torch.randn(2, 3, 4, 5)
+    x[1, 2, 0, 0] = bad
+    layout = GroupLayout.of(x.shape, PerHead())
+    lo, hi = quant.group_minmax(x, layout)
+    rng = torch.where(torch.isfinite(lo) & torch.isfinite(hi), hi - lo, torch.nan)
+    xr = quant.dequantize(quant.quantize(x, layout, lo, rng, bits=8))
+    assert torch.isnan(xr[:, 2]).all()
+    assert torch.isfinite(xr[:, :2]).all()
+    assert sqnr_db(x[:, :2], xr[:, :2]) >= 38
+
+
+def test_stochastic_rounding_is_unbiased():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4096) * 2 - 1
+    errs = []
+    for _ in range(200):
+        _, xr, layout = roundtrip(x, PerTensor(), "stochastic", gen)
+        errs.append(xr - x)
+    err = torch.stack(errs)
+    step = float(2 / 255)
+    # per element the mean error over 200 draws shrinks like step / sqrt(200)
+    assert err.mean(0).abs().max() < step * 0.35
+    assert abs(float(err.mean())) < step * 0.01
+    _, nearest, _ = roundtrip(x, PerTensor())
+    assert (nearest - x).abs().max() <= step / 2 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 4097])
+def test_pack_bits_roundtrip(bits, numel):
+    codes = torch.randint(0, 1 << bits, (numel,), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.numel() == -(-numel * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, numel), codes)
+
+
+def test_pack_bits_rejects_bad_width():
+    with pytest.raises(ValueError, match="bits must be"):
+        pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+
+
+def test_mask_roundtrip_is_lossless():
+    mask = torch.rand(3, 5, 7) > 0.5
+    packed = quant.pack_mask(mask.transpose(0, 2))
+    assert packed.nbytes == -(-mask.numel() // 8)
+    assert torch.equal(quant.unpack_mask(packed), mask.transpose(0, 2))

@@ -1,0 +1,285 @@
+"""Engine rules (see NOTE [ Engine rules ] in torchmesa/engine.py), one test per rule."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import compare, grad_cosines
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import torchmesa
+from torchmesa.api import engine_of
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def tracked(model, *inputs):
+    with torchmesa.track() as t:
+        out = model(*inputs)
+    return t, out
+
+
+def test_rule1_eval_and_no_grad_untouched():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
+    x = torch.randn(32, 64, requires_grad=False)
+    model.eval()
+    t, _ = tracked(model, x)
+    assert t.compressed_tensors == 0 and t.exact_bytes == t.stored_bytes > 0
+    model.train()
+    with torch.no_grad():
+        t, _ = tracked(model, x)
+    assert t.saved_tensors == 0
+    t, _ = tracked(model, x)
+    assert t.compressed_tensors == 2
+
+
+def test_rule2_foreign_hooks_win_with_a_warning():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
+    x = torch.randn(32, 64)
+    with pytest.warns(RuntimeWarning, match="another saved-tensor hooks pair"):
+        with torch.autograd.graph.save_on_cpu():
+            model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autograd.graph.save_on_cpu():  # warned once only
+            model(x).sum().backward()
+
+
+def test_rule1_checkpoint_recompute_is_left_alone():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    plain = copy.deepcopy(inner)
+    torchmesa.compress(inner)
+    x = torch.randn(16, 64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="another saved-tensor hooks pair"):
+        for m in (inner, plain):
+            checkpoint(m, x, use_reentrant=False).square().sum().backward()
+    for m in (inner, plain):
+        checkpoint(m, x, use_reentrant=True).square().sum().backward()
+    for (_, a), (_, b) in zip(inner.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_checkpoint_inside_compressed_model_is_correct():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(64, 128), nn.GELU())
+            self.b = nn.Linear(128, 64)
+
+        def forward(self, x):
+            return self.b(checkpoint(self.a, x, use_reentrant=False))
+
+    res = compare(Net(), lambda m: (lambda y: (y, y.square().mean()))(m(torch.randn(32, 64))))
+    assert res.forward_equal and res.min_cosine > 0.9999
+
+
+def test_rule3_parameters_and_amp_copies_are_not_quantized():
+    lin = nn.Linear(64, 64)
+    model = torchmesa.compress(nn.Sequential(lin))
+    x = torch.randn(64, 64, requires_grad=True) * 1  # an activation, not a leaf
+    t, _ = tracked(model, x)
+    assert t.compressed_tensors == 1 and t.saved_tensors == 1  # x; the weight is excluded
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t, y = tracked(model, x)
+    assert y.dtype == torch.bfloat16
+    assert t.compressed_tensors == 1 and t.saved_tensors == 1
+
+
+def test_rule4_bool_masks_pack_to_one_bit():
+    def masked(x):
+        return torch.where(x > 0, x, torch.zeros_like(x)) * 2
+
+    model = torchmesa.compress(Lambda(masked))
+    x = torch.randn(64, 128, requires_grad=True) * 1
+    t, _ = tracked(model, x)
+    assert t.exact_bytes == 64 * 128  # where() saves only its bool condition
+    assert t.stored_bytes == 64 * 128 // 8
+
+
+def test_rule5_small_integer_and_double_tensors_stay_exact():
+    idx = torch.randint(0, 32, (2048,))
+    model = torchmesa.compress(Lambda(lambda x: x[idx]))
+    x = torch.randn(32, 64, requires_grad=True) * 1
+    t, _ = tracked(model, x)  # indexing saves only the int64 index
+    assert t.compressed_tensors == 0 and t.saved_tensors == 1
+    model = torchmesa.compress(nn.GELU(), torchmesa.Config(min_numel=4096))
+    t, _ = tracked(model, torch.randn(8, 8, requires_grad=True) * 1)
+    assert t.compressed_tensors == 0 and t.saved_tensors == 1
+    t, _ = tracked(model, torch.randn(64, 64, requires_grad=True) * 1)
+    assert t.compressed_tensors == 1
+    t, _ = tracked(model, torch.randn(64, 64, dtype=torch.float64, requires_grad=True) * 1)
+    assert t.compressed_tensors == 0
+
+
+def test_rule5_complex_is_kept_exact_with_one_warning():
+    model = torchmesa.compress(Lambda(lambda z: (z * z).abs()))
+    z = torch.randn(64, 64, dtype=torch.complex64, requires_grad=True) * 1
+    with pytest.warns(RuntimeWarning, match="complex saved tensors are kept exact"):
+        model(z).sum().backward()
+
+
+def test_rule6_expanded_views_stay_exact():
+    def scale(x, bias):
+        return x * bias.expand_as(x)  # mul saves both operands; one is a broadcast view
+
+    model = torchmesa.compress(Lambda(scale))
+    x = torch.randn(16, 32, 64, requires_grad=True) * 1
+    bias = torch.randn(1, 1, 64, requires_grad=True) * 1
+    t, _ = tracked(model, x, bias)
+    assert t.saved_tensors == 2
+    assert t.compressed_tensors == 1  # only the large, dense operand
+    assert t.stored_bytes < x.numel() + 64 * 4 + 2 * 64 * 8
+
+
+def test_rule7_a_storage_saved_twice_is_stored_once():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    model = torchmesa.compress(TwoHeads())
+    x = torch.randn(128, 64, requires_grad=True) * 1
+    t, _ = tracked(model, x)
+    assert t.saved_tensors == 2 and t.compressed_tensors == 1
+    assert t.exact_bytes == x.numel() * 4
+
+
+def test_rule7_reused_addresses_are_not_confused():
+    # each GELU input is freed once quantized, so the allocator may hand its address to the
+    # next one: same shape, same version; dedup must not return the first copy
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(6)])
+    res = compare(model, lambda m: (lambda y: (y, y.square().mean()))(m(torch.randn(64, 256))))
+    assert res.forward_equal and res.min_cosine > 0.9999
+
+
+def test_rule7_views_inside_a_quantized_tensor_cost_nothing():
+    def body(x):
+        h = F.gelu(x)  # gelu saves all of x, dense
+        return h[..., :64] + x[..., 64:128] * x[..., 128:].transpose(0, 1)  # two strided views
+
+    model = nn.Sequential(nn.Linear(32, 192), Lambda(body))
+    res = compare(model, lambda m: (lambda y: (y, y.square().mean()))(m(torch.randn(16, 16, 32))))
+    assert res.forward_equal and res.min_cosine > 0.9999
+    torchmesa.compress(model)
+    t, _ = tracked(model, torch.randn(16, 16, 32))
+    assert t.saved_tensors == 4 and t.compressed_tensors == 4
+    assert t.stored_bytes == 16 * 16 * 32 + 32 * 8 + 16 * 16 * 192 + 192 * 8  # none for views
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rule8_non_finite_activations_give_non_finite_gradients(bad):
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    exact = copy.deepcopy(model)
+    torchmesa.compress(model)
+    x = torch.randn(32, 64)
+    x[3, 5] = bad
+    for m in (exact, model):
+        m(x).sum().backward()
+    for (name, a), (_, b) in zip(exact.named_parameters(), model.named_parameters()):
+        assert torch.isfinite(a.grad).all() == torch.isfinite(b.grad).all(), name
+
+
+def test_rule9_estimates_do_not_join_the_graph():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
+    for _ in range(3):
+        model(torch.randn(32, 64)).sum().backward()
+    engine = engine_of(model)
+    for site in engine.estimator._sites:
+        shift, rng = engine.estimator.state(site)
+        assert not shift.requires_grad and not rng.requires_grad
+
+
+def test_sites_are_stable_across_steps_and_ema_moves():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)))
+    engine = engine_of(model)
+    model(torch.randn(32, 64)).sum().backward()
+    first = {s: engine.estimator.state(s)[1].clone() for s in engine.estimator._sites}
+    model(torch.randn(32, 64) * 3).sum().backward()
+    assert set(engine.estimator._sites) == set(first)
+    assert set(first) == {("0", 0, 0), ("1", 0, 0), ("2", 0, 0)}
+    for site, before in first.items():
+        assert not torch.equal(engine.estimator.state(site)[1], before)
+    stats = torchmesa.clip_stats(model)
+    assert all(s.groups_seen > 0 for s in stats.values())
+
+
+def test_shared_module_gets_one_site_per_call():
+    act = nn.GELU()
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), act, nn.Linear(64, 64), act))
+    model(torch.randn(32, 64)).sum().backward()
+    sites = set(engine_of(model).estimator._sites)
+    assert ("1", 0, 0) in sites and ("1", 1, 0) in sites
+
+
+def test_stochastic_rounding_leaves_the_model_rng_alone():
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Dropout(0.3), nn.Linear(256, 64))
+    cfg = torchmesa.Config(rounding="stochastic")
+    res = compare(model, lambda m: (lambda y: (y, y.square().mean()))(m(torch.randn(32, 64))), cfg)
+    assert res.forward_equal and res.min_cosine > 0.999
+
+
+def test_retain_graph_second_backward_gives_same_gradients():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)))
+    loss = model(torch.randn(32, 64)).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    for a, p in zip(first, model.parameters()):
+        assert torch.equal(a, p.grad)
+
+
+def test_exception_in_forward_leaves_no_hooks_active():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, x):
+            self.lin(x)
+            raise RuntimeError("boom")
+
+    model = torchmesa.compress(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(4, 64))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert engine_of(model)._stack() == []
+
+
+def test_unpacked_tensors_have_the_saved_dtype_under_autocast():
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.LayerNorm(256), nn.Linear(256, 64))
+    ref = copy.deepcopy(model)
+    torchmesa.compress(model)
+    x = torch.randn(32, 64)
+    for m in (ref, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+    cos = grad_cosines(ref, model)
+    assert min(c for c, _ in cos.values()) > 0.999
+
+
+def test_functional_ops_are_compressed_without_modules():
+    def attention(q, k, v):
+        a = (q @ k.transpose(-1, -2)).softmax(-1)
+        return F.gelu(a @ v) + F.scaled_dot_product_attention(q, k, v)
+
+    model = torchmesa.compress(Lambda(attention))
+    q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) * 1 for _ in range(3))
+    t, _ = tracked(model, q, k, v)
+    assert t.compressed_tensors >= 5 and t.ratio > 3.5

@@ -1,0 +1,55 @@
+"""Running (EMA) and dynamic range estimates."""
+
+import torch
+
+from torchmesa.estimator import DynamicRange, EMARange, make_estimator
+
+SITE = ("block.fc1", 0, 0)
+
+
+def test_ema_initialises_from_first_batch_then_decays():
+    est = EMARange(0.9)
+    lo1, hi1 = torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 4.0])
+    shift, rng = est.ranges(SITE, lo1, hi1)
+    assert torch.equal(shift, lo1) and torch.equal(rng, hi1 - lo1)
+    lo2, hi2 = torch.tensor([-3.0, 1.0]), torch.tensor([3.0, 2.0])
+    shift, rng = est.ranges(SITE, lo2, hi2)
+    torch.testing.assert_close(shift, 0.9 * lo1 + 0.1 * lo2)
+    torch.testing.assert_close(rng, 0.9 * (hi1 - lo1) + 0.1 * (hi2 - lo2))
+
+
+def test_ema_counts_clipped_groups():
+    est = EMARange(0.9)
+    est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert est.stats()[SITE].groups_clipped == 0
+    est.ranges(SITE, torch.tensor([0.0, -5.0]), torch.tensor([1.0, 1.0]))
+    stats = est.stats()[SITE]
+    assert (stats.groups_seen, stats.groups_clipped) == (4, 1)
+    assert stats.clip_rate == 0.25
+
+
+def test_ema_skips_non_finite_batches():
+    est = EMARange(0.9)
+    est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]))
+    shift, rng = est.ranges(SITE, torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 2.0]))
+    assert torch.isnan(rng[1]) and not torch.isnan(rng[0])
+    kept_shift, kept_range = est.state(SITE)
+    assert torch.equal(kept_shift, torch.tensor([0.0, 0.0]))
+    assert torch.equal(kept_range, torch.tensor([1.0, 2.0]))
+
+
+def test_ema_restarts_when_a_site_changes_shape():
+    est = EMARange(0.9)
+    est.ranges(SITE, torch.zeros(2), torch.ones(2))
+    shift, rng = est.ranges(SITE, torch.full((3,), -1.0), torch.full((3,), 5.0))
+    assert torch.equal(shift, torch.full((3,), -1.0)) and torch.equal(rng, torch.full((3,), 6.0))
+
+
+def test_dynamic_is_stateless():
+    est = make_estimator("dynamic", 0.9)
+    assert isinstance(est, DynamicRange)
+    shift, rng = est.ranges(SITE, torch.tensor([-2.0]), torch.tensor([2.0]))
+    assert float(shift) == -2.0 and float(rng) == 4.0
+    _, rng = est.ranges(SITE, torch.tensor([-2.0]), torch.tensor([float("inf")]))
+    assert torch.isnan(rng).all()
+    assert est.stats() == {}
