@@ -6,7 +6,7 @@ rest, running EMA estimates), dequantized when backward needs it.
 """
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
-from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor
+from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.track import Tracker, track
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "PerChannelGroup",
     "PerHead",
     "PerTensor",
+    "PerToken",
     "Tracker",
     "clip_stats",
     "compress",

@@ -31,6 +31,17 @@ class PerHead:
 
 
 @dataclass(frozen=True)
+class PerToken:
+    """One range per row of the last dim: ``(..., C)`` -> ``(prod(...),)``.
+
+    For tensors saved by normalization layers, where backward rescales each row by its own
+    statistics: a token with a small norm (a CLS token) would otherwise share a channel's
+    range with large ones and lose its precision. Ranges are always the batch's own (a
+    running estimate per token position means nothing across batches).
+    """
+
+
+@dataclass(frozen=True)
 class PerChannelGroup:
     """Contiguous groups of the last dim: ``(..., C)`` -> ``(G,)``.
 
@@ -59,7 +70,8 @@ class PerChannelGroup:
         return -(-channels // min(self.num_groups, channels))
 
 
-Granularity = PerTensor | PerHead | PerChannelGroup
+Granularity = PerTensor | PerHead | PerChannelGroup | PerToken
+NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,8 @@ class Config:
             8 bytes per channel: noise beside ``B·N`` values per channel.
         head_wise: tensors of 4 or more dims ``(B, H, N, ·)`` get one range per head (per
             channel on ``(B, C, H, W)`` feature maps).
+        norm_groups: granularity for tensors saved inside normalization layers (classes
+            named ``*LayerNorm`` or ``*RMSNorm``): ``PerToken()`` by default, see there.
         rounding: ``"nearest"`` or ``"stochastic"`` (unbiased, drawn from a generator of
             our own so the model's random stream, and so dropout, is untouched).
         min_numel: tensors with fewer elements stay exact; they cost more to quantize
@@ -89,6 +103,7 @@ class Config:
     ema_decay: float = 0.9
     groups: Granularity = PerChannelGroup(group_size=1)
     head_wise: bool = True
+    norm_groups: Granularity = PerToken()
     rounding: str = "nearest"
     min_numel: int = 1024
     seed: int = 0
@@ -105,14 +120,19 @@ class Config:
             raise ValueError(f"Config.ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"Config.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not isinstance(self.groups, (PerTensor, PerHead, PerChannelGroup)):
+        if not isinstance(self.groups, (PerTensor, PerHead, PerChannelGroup, PerToken)):
             raise ValueError(
                 "Config.groups must be PerChannelGroup(num_groups=.. or group_size=..), "
-                f"PerHead() or PerTensor(), got {self.groups!r}"
+                f"PerToken() or PerTensor(), got {self.groups!r}"
             )
         if isinstance(self.groups, PerHead):
             raise ValueError(
                 "Config.groups applies to (..., C) tensors; PerHead() is set by head_wise=True"
+            )
+        if not isinstance(self.norm_groups, (PerTensor, PerHead, PerChannelGroup, PerToken)):
+            raise ValueError(
+                "Config.norm_groups must be PerToken(), PerChannelGroup(..), PerHead() or "
+                f"PerTensor(), got {self.norm_groups!r}"
             )
         if not isinstance(self.head_wise, bool):
             raise ValueError(f"Config.head_wise must be a bool, got {self.head_wise!r}")

@@ -16,9 +16,12 @@ NOTE [ Engine rules ]
      that require grad are returned as they are and not counted as activations.
   4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly.
   5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
-     module's config: head-wise when they have 4+ dims, channel groups otherwise. Others
+     module's config: per token inside normalization layers, head-wise when they have 4+
+     dims, channel groups otherwise; per-token ranges are always the batch's own. Others
      stay exact: integers, fp64, small ones; sparse, nested, complex, quantized tensors
-     and tensor subclasses (warned once per kind).
+     and tensor subclasses (warned once per kind). An exact tensor that is a small view
+     of a larger storage (the CLS token of a hidden state) is kept as a compact copy,
+     so it does not hold the whole storage alive.
   6. Only what saves memory is stored: a tensor whose storage is smaller than its
      compressed copy (an expanded mask, say) stays exact.
   7. A tensor saved twice in one forward (same storage, view and version) is stored once,
@@ -43,12 +46,13 @@ import torch
 from torch import nn
 
 from torchmesa import quant
-from torchmesa.config import Config, PerHead
-from torchmesa.estimator import Site, make_estimator
+from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerHead
+from torchmesa.estimator import DynamicRange, Site, make_estimator
 from torchmesa.tensors import is_parameter_like, storage_nbytes, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
 _METADATA_BYTES_PER_GROUP = 8
+_BATCH_RANGE = DynamicRange()
 
 
 class _Forward:
@@ -62,10 +66,10 @@ class _Forward:
         self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
         self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
 
-    def push(self, path: str) -> None:
+    def push(self, path: str, is_norm: bool) -> None:
         index = self.calls.get(path, 0)
         self.calls[path] = index + 1
-        self.frames.append([path, index, 0])
+        self.frames.append([path, index, 0, is_norm])
 
     def pop(self, path: str) -> None:
         if self.frames and self.frames[-1][0] == path:
@@ -144,9 +148,9 @@ class Engine:
         assert root is not None
         for path, module in root.named_modules():
             is_root = module is root
-            self._handles.append(
-                module.register_forward_pre_hook(partial(self._enter, path, is_root), prepend=True)
-            )
+            is_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
+            enter = partial(self._enter, path, is_root, is_norm)
+            self._handles.append(module.register_forward_pre_hook(enter, prepend=True))
             self._handles.append(
                 module.register_forward_hook(partial(self._exit, path, is_root), always_call=True)
             )
@@ -163,13 +167,13 @@ class Engine:
             stack = self._local.stack = []
         return stack
 
-    def _enter(self, path: str, is_root: bool, module: nn.Module, args: Any) -> None:
+    def _enter(self, path: str, is_root: bool, is_norm: bool, module: nn.Module, args: Any) -> None:
         stack = self._stack()
         if is_root:
             stack.append(self._begin(module))
         forward = stack[-1] if stack else None
         if forward is not None:
-            forward.push(path)
+            forward.push(path, is_norm)
 
     def _exit(self, path: str, is_root: bool, module: nn.Module, args: Any, output: Any) -> None:
         stack = self._stack()
@@ -209,9 +213,10 @@ class Engine:
             return t
         if is_parameter_like(t, forward.param_storages):
             return t
+        is_norm = forward.frames[-1][3]
         site = forward.next_site()
         with torch.no_grad():
-            stored = self._store(t, site, forward)
+            stored = self._store(t, site, is_norm, forward)
         for tracker in active_trackers():
             tracker.record(t, stored, site[0] or self._root_label)
         return stored
@@ -226,11 +231,11 @@ class Engine:
             return quant.unpack_mask(stored)
         return stored
 
-    def _store(self, t: torch.Tensor, site: Site, forward: _Forward) -> Any:
+    def _store(self, t: torch.Tensor, site: Site, is_norm: bool, forward: _Forward) -> Any:
         """What to keep for ``t``: ``t`` itself, a packed mask or a quantized copy."""
-        kind = self._classify(t)
+        kind = self._plan(t, is_norm)
         if kind == "exact":
-            return t
+            return _compact(t)
         key = _dedup_key(t)
         hit = forward.dedup.get(key)
         if hit is not None and hit[0]() is not None:
@@ -240,13 +245,13 @@ class Engine:
         else:
             stored = forward.covering_base(t)
             if stored is None:
-                stored = self._quantize(t, site)
+                stored = self._quantize(t, site, kind)
                 forward.add_base(t, stored)
         forward.dedup[key] = (weakref.ref(t), stored)
         return stored
 
-    def _classify(self, t: torch.Tensor) -> str:
-        """``"quantize"``, ``"mask"`` or ``"exact"`` (Rules 4 to 6)."""
+    def _plan(self, t: torch.Tensor, is_norm: bool) -> str | quant.GroupLayout:
+        """``"exact"``, ``"mask"``, or the group layout to quantize with (Rules 4 to 6)."""
         if type(t) is not torch.Tensor:
             self._warn_once(
                 f"subclass-{type(t).__name__}",
@@ -264,16 +269,24 @@ class Engine:
             return "mask" if storage_nbytes(t) > -(-numel // 8) else "exact"
         if t.dtype not in quant.FLOAT_DTYPES:
             return "exact"
-        groups = t.shape[1] if (self.config.head_wise and t.dim() >= 4) else t.shape[-1]
-        packed = numel * self.config.bits // 8 + _METADATA_BYTES_PER_GROUP * groups
-        return "quantize" if storage_nbytes(t) > packed else "exact"
-
-    def _quantize(self, t: torch.Tensor, site: Site) -> quant.QuantizedTensor:
         config = self.config
-        granularity = PerHead() if (config.head_wise and t.dim() >= 4) else config.groups
+        if is_norm:
+            granularity = config.norm_groups
+        elif config.head_wise and t.dim() >= 4:
+            granularity = PerHead()
+        else:
+            granularity = config.groups
         layout = quant.GroupLayout.of(t.shape, granularity)
+        packed = numel * config.bits // 8 + _METADATA_BYTES_PER_GROUP * layout.num_groups
+        return layout if storage_nbytes(t) > packed else "exact"
+
+    def _quantize(
+        self, t: torch.Tensor, site: Site, layout: quant.GroupLayout
+    ) -> quant.QuantizedTensor:
+        config = self.config
         lo, hi = quant.group_minmax(t, layout)
-        shift, rng = self.estimator.ranges(site, lo, hi)
+        estimator = _BATCH_RANGE if layout.kind == "rows" else self.estimator
+        shift, rng = estimator.ranges(site, lo, hi)
         generator = self._generator(t.device) if config.rounding == "stochastic" else None
         return quant.quantize(
             t, layout, shift, rng, bits=config.bits, rounding=config.rounding, generator=generator
@@ -291,6 +304,19 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of just its elements when it views a larger storage (Rule 5)."""
+    if type(t) is torch.Tensor and not _unusual_layout(t):
+        if storage_nbytes(t) > t.numel() * t.element_size() and _is_dense_or_small(t):
+            return t.clone()
+    return t
+
+
+def _is_dense_or_small(t: torch.Tensor) -> bool:
+    # an expanded view (stride 0) is smaller in storage than in elements: never copy it
+    return all(s != 0 or n == 1 for s, n in zip(t.stride(), t.shape))
 
 
 def _unusual_layout(t: torch.Tensor) -> str:

@@ -94,7 +94,8 @@ class Tracker:
         return total
 
     def record(self, t: torch.Tensor, stored: Any, module: str) -> None:
-        """Count one saved tensor ``t``, stored as ``stored`` (``t`` itself if kept exact)."""
+        """Count one saved tensor ``t``, stored as ``stored``: a compressed record, or a
+        tensor kept exact (``t`` itself or a compact copy of it)."""
         entry = self.by_module.setdefault(module, ModuleBytes())
         self.saved_tensors += 1
         entry.tensors += 1
@@ -102,9 +103,9 @@ class Tracker:
             nbytes = storage_nbytes(t)
             self.exact_bytes += nbytes
             entry.exact_bytes += nbytes
-        if stored is t:
-            if self._kept_storages.add(t):
-                nbytes = storage_nbytes(t)
+        if isinstance(stored, torch.Tensor):
+            if self._kept_storages.add(stored):
+                nbytes = storage_nbytes(stored)
                 self.stored_bytes += nbytes
                 entry.stored_bytes += nbytes
         elif id(stored) not in self._handles or self._handles[id(stored)]() is not stored:

@@ -5,10 +5,14 @@ import torch
 from helpers import sqnr_db
 
 from torchmesa import quant
-from torchmesa.config import PerChannelGroup, PerHead, PerTensor
+from torchmesa.config import PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.quant.reference import GroupLayout, pack_bits, unpack_bits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
 
 
 def roundtrip(x, granularity, rounding="nearest", generator=None):
@@ -35,8 +39,9 @@ def test_roundtrip_error_within_half_step(dtype, shape, granularity):
     assert xr.dtype == dtype and xr.shape == x.shape
     step = layout.broadcast(q.scale, x.dim())
     err = (xr.float() - x.float()).abs()
-    # half a step, plus the rounding of the result back into a low-precision dtype
-    slack = x.float().abs() * (torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6)
+    # half a step
+    # plus the rounding of the result back into a low-precision dtype
+    slack = torch.maximum(x.float().abs(), xr.float().abs()) * _eps(dtype)
     assert bool((err <= step / 2 * (1 + 1e-5) + slack).all())
     assert sqnr_db(x.float(), xr.float()) >= (38 if dtype == torch.float32 else 30)
 
@@ -53,7 +58,7 @@ def test_headwise_keeps_small_heads():
 
 
 def test_channel_groups_match_bruteforce():
-    x = torch.randn(3, 7, 10)
+    x = torch.randn(64, 16, 10)
     x[..., 9] *= 100  # an outlier channel in the last (short) group
     layout = GroupLayout.of(x.shape, PerChannelGroup(group_size=4))
     assert (layout.num_groups, layout.group_size) == (3, 4)
@@ -61,9 +66,17 @@ def test_channel_groups_match_bruteforce():
     flat = x.reshape(-1, 10)
     for g, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
         assert lo[g] == flat[:, a:b].min() and hi[g] == flat[:, a:b].max()
-    assert GroupLayout.of((5, 12), PerChannelGroup(num_groups=3)).group_size == 4
+    assert GroupLayout.of((1024, 12), PerChannelGroup(num_groups=3)).group_size == 4
     _, xr, _ = roundtrip(x, PerChannelGroup(group_size=4))
     assert sqnr_db(x[..., :8], xr[..., :8]) >= 38
+
+
+def test_groups_merge_when_metadata_would_not_be_noise():
+    # 8 rows of 8192 channels: one range per channel would cost as much as the codes
+    layout = GroupLayout.of((8, 8192), PerChannelGroup(group_size=1))
+    assert layout.num_groups * 8 <= 8 * 8192 // 64
+    assert GroupLayout.of((4096, 64), PerChannelGroup(group_size=1)).num_groups == 64
+    assert GroupLayout.of((3, 5), PerChannelGroup(group_size=1)).num_groups == 1
 
 
 def test_non_contiguous_input_keeps_layout_and_values():
@@ -133,3 +146,31 @@ def test_mask_roundtrip_is_lossless():
     packed = quant.pack_mask(mask.transpose(0, 2))
     assert packed.nbytes == -(-mask.numel() // 8)
     assert torch.equal(quant.unpack_mask(packed), mask.transpose(0, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_minimum_keeps_the_sign_structure(dtype):
+    # ReLU outputs: backward reads which entries are > 0; none may round to zero
+    x = torch.relu(torch.randn(4, 8, 16, 16)).to(dtype)
+    x[0, 0, 0, :4] = torch.tensor([1e-6, 1e-4, 1e-3, 0.0]).to(dtype)
+    q, xr, layout = roundtrip(x, PerHead())
+    assert torch.equal(xr > 0, x > 0)
+    assert torch.equal(xr == 0, x == 0)
+    step = layout.broadcast(q.scale, x.dim())
+    err = (xr.float() - x.float()).abs()
+    # plus the rounding of the result back into a low-precision dtype
+    slack = torch.maximum(x.float().abs(), xr.float().abs()) * _eps(dtype)
+    assert bool((err <= step * (1 + 1e-5) + slack).all())  # one step just above zero
+    far = x.float() > step
+    assert bool((err[far] <= (step / 2 * (1 + 1e-5) + slack)[far]).all())
+
+
+def test_per_token_ranges_follow_each_row():
+    # a CLS-like row 100x smaller than the others keeps its own precision per token
+    x = torch.randn(4, 65, 64)
+    x[:, 0] *= 0.01
+    _, per_token, layout = roundtrip(x, PerToken())
+    assert layout.num_groups == 4 * 65
+    _, per_channel, _ = roundtrip(x, PerChannelGroup(group_size=1))
+    assert sqnr_db(x[:, 0], per_token[:, 0]) >= 38
+    assert sqnr_db(x[:, 0], per_channel[:, 0]) < 20

@@ -19,6 +19,9 @@ Conventions that the fast paths must keep:
 - a group whose range is NaN (its batch held NaN or Inf) gets scale NaN: it dequantizes
   to NaN, so backward sees non-finite values as exact training would, never finite wrong
   ones.
+- in a group whose minimum is exactly 0 (ReLU and dropout outputs), a positive value never
+  rounds to code 0: zero stays exactly the set of zeros, because backward reads the sign
+  of such tensors (ReLU's mask). Values in ``(0, scale / 2)`` then err by up to one step.
 
 Functions here are pure: no module state, nothing about which op saved the tensor.
 """
@@ -30,35 +33,51 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from torchmesa.config import Granularity, PerChannelGroup, PerHead, PerTensor
+from torchmesa.config import Granularity, PerChannelGroup, PerHead, PerTensor, PerToken
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Channel groups are merged until their metadata (shift and scale, 8 bytes a group) is at
+# most 1/64 of the 8-bit codes: a (8, 8192) activation would otherwise carry as many
+# bytes of metadata as of codes.
+ELEMENTS_PER_GROUP_MIN = 512
 
 
 @dataclass(frozen=True)
 class GroupLayout:
     """How one tensor's elements map to range groups.
 
-    ``kind`` is ``"tensor"`` (one group), ``"axis1"`` (one group per index of dim 1) or
-    ``"last"`` (contiguous groups of ``group_size`` along the last dim of ``channels``).
+    ``kind`` is ``"tensor"`` (one group), ``"axis1"`` (one group per index of dim 1),
+    ``"last"`` (contiguous groups of ``group_size`` along the last dim of ``channels``) or
+    ``"rows"`` (one group per row of the last dim; ``leading`` is the shape before it).
     """
 
     kind: str
     num_groups: int
     channels: int = 1
     group_size: int = 1
+    leading: tuple[int, ...] = ()
 
     @staticmethod
     def of(shape: torch.Size | tuple[int, ...], granularity: Granularity) -> GroupLayout:
         """The layout of a tensor of ``shape`` under ``granularity``; falls back to one
         group when the tensor has no dim for the granularity to act on."""
+        if isinstance(granularity, PerToken) and len(shape) >= 2 and shape[-1] > 0:
+            leading = tuple(shape[:-1])
+            rows = 1
+            for n in leading:
+                rows *= n
+            return GroupLayout("rows", rows, shape[-1], leading=leading)
         if isinstance(granularity, PerHead) and len(shape) >= 2:
             return GroupLayout("axis1", shape[1])
         if isinstance(granularity, PerChannelGroup) and len(shape) >= 1 and shape[-1] > 0:
             channels = shape[-1]
-            size = granularity.group_size_for(channels)
+            numel = 1
+            for n in shape:
+                numel *= n
+            max_groups = max(1, numel // ELEMENTS_PER_GROUP_MIN)
+            size = max(granularity.group_size_for(channels), -(-channels // max_groups))
             return GroupLayout("last", -(-channels // size), channels, size)
-        if isinstance(granularity, (PerTensor, PerHead, PerChannelGroup)):
+        if isinstance(granularity, (PerTensor, PerHead, PerChannelGroup, PerToken)):
             return GroupLayout("tensor", 1)
         raise TypeError(f"unknown granularity {granularity!r}")
 
@@ -66,6 +85,8 @@ class GroupLayout:
         """Per-group ``values`` of shape ``(G,)`` shaped to broadcast against the tensor."""
         if self.kind == "axis1":
             return values.view((1, self.num_groups) + (1,) * (ndim - 2))
+        if self.kind == "rows":
+            return values.view(self.leading + (1,))
         if self.kind == "last":
             if self.group_size == 1:
                 return values
@@ -84,6 +105,8 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     if layout.kind == "axis1":
         dims = (0,) + tuple(range(2, x.dim()))
         return x.amin(dim=dims).float(), x.amax(dim=dims).float()
+    if layout.kind == "rows":
+        return x.amin(dim=-1).float().reshape(-1), x.amax(dim=-1).float().reshape(-1)
     dims = tuple(range(x.dim() - 1))
     lo = x.amin(dim=dims).float() if dims else x.float()
     hi = x.amax(dim=dims).float() if dims else x.float()
@@ -116,14 +139,17 @@ def quantize_codes(
     Elementwise ops keep ``x``'s memory layout when it is dense (a transposed q/k/v stays
     transposed), so dequantizing restores the same strides without a copy.
     """
-    y = x.float() - layout.broadcast(shift, x.dim())
+    shift_b = layout.broadcast(shift, x.dim())
+    y = x.float() - shift_b
     y = y.div_(layout.broadcast(scale, x.dim()))
     if rounding == "stochastic":
         noise = torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
         y = y.add_(noise).floor_()
     else:
         y = y.round_()
-    return y.clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    y = y.clamp_(0, (1 << bits) - 1)
+    y = torch.where((x > 0) & (shift_b == 0), y.clamp(min=1), y)
+    return y.to(torch.uint8)
 
 
 def dequantize_codes(
