@@ -42,7 +42,7 @@ class DynamicRange:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shift, range)`` to quantize with, given the batch's per-group min and max."""
         rng = hi - lo
-        return lo, torch.where(torch.isfinite(lo) & torch.isfinite(hi), rng, torch.nan)
+        return lo, rng.masked_fill_(~torch.isfinite(rng), torch.nan)
 
     def stats(self) -> dict[Site, SiteStats]:
         return {}
@@ -74,18 +74,19 @@ class EMARange:
         if state is None or state.shift.shape != lo.shape or state.shift.device != lo.device:
             # a new site, or one whose tensor changed shape (dynamic control flow): restart
             state = self._sites[site] = _Running(lo)
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
         batch_range = hi - lo
-        lam = self.decay
-        shift = torch.where(state.seen, lam * state.shift + (1 - lam) * lo, lo)
-        rng = torch.where(state.seen, lam * state.range + (1 - lam) * batch_range, batch_range)
+        finite = torch.isfinite(batch_range)  # a NaN or ±Inf end makes the range non-finite
+        # the first finite batch of a group initialises it; later ones move it by 1 - λ
+        weight = state.seen.float().mul_(self.decay)
+        shift = torch.lerp(lo, state.shift, weight)
+        rng = torch.lerp(batch_range, state.range, weight)
         state.shift = torch.where(finite, shift, state.shift)
         state.range = torch.where(finite, rng, state.range)
-        state.seen = state.seen | finite
-        outside = (lo < state.shift) | (hi > state.shift + state.range)
+        state.seen |= finite
+        outside = (lo < state.shift) | (batch_range + (lo - state.shift) > state.range)
         state.clipped += (outside & finite).sum()
         state.updates += 1
-        return state.shift, torch.where(finite, state.range, torch.nan)
+        return state.shift, state.range.masked_fill(~finite, torch.nan)
 
     def stats(self) -> dict[Site, SiteStats]:
         """Clipping counts per site (reads device counters: one sync per site)."""
