@@ -12,16 +12,16 @@ from torchmesa import demo  # noqa: E402
 @pytest.mark.slow
 def test_short_run_learns_and_compresses(tmp_path, report):
     out = tmp_path / "demo.json"
-    demo.main(["--epochs", "2", "--json", str(out)])
+    demo.main(["--epochs", "8", "--json", str(out)])
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"exact", "torchmesa"}
     for name, r in result["results"].items():
-        assert r["test_accuracy"] > 0.5, name  # chance is 0.1
+        assert r["test_accuracy"] > 0.6, name  # chance is 0.1; 8 epochs reach ~0.77
         assert r["step_seconds_median"] > 0
     assert result["saved_ratio"] > 3.8
     assert result["data"] == {"train": 1437, "test": 360}
     report.append(
-        "demo 2 epochs: test accuracy exact {:.1%} / torchmesa {:.1%}, saved {:.2f}x smaller, "
+        "demo 8 epochs: test accuracy exact {:.1%} / torchmesa {:.1%}, saved {:.2f}x smaller, "
         "step time {:.2f}x".format(
             result["results"]["exact"]["test_accuracy"],
             result["results"]["torchmesa"]["test_accuracy"],
