@@ -286,3 +286,80 @@ def test_functional_ops_are_compressed_without_modules():
     q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) * 1 for _ in range(3))
     t, _ = tracked(model, q, k, v)
     assert t.compressed_tensors >= 5 and t.ratio > 3.5
+
+
+def test_rule4_float_dropout_masks_pack_to_one_bit():
+    # on the CPU, dropout multiplies by a float mask {0, 1/(1-p)} and saves it
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.25)))
+    t, _ = tracked(model, torch.randn(128, 64))
+    mask_site = t.by_module["1"]
+    assert mask_site.exact_bytes == 128 * 256 * 4
+    assert mask_site.stored_bytes == 128 * 256 // 8 + 4  # 1 bit each, plus the value
+    res = compare(
+        nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.25), nn.Linear(256, 8)),
+        lambda m: (lambda y: (y, y.square().mean()))(m(torch.randn(128, 64))),
+    )
+    assert res.forward_equal and res.min_cosine > 0.9999
+
+
+def test_two_level_detection_is_exact():
+    from torchmesa import quant
+
+    x = (torch.rand(7, 131) > 0.3).float() / 0.7
+    value = quant.two_level_value(x)
+    assert value is not None
+    assert torch.equal(quant.unpack_mask(quant.pack_two_level(x, value)), x)
+    assert quant.two_level_value(torch.rand(7, 131)) is None
+    assert quant.two_level_value(torch.zeros(7, 131)) is None
+    y = x.clone()
+    y[0, 0] = 0.5
+    assert quant.two_level_value(y) is None
+
+
+def _attention(q, k, v):
+    return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+
+
+OPS = {
+    "Linear": (lambda: nn.Linear(64, 64), (32, 16, 64)),
+    # per-token ranges plus LayerNorm's exact mean and rstd cost 16 bytes a row: the ratio
+    # is 4C / (C + 16), 3.2 at C = 64 and 3.76 at C = 256
+    "LayerNorm": (lambda: nn.LayerNorm(256), (8, 16, 256)),
+    "GELU": (nn.GELU, (32, 16, 64)),
+    "ReLU": (nn.ReLU, (32, 16, 64)),
+    "softmax": (lambda: Lambda(lambda x: x.softmax(-1)), (32, 16, 64)),
+    "matmul": (lambda: Lambda(lambda x: x @ x.transpose(-1, -2)), (32, 16, 64)),
+    "attention": (lambda: Lambda(lambda x: _attention(x, x * 2, x * 3)), (4, 4, 32, 16)),
+    "sdpa": (lambda: Lambda(lambda x: F.scaled_dot_product_attention(x, x, x)), (4, 4, 32, 16)),
+    "Conv2d": (lambda: nn.Conv2d(8, 8, 3, padding=1), (8, 8, 16, 16)),
+    "BatchNorm2d": (lambda: nn.BatchNorm2d(8), (8, 8, 16, 16)),
+    "Dropout": (lambda: nn.Dropout(0.1), (32, 16, 64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_float_activation_an_op_saves_is_compressed(name):
+    factory, shape = OPS[name]
+    saved = []
+
+    def spy(t):
+        saved.append(t)
+        return t
+
+    module = factory()
+    x = torch.randn(shape, requires_grad=True) * 1
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(spy, lambda t: t):
+        module(x)
+    floats = [
+        t
+        for t in saved
+        if t.is_floating_point()
+        and t.numel() >= Config().min_numel
+        and t.untyped_storage().data_ptr() not in params
+    ]
+    assert floats, f"{name} saved no float activation to compress"
+    torchmesa.compress(module)
+    t, _ = tracked(module, x)
+    assert t.compressed_tensors >= len({s.untyped_storage().data_ptr() for s in floats})
+    assert t.ratio > 3.5, (name, t.ratio)

@@ -14,7 +14,9 @@ NOTE [ Engine rules ]
      whole call and we step aside, with a one-time warning. ``track()``'s pair is ours.
   3. Parameters and buffers (by storage), their views and AMP copies, and leaf tensors
      that require grad are returned as they are and not counted as activations.
-  4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly.
+  4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so is a
+     float tensor with no autograd history whose entries are all 0 or one value (the
+     CPU's dropout mask ``{0, 1/(1-p)}``), with that value beside it.
   5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
      module's config: per token inside normalization layers, head-wise when they have 4+
      dims, channel groups otherwise; per-token ranges are always the batch's own. Others
@@ -240,8 +242,11 @@ class Engine:
         hit = forward.dedup.get(key)
         if hit is not None and hit[0]() is not None:
             return hit[1]
+        value = quant.two_level_value(t) if _may_be_two_level(t, kind) else None
         if kind == "mask":
             stored: Any = quant.pack_mask(t)
+        elif value is not None:
+            stored = quant.pack_two_level(t, value)
         else:
             stored = forward.covering_base(t)
             if stored is None:
@@ -304,6 +309,11 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _may_be_two_level(t: torch.Tensor, kind: Any) -> bool:
+    """Worth a look for Rule 4's two-level tensors: float, no autograd history."""
+    return kind not in ("mask", "exact") and t.grad_fn is None and not t.requires_grad
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ __all__ = [
     "dequantize_view",
     "group_minmax",
     "pack_mask",
+    "pack_two_level",
+    "two_level_value",
     "quantize",
     "unpack_mask",
 ]
@@ -85,14 +87,21 @@ class QuantizedView:
 
 
 class PackedMask:
-    """A bool tensor packed to 1 bit per element, losslessly."""
+    """A bool tensor packed to 1 bit per element, losslessly; with ``value`` set, a float
+    tensor whose entries are all 0 or ``value`` (a dropout mask ``{0, 1/(1-p)}``)."""
 
-    def __init__(self, bits: torch.Tensor, shape: torch.Size) -> None:
-        self.bits, self.shape = bits, shape
+    def __init__(
+        self,
+        bits: torch.Tensor,
+        shape: torch.Size,
+        value: torch.Tensor | None = None,
+    ) -> None:
+        self.bits, self.shape, self.value = bits, shape, value
 
     @property
     def nbytes(self) -> int:
-        return self.bits.untyped_storage().nbytes()
+        extra = 0 if self.value is None else self.value.untyped_storage().nbytes()
+        return self.bits.untyped_storage().nbytes() + extra
 
 
 def quantize(
@@ -135,9 +144,25 @@ def pack_mask(mask: torch.Tensor) -> PackedMask:
     return PackedMask(pack_bits(mask.view(torch.uint8), 1), mask.shape)
 
 
+def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
+    """The ``c`` if every entry of ``x`` is 0 or one value ``c > 0``, else None (one pass)."""
+    lo, hi = torch.aminmax(x)
+    if not (bool(lo == 0) and bool(hi > 0)):
+        return None
+    return hi if bool(((x == 0) | (x == hi)).all()) else None
+
+
+def pack_two_level(x: torch.Tensor, value: torch.Tensor) -> PackedMask:
+    """Pack a tensor of zeros and ``value`` to 1 bit per element, losslessly."""
+    return PackedMask(pack_bits((x != 0).view(torch.uint8), 1), x.shape, value)
+
+
 def unpack_mask(packed: PackedMask) -> torch.Tensor:
-    """The bool tensor :func:`pack_mask` was given, contiguous."""
+    """The tensor :func:`pack_mask` or :func:`pack_two_level` was given, contiguous."""
     numel = 1
     for size in packed.shape:
         numel *= size
-    return unpack_bits(packed.bits, 1, numel).view(packed.shape).bool()
+    mask = unpack_bits(packed.bits, 1, numel).view(packed.shape)
+    if packed.value is None:
+        return mask.bool()
+    return mask.to(packed.value.dtype).mul_(packed.value)

@@ -1,0 +1,126 @@
+"""Benchmark models at the shapes the Mesa paper and GPT-2 use, built from scratch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from torchmesa.demo import TinyViT
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm GPT block with causal SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class Decoder(nn.Module):
+    """A GPT-2-shaped decoder: token and position embeddings, blocks, tied LM head."""
+
+    def __init__(self, vocab: int, seq: int, dim: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
+        self.blocks = nn.Sequential(*[CausalBlock(dim, heads) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.blocks(self.wte(ids) + self.wpe(pos))
+        return self.ln(x) @ self.wte.weight.t()
+
+
+class CheckpointedSequential(nn.Sequential):
+    """Runs each child under non-reentrant ``torch.utils.checkpoint`` while training.
+
+    ``held_bytes`` is what checkpointing keeps for backward in the last forward: each
+    block's input, which saved-tensor accounting (``torchmesa.track``) cannot see.
+    """
+
+    held_bytes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.held_bytes = 0
+        for block in self:
+            if self.training and torch.is_grad_enabled():
+                self.held_bytes += x.untyped_storage().nbytes()
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Swap the model's ``blocks`` for a checkpointed copy holding the same modules."""
+    model.blocks = CheckpointedSequential(*model.blocks)
+    return model
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A benchmark model: how to build it and a batch for it."""
+
+    name: str
+    kind: str  # "vit" or "decoder"
+    dim: int
+    depth: int
+    heads: int
+    image: int = 224
+    patch: int = 16
+    seq: int = 1024
+    vocab: int = 50257
+
+    def build(self) -> nn.Module:
+        if self.kind == "vit":
+            return TinyViT(
+                image=self.image,
+                patch=self.patch,
+                channels=3,
+                classes=1000,
+                dim=self.dim,
+                depth=self.depth,
+                heads=self.heads,
+                mlp=4 * self.dim,
+                dropout=0.0,
+            )
+        return Decoder(self.vocab, self.seq, self.dim, self.depth, self.heads)
+
+    def batch(self, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        if self.kind == "vit":
+            x = torch.randn(size, 3, self.image, self.image, generator=g)
+            return x, torch.randint(0, 1000, (size,), generator=g)
+        ids = torch.randint(0, self.vocab, (size, self.seq), generator=g)
+        return ids, ids
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        out = model(x)
+        if self.kind == "vit":
+            return F.cross_entropy(out, y)
+        return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+
+SPECS = {
+    "deit-ti": Spec("deit-ti", "vit", dim=192, depth=12, heads=3),
+    "deit-s": Spec("deit-s", "vit", dim=384, depth=12, heads=6),
+    "deit-b": Spec("deit-b", "vit", dim=768, depth=12, heads=12),
+    "gpt2-s": Spec("gpt2-s", "decoder", dim=768, depth=12, heads=12),
+    "gpt2-s-4l": Spec("gpt2-s-4l", "decoder", dim=768, depth=4, heads=12),
+}
