@@ -123,4 +123,7 @@ SPECS = {
     "deit-b": Spec("deit-b", "vit", dim=768, depth=12, heads=12),
     "gpt2-s": Spec("gpt2-s", "decoder", dim=768, depth=12, heads=12),
     "gpt2-s-4l": Spec("gpt2-s-4l", "decoder", dim=768, depth=4, heads=12),
+    # tiny shapes for the suite's smoke test of this benchmark
+    "tiny-vit": Spec("tiny-vit", "vit", dim=64, depth=2, heads=4, image=32, patch=8),
+    "tiny-decoder": Spec("tiny-decoder", "decoder", dim=64, depth=2, heads=4, seq=64, vocab=256),
 }

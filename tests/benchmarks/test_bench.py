@@ -1,0 +1,55 @@
+"""The benchmark runs end to end (tiny shapes) and reports what README tables are made of."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "bench.py"),
+        "--models", "tiny-vit", "--batch", "4",
+        "--warmup", "0", "--steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "max batch" in done.stdout  # the printed table
+    report = json.loads(out.read_text())
+    rows = {(r["model"], r["config"]): r for r in report["rows"]}
+    assert len(rows) == 5
+    exact, mesa = rows["tiny-vit", "exact"], rows["tiny-vit", "torchmesa-ema"]
+    assert exact["saved_vs_exact"] == 1.0
+    assert mesa["saved_vs_exact"] < 0.5
+    assert rows["tiny-vit", "checkpoint"]["saved_bytes"] > 0  # block inputs are counted
+    for r in (exact, mesa):
+        assert r["peak_delta_bytes"] > 0 and r["step_seconds_median"] > 0
+    assert {"when", "device", "torch", "command", "definitions"} <= set(report)
+
+
+def test_decoder_spec_trains_compressed_and_checkpointed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from models import SPECS, CheckpointedSequential, checkpoint_blocks
+
+    import torchmesa
+
+    spec = SPECS["tiny-decoder"]
+    torch.manual_seed(0)
+    plain = spec.build()
+    batch = spec.batch(2)
+    exact_loss = spec.loss(plain, batch)
+    model = torchmesa.compress(checkpoint_blocks(spec.build()))
+    assert isinstance(model.blocks, CheckpointedSequential)
+    model.load_state_dict(plain.state_dict())
+    loss = spec.loss(model, batch)
+    assert torch.equal(loss, exact_loss)
+    assert model.blocks.held_bytes == 2 * 2 * 64 * 64 * 4  # two blocks' inputs, fp32
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
