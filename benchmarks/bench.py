@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from models import SPECS, CheckpointedSequential, Spec, checkpoint_blocks  # noqa: E402
+from bench_models import SPECS, CheckpointedSequential, Spec, checkpoint_blocks  # noqa: E402
 
 import torchmesa  # noqa: E402
 

@@ -36,7 +36,7 @@ def test_bench_smoke(tmp_path):
 def test_decoder_spec_trains_compressed_and_checkpointed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-    from models import SPECS, CheckpointedSequential, checkpoint_blocks
+    from bench_models import SPECS, CheckpointedSequential, checkpoint_blocks
 
     import torchmesa
 
