@@ -242,17 +242,25 @@ class Engine:
         hit = forward.dedup.get(key)
         if hit is not None and hit[0]() is not None:
             return hit[1]
-        value = quant.two_level_value(t) if _may_be_two_level(t, kind) else None
         if kind == "mask":
             stored: Any = quant.pack_mask(t)
-        elif value is not None:
-            stored = quant.pack_two_level(t, value)
         else:
-            stored = forward.covering_base(t)
-            if stored is None:
-                stored = self._quantize(t, site, kind)
-                forward.add_base(t, stored)
+            stored = self._store_float(t, site, kind, forward)
         forward.dedup[key] = (weakref.ref(t), stored)
+        return stored
+
+    def _store_float(
+        self, t: torch.Tensor, site: Site, layout: quant.GroupLayout, forward: _Forward
+    ) -> Any:
+        """A two-level mask, a free view of an earlier copy, or a new quantized copy."""
+        if t.grad_fn is None and not t.requires_grad:  # Rule 4: a dropout mask, perhaps
+            value = quant.two_level_value(t)
+            if value is not None:
+                return quant.pack_two_level(t, value)
+        stored = forward.covering_base(t)
+        if stored is None:
+            stored = self._quantize(t, site, layout)
+            forward.add_base(t, stored)
         return stored
 
     def _plan(self, t: torch.Tensor, is_norm: bool) -> str | quant.GroupLayout:
@@ -309,11 +317,6 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _may_be_two_level(t: torch.Tensor, kind: Any) -> bool:
-    """Worth a look for Rule 4's two-level tensors: float, no autograd history."""
-    return kind not in ("mask", "exact") and t.grad_fn is None and not t.requires_grad
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,7 @@ def quantize_codes(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Codes ``clamp(round((x - shift) / scale), 0, 2^bits - 1)`` as uint8, shape of ``x``.
+    """Codes ``clamp(round((x - shift) * (1 / scale)), 0, 2^bits - 1)`` as uint8, shape of ``x``.
 
     Elementwise ops keep ``x``'s memory layout when it is dense (a transposed q/k/v stays
     transposed), so dequantizing restores the same strides without a copy.
