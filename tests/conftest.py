@@ -1,3 +1,10 @@
+import os
+
+# Triton kernels run in Triton's CPU interpreter unless the suite is pointed at a GPU
+# (TORCHMESA_TEST_DEVICE=cuda); the switch must be set before Triton is imported.
+if os.environ.get("TORCHMESA_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import sys
 from pathlib import Path
 

@@ -1,14 +1,17 @@
 """The numeric core's one entry point for the engine: quantize, dequantize, pack masks.
 
-Each call dispatches to an implementation; today every device uses the eager reference
-in :mod:`torchmesa.quant.reference`, which is also the oracle that faster paths are tested
-against. The records returned here are what autograd holds between forward and backward.
+Each call dispatches to an implementation: CUDA tensors with nearest rounding use the fused
+Triton kernels of :mod:`torchmesa.quant.triton` when Triton is installed; everything else
+uses the eager reference in :mod:`torchmesa.quant.reference`, which is also the oracle the
+kernels are tested against. The records returned here are what autograd holds between
+forward and backward.
 """
 
 from __future__ import annotations
 
 import torch
 
+from torchmesa.quant import triton as kernels
 from torchmesa.quant.reference import (
     FLOAT_DTYPES,
     GroupLayout,
@@ -119,13 +122,23 @@ def quantize(
     A NaN in ``rng`` marks a group that cannot be represented: it dequantizes to NaN.
     """
     scale = scale_of(rng, bits)
-    codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
+    if rounding == "nearest" and _fused(x):
+        codes = kernels.quantize_codes(x, layout, shift, scale, bits)
+    else:
+        codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
     return QuantizedTensor(codes, shift, scale, layout, x.dtype)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
+    if _fused(q.codes):
+        return kernels.dequantize_codes(q.codes, q.layout, q.shift, q.scale, q.dtype)
     return dequantize_codes(q.codes, q.layout, q.shift, q.scale, q.dtype)
+
+
+def _fused(t: torch.Tensor) -> bool:
+    """Whether the fused kernels serve ``t``'s device."""
+    return t.is_cuda and kernels.AVAILABLE
 
 
 def dequantize_view(v: QuantizedView) -> torch.Tensor:
