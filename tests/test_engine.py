@@ -363,3 +363,37 @@ def test_every_float_activation_an_op_saves_is_compressed(name):
     t, _ = tracked(module, x)
     assert t.compressed_tensors >= len({s.untyped_storage().data_ptr() for s in floats})
     assert t.ratio > 3.5, (name, t.ratio)
+
+
+def test_rule3_frozen_weight_copies_under_autocast_stay_exact():
+    # LoRA: the frozen base weight's bf16 copy has no autograd history of its own
+    base = nn.Linear(128, 128)
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    lora = nn.Sequential(nn.Linear(128, 8, bias=False), nn.Linear(8, 128, bias=False))
+
+    class LoRA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.lora = base, lora
+
+        def forward(self, x):
+            return self.base(x) + self.lora(x)
+
+    model = LoRA()
+    exact = copy.deepcopy(model)
+    torchmesa.compress(model)
+    x = torch.randn(64, 128, requires_grad=True) * 1
+    with torch.autocast("cpu", dtype=torch.bfloat16), torchmesa.track() as t:
+        y = model(x)
+    # the frozen layer saves only its weight's bf16 copy (for x's gradient): not an activation
+    assert "base" not in t.by_module
+    assert t.by_module["lora.0"].tensors == 1  # x, for the trainable LoRA weight
+    x2 = x.detach().requires_grad_(True)
+    for m in (exact, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x2 * 1)
+        out.float().square().mean().backward()
+    cos = grad_cosines(exact, model)
+    assert min(c for c, _ in cos.values()) > 0.999
+    assert y.dtype == torch.bfloat16

@@ -13,7 +13,10 @@ NOTE [ Engine rules ]
      ``save_on_cpu``) is already active when the root starts, its rule applies to the
      whole call and we step aside, with a one-time warning. ``track()``'s pair is ours.
   3. Parameters and buffers (by storage), their views and AMP copies, and leaf tensors
-     that require grad are returned as they are and not counted as activations.
+     that require grad are returned as they are and not counted as activations. A frozen
+     parameter's autocast copy carries no autograd history, so under autocast a saved
+     tensor without history shaped like a frozen parameter (or its transpose) counts as
+     that copy (LoRA's base weights): a false match only keeps a tensor exact.
   4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so is a
      float tensor with no autograd history whose entries are all 0 or one value (the
      CPU's dropout mask ``{0, 1/(1-p)}``), with that value beside it.
@@ -60,9 +63,15 @@ _BATCH_RANGE = DynamicRange()
 class _Forward:
     """State of one call of the compressed root: module stack, call counts, dedup table."""
 
-    def __init__(self, hooks: torch.autograd.graph.saved_tensors_hooks, params: set[int]):
+    def __init__(
+        self,
+        hooks: torch.autograd.graph.saved_tensors_hooks,
+        params: set[int],
+        frozen_shapes: set[tuple[int, ...]],
+    ) -> None:
         self.hooks = hooks
         self.param_storages = params
+        self.frozen_shapes = frozen_shapes
         self.frames: list[list[Any]] = []
         self.calls: dict[str, int] = {}
         self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
@@ -202,9 +211,13 @@ class Engine:
             )
             return None
         params = {storage_ptr(t) for t in chain(root.parameters(), root.buffers()) if t.numel() > 0}
+        frozen: set[tuple[int, ...]] = set()
+        if _autocast_on():
+            frozen = {tuple(p.shape) for p in root.parameters() if not p.requires_grad}
+            frozen |= {shape[::-1] for shape in frozen}
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         hooks.__enter__()
-        return _Forward(hooks, params)
+        return _Forward(hooks, params, frozen)
 
     # -- pack / unpack -----------------------------------------------------------------
 
@@ -213,7 +226,7 @@ class Engine:
         forward = stack[-1] if stack else None
         if forward is None or not forward.frames:
             return t
-        if is_parameter_like(t, forward.param_storages):
+        if is_parameter_like(t, forward.param_storages) or _frozen_weight_copy(t, forward):
             return t
         is_norm = forward.frames[-1][3]
         site = forward.next_site()
@@ -317,6 +330,23 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _frozen_weight_copy(t: torch.Tensor, forward: _Forward) -> bool:
+    """Rule 3: under autocast, a history-free tensor shaped like a frozen parameter
+    (``frozen_shapes`` is empty when the forward did not start under autocast)."""
+    if not forward.frozen_shapes or t.grad_fn is not None or t.requires_grad:
+        return False
+    return tuple(t.shape) in forward.frozen_shapes
+
+
+def _autocast_on() -> bool:
+    """Whether autocast is on for the CPU or CUDA. Read it when the forward starts: inside
+    an op (and so inside pack) autocast excludes itself and always reads as off."""
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4 took no device type
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
