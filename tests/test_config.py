@@ -34,6 +34,7 @@ def test_defaults_are_mesa():
         ({"min_numel": -1}, "min_numel"),
         ({"min_numel": 1.5}, "min_numel"),
         ({"seed": None}, "seed"),
+        ({"check_finite": 1}, "check_finite"),
     ],
 )
 def test_invalid_fields_name_themselves(kwargs, field):

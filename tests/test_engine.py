@@ -397,3 +397,15 @@ def test_rule3_frozen_weight_copies_under_autocast_stay_exact():
     cos = grad_cosines(exact, model)
     assert min(c for c, _ in cos.values()) > 0.999
     assert y.dtype == torch.bfloat16
+
+
+def test_rule8_check_finite_names_the_module():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    torchmesa.compress(model, Config(check_finite=True))
+    x = torch.randn(32, 64)
+    model(x).sum().backward()  # finite: no complaint
+    x[3, 5] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"module '0'.*NaN or Inf"):
+        model(x)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    model(torch.randn(32, 64)).sum().backward()  # and it trains on afterwards

@@ -96,6 +96,9 @@ class Config:
         min_numel: tensors with fewer elements stay exact; they cost more to quantize
             than they save.
         seed: seed of the stochastic-rounding generator.
+        check_finite: raise ``FloatingPointError``, naming the module, when an activation
+            torchmesa quantizes holds NaN or Inf (one device sync per saved tensor). Off,
+            such values reach backward as NaN, as exact training's would.
     """
 
     bits: int = 8
@@ -107,6 +110,7 @@ class Config:
     rounding: str = "nearest"
     min_numel: int = 1024
     seed: int = 0
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)
@@ -142,6 +146,8 @@ class Config:
         if self.min_numel < 0:
             raise ValueError(f"Config.min_numel must be >= 0, got {self.min_numel!r}")
         _check_int("seed", self.seed)
+        if not isinstance(self.check_finite, bool):
+            raise ValueError(f"Config.check_finite must be a bool, got {self.check_finite!r}")
 
     @property
     def levels(self) -> int:

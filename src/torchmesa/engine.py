@@ -35,6 +35,7 @@ NOTE [ Engine rules ]
      (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a
      view of that copy, at no cost.
   8. Non-finite groups dequantize to NaN (see quant.reference); estimates skip them.
+     With ``Config(check_finite=True)`` they raise instead, naming the module.
   9. Pack runs under ``no_grad``: nothing it computes joins the graph.
 """
 
@@ -311,6 +312,13 @@ class Engine:
     ) -> quant.QuantizedTensor:
         config = self.config
         lo, hi = quant.group_minmax(t, layout)
+        if config.check_finite and not bool(torch.isfinite(hi - lo).all()):
+            module = site[0] or self._root_label
+            raise FloatingPointError(
+                f"torchmesa: an activation saved in module {module!r} (shape "
+                f"{tuple(t.shape)}, {t.dtype}) holds NaN or Inf; the forward pass produced "
+                "it (Config.check_finite=True)"
+            )
         estimator = _BATCH_RANGE if layout.kind == "rows" else self.estimator
         shift, rng = estimator.ranges(site, lo, hi)
         generator = self._generator(t.device) if config.rounding == "stochastic" else None
