@@ -409,3 +409,44 @@ def test_rule8_check_finite_names_the_module():
         model(x)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     model(torch.randn(32, 64)).sum().backward()  # and it trains on afterwards
+
+
+def test_two_forwards_then_one_backward():
+    # contrastive and siamese training: two graphs alive at once, one backward
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.LayerNorm(256), nn.Linear(256, 32))
+
+    def run(m):
+        a, b = m(torch.randn(64, 64)), m(torch.randn(64, 64) * 2)
+        y = torch.cat([a, b])
+        return y, (a * b).sum(-1).square().mean()
+
+    # dynamic ranges: the second batch is twice the scale of the first (see the EMA test)
+    res = compare(model, run, Config(estimator="dynamic"))
+    assert res.forward_equal and res.min_cosine > 0.999
+    assert res.held_after_backward == 0
+
+
+def test_ema_lags_a_jump_in_scale_and_counts_the_clipping():
+    # Mesa's running range moves by 1 - λ per batch: a batch at twice the scale of the
+    # previous one is clamped to the lagging range, and clip_stats reports it
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8)))
+    model(torch.randn(256, 64)).sum().backward()
+    assert sum(s.groups_clipped for s in torchmesa.clip_stats(model).values()) == 0
+    model(torch.randn(256, 64) * 2).sum().backward()
+    stats = torchmesa.clip_stats(model)[("0", 0, 0)]
+    # every group of the second batch clipped: 32 of the 64 group-updates over two batches
+    assert (stats.groups_seen, stats.groups_clipped) == (64, 32)
+
+
+def test_varying_batch_sizes_keep_training_correct():
+    # fewer rows merge channel groups, which restarts a site's running range: never a crash
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8))
+    exact = copy.deepcopy(model)
+    torchmesa.compress(model)
+    for rows in (512, 7, 300, 2, 512):
+        x = torch.randn(rows, 64)
+        for m in (exact, model):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        cos = grad_cosines(exact, model)
+        assert min(c for c, _ in cos.values()) > 0.999, rows
