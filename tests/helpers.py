@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def compare(
         m: nn.Module, tracker: torchmesa.Tracker | None, dtype: torch.dtype | None = autocast
     ) -> torch.Tensor:
         torch.manual_seed(seed)
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype else _null()
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
             if tracker is not None:
                 with tracker:
@@ -133,11 +134,3 @@ def compare(
         stored_bytes=tracker.stored_bytes,
         held_after_backward=tracker.held_bytes,
     )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -360,14 +360,14 @@ def _autocast_on() -> bool:
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of just its elements when it views a larger storage (Rule 5)."""
     if type(t) is torch.Tensor and not _unusual_layout(t):
-        if storage_nbytes(t) > t.numel() * t.element_size() and _is_dense_or_small(t):
+        if storage_nbytes(t) > t.numel() * t.element_size() and not _is_expanded(t):
             return t.clone()
     return t
 
 
-def _is_dense_or_small(t: torch.Tensor) -> bool:
-    # an expanded view (stride 0) is smaller in storage than in elements: never copy it
-    return all(s != 0 or n == 1 for s, n in zip(t.stride(), t.shape))
+def _is_expanded(t: torch.Tensor) -> bool:
+    """True for a broadcast view (a stride-0 dim): never copied, as a copy materializes it."""
+    return any(s == 0 and n != 1 for s, n in zip(t.stride(), t.shape))
 
 
 def _unusual_layout(t: torch.Tensor) -> str:

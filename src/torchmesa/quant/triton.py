@@ -46,14 +46,20 @@ if AVAILABLE:
             return offs // channels
 
     @triton.jit
+    def _block(
+        n, inner, groups, channels, group_size, MODE: tl.constexpr, BLOCK_SIZE: tl.constexpr
+    ):
+        """This program's flat offsets, their in-bounds mask and each element's group."""
+        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        return offs, offs < n, _group_of(offs, inner, groups, channels, group_size, MODE)
+
+    @triton.jit
     def _quantize_kernel(
         x_ptr, codes_ptr, shift_ptr, inv_ptr, zero_min_ptr,
         n, inner, groups, channels, group_size,
         LEVELS: tl.constexpr, MODE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n
-        g = _group_of(offs, inner, groups, channels, group_size, MODE)
+        offs, mask, g = _block(n, inner, groups, channels, group_size, MODE, BLOCK_SIZE)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + g, mask=mask, other=0.0)
         inv = tl.load(inv_ptr + g, mask=mask, other=1.0)
@@ -72,9 +78,7 @@ if AVAILABLE:
         n, inner, groups, channels, group_size,
         MODE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n
-        g = _group_of(offs, inner, groups, channels, group_size, MODE)
+        offs, mask, g = _block(n, inner, groups, channels, group_size, MODE, BLOCK_SIZE)
         c = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
         shift = tl.load(shift_ptr + g, mask=mask, other=0.0)
         scale = tl.load(scale_ptr + g, mask=mask, other=1.0)
