@@ -98,6 +98,50 @@ def test_constant_group_is_exact():
     assert torch.equal(xr[:, 0], x[:, 0]) and torch.equal(xr[:, 2], x[:, 2])
 
 
+def _within_one_step(x, xr, q, layout):
+    """Every element within one step (zero-minimum groups allow a full step) plus the
+    rounding of the result back into the saved dtype."""
+    step = layout.broadcast(q.scale, x.dim())
+    slack = torch.maximum(x.float().abs(), xr.float().abs()) * _eps(x.dtype)
+    return bool(((xr.float() - x.float()).abs() <= step * (1 + 1e-5) + slack).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_at_the_dtype_limits_roundtrip(dtype):
+    big = torch.finfo(dtype).max
+    # fp16's span of 2 * 65504 fits fp32; for bf16 and fp32 a one-signed span does
+    lo = -big if dtype == torch.float16 else 0.0
+    x = torch.linspace(0, 1, 4096).mul(big - lo).add(lo).clamp(lo, big).to(dtype)
+    x[0], x[-1] = lo, big
+    q, xr, layout = roundtrip(x.view(64, 64), PerTensor())
+    assert torch.isfinite(xr).all() and xr.flatten()[-1] == big
+    assert _within_one_step(x.view(64, 64), xr, q, layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zero_min", [True, False])
+def test_denormal_groups_roundtrip_within_a_normal_step(dtype, zero_min):
+    tiny = torch.finfo(dtype).tiny
+    x = torch.rand(8, 3, 16, 16) * tiny / 4
+    if not zero_min:
+        x = x + tiny / 8
+    x = x.to(dtype)
+    assert (x.float() < tiny).all() and (x != 0).any()
+    q, xr, layout = roundtrip(x, PerHead())
+    assert torch.isfinite(q.scale).all() and (q.scale > 0).all()
+    assert _within_one_step(x, xr, q, layout)
+    if zero_min:
+        assert torch.equal(xr == 0, x == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_range_groups_and_all_zero_tensors_are_exact(dtype):
+    for value in (0.0, -3.5, torch.finfo(dtype).max):
+        x = torch.full((4, 2, 8, 8), value, dtype=dtype)
+        _, xr, _ = roundtrip(x, PerHead())
+        assert torch.equal(xr, x)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_group_dequantizes_to_nan(bad):
     x = torch.randn(2, 3, 4, 5)

@@ -17,6 +17,8 @@ Conventions that the fast paths must keep:
 - ``torch.round`` (half to even) for nearest rounding; ``floor(y + u)``, ``u ~ U[0, 1)``,
   for stochastic rounding, which is unbiased.
 - a group whose range is 0 gets scale 1, so every code is 0 and x̂ is exactly ``shift``.
+- a step below fp32's smallest normal number (a group of denormals) is raised to it, so
+  its reciprocal stays finite; such groups err by at most one such step.
 - a group whose range is NaN (its batch held NaN or Inf) gets scale NaN: it dequantizes
   to NaN, so backward sees non-finite values as exact training would, never finite wrong
   ones.
@@ -41,6 +43,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # most 1/64 of the 8-bit codes: a (8, 8192) activation would otherwise carry as many
 # bytes of metadata as of codes.
 ELEMENTS_PER_GROUP_MIN = 512
+FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,10 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
 
 
 def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantization step per group: ``range / (2^bits - 1)``; 1 where the range is 0,
-    NaN where the range is NaN (see the module docstring)."""
+    """Quantization step per group: ``range / (2^bits - 1)``, at least fp32's smallest
+    normal number; 1 where the range is 0, NaN where it is NaN (see the module docstring)."""
     levels = (1 << bits) - 1
-    return (rng / levels).masked_fill_(rng == 0, 1.0)
+    return (rng / levels).clamp_min_(FP32_TINY).masked_fill_(rng == 0, 1.0)
 
 
 def quantize_codes(
