@@ -23,8 +23,8 @@ NOTE [ Engine rules ]
   5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
      module's config: per token inside normalization layers, head-wise when they have 4+
      dims, channel groups otherwise; per-token ranges are always the batch's own. Others
-     stay exact: integers, fp64, small ones; sparse, nested, complex, quantized tensors
-     and tensor subclasses (warned once per kind). An exact tensor that is a small view
+     stay exact: integers, fp64, small ones; sparse, nested, complex, quantized and float8
+     tensors and tensor subclasses (warned once per kind). An exact tensor that is a small view
      of a larger storage (the CLS token of a hidden state) is kept as a compact copy,
      so it does not hold the whole storage alive.
   6. Only what saves memory is stored: a tensor whose storage is smaller than its
@@ -35,16 +35,18 @@ NOTE [ Engine rules ]
      (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a
      view of that copy, at no cost.
   8. Non-finite groups dequantize to NaN (see quant.reference); estimates skip them.
-     With ``Config(check_finite=True)`` they raise instead, naming the module.
+     With ``Config(check_finite=True)`` they raise instead, naming the module. A tensor
+     whose finite values span more than fp32 can hold (|x| near 3.4e38: fp32 or bf16)
+     cannot be quantized in fp32 arithmetic and stays exact, with a one-time warning.
   9. Pack runs under ``no_grad``: nothing it computes joins the graph.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
-from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -77,6 +79,7 @@ class _Forward:
         self.calls: dict[str, int] = {}
         self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
         self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
+        self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
 
     def push(self, path: str, is_norm: bool) -> None:
         index = self.calls.get(path, 0)
@@ -120,6 +123,49 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+class _Hook:
+    """A module hook bound to one engine. The engine (its estimates, its per-thread state)
+    belongs to the model it compresses, so a deep copy or a pickle of the model gets an
+    inert hook instead, with a warning: the copy is a plain model until compressed."""
+
+    __slots__ = ("engine", "fn", "args")
+
+    def __init__(self, engine: Engine, fn: Any, *args: Any) -> None:
+        self.engine, self.fn, self.args = engine, fn, args
+
+    def __call__(self, *hook_args: Any) -> Any:
+        return self.fn(*self.args, *hook_args)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        self._warn_copy()
+        return _inert_hook
+
+    def __reduce__(self) -> tuple:
+        self._warn_copy()
+        return (_make_inert_hook, ())
+
+    def _warn_copy(self) -> None:
+        self.engine._warn_once(
+            "copy",
+            "torchmesa: a deep copy or pickle of a compressed model is not compressed; "
+            "call torchmesa.compress on the copy to compress it too.",
+        )
+
+
+def _inert_hook(*args: Any) -> None:
+    """What a copied model's hooks become: nothing."""
+
+
+def _make_inert_hook() -> Any:
+    return _inert_hook
+
+
+def _raised(output: Any) -> bool:
+    """Whether a forward hook registered with ``always_call=True`` runs because forward
+    raised: it then gets no output and is called while the exception is handled."""
+    return output is None and sys.exc_info()[1] is not None
+
+
 def _dedup_key(t: torch.Tensor) -> tuple:
     return (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
 
@@ -161,11 +207,10 @@ class Engine:
         for path, module in root.named_modules():
             is_root = module is root
             is_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
-            enter = partial(self._enter, path, is_root, is_norm)
+            enter = _Hook(self, self._enter, path, is_root, is_norm)
             self._handles.append(module.register_forward_pre_hook(enter, prepend=True))
-            self._handles.append(
-                module.register_forward_hook(partial(self._exit, path, is_root), always_call=True)
-            )
+            exit_ = _Hook(self, self._exit, path, is_root)
+            self._handles.append(module.register_forward_hook(exit_, always_call=True))
 
     def detach(self) -> None:
         """Remove every hook :meth:`attach` added."""
@@ -198,6 +243,8 @@ class Engine:
                 forward.hooks.__exit__(None, None, None)
                 forward.dedup.clear()
                 forward.dense_bases.clear()
+                if not _raised(output):
+                    self.estimator.commit(forward.staged)
 
     def _begin(self, root: nn.Module) -> _Forward | None:
         """Start a forward of the root: activate the hooks, or not (Rules 1 and 2)."""
@@ -273,8 +320,9 @@ class Engine:
                 return quant.pack_two_level(t, value)
         stored = forward.covering_base(t)
         if stored is None:
-            stored = self._quantize(t, site, layout)
-            forward.add_base(t, stored)
+            stored = self._quantize(t, site, layout, forward)
+            if isinstance(stored, quant.QuantizedTensor):
+                forward.add_base(t, stored)
         return stored
 
     def _plan(self, t: torch.Tensor, is_norm: bool) -> str | quant.GroupLayout:
@@ -308,8 +356,8 @@ class Engine:
         return layout if storage_nbytes(t) > packed else "exact"
 
     def _quantize(
-        self, t: torch.Tensor, site: Site, layout: quant.GroupLayout
-    ) -> quant.QuantizedTensor:
+        self, t: torch.Tensor, site: Site, layout: quant.GroupLayout, forward: _Forward
+    ) -> quant.QuantizedTensor | torch.Tensor:
         config = self.config
         lo, hi = quant.group_minmax(t, layout)
         if config.check_finite and not bool(torch.isfinite(hi - lo).all()):
@@ -319,8 +367,15 @@ class Engine:
                 f"{tuple(t.shape)}, {t.dtype}) holds NaN or Inf; the forward pass produced "
                 "it (Config.check_finite=True)"
             )
+        if t.dtype != torch.float16 and _span_overflows(lo, hi):
+            self._warn_once(
+                "overflow",
+                "torchmesa: a saved activation holds values near the fp32 limit (|x| > "
+                "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
+            )
+            return _compact(t)
         estimator = _BATCH_RANGE if layout.kind == "rows" else self.estimator
-        shift, rng = estimator.ranges(site, lo, hi)
+        shift, rng = estimator.ranges(site, lo, hi, forward.staged)
         generator = self._generator(t.device) if config.rounding == "stochastic" else None
         return quant.quantize(
             t, layout, shift, rng, bits=config.bits, rounding=config.rounding, generator=generator
@@ -338,6 +393,12 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _span_overflows(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Rule 8: some group's finite ends are further apart than fp32's largest number.
+    One device sync; fp16 tensors never need it (their span fits fp32 easily)."""
+    return bool((torch.isinf(hi - lo) & torch.isfinite(lo) & torch.isfinite(hi)).any())
 
 
 def _frozen_weight_copy(t: torch.Tensor, forward: _Forward) -> bool:
@@ -380,4 +441,6 @@ def _unusual_layout(t: torch.Tensor) -> str:
         return "complex"
     if t.is_quantized:
         return "quantized"
+    if t.is_floating_point() and t.element_size() == 1:
+        return "float8"
     return ""

@@ -11,6 +11,9 @@ and quantizes the batch with the updated estimate, so values outside it are clam
 count, per site, how many groups had values outside the estimate (clipped), without a
 device sync. A group whose batch min or max is not finite leaves its estimate untouched
 and is marked NaN for this batch only (it then dequantizes to NaN, see quant.reference).
+
+Updates are staged per forward and committed when the forward returns: a forward that
+raises (an out-of-memory batch a trainer skips) leaves every estimate as it was.
 """
 
 from __future__ import annotations
@@ -38,25 +41,34 @@ class DynamicRange:
     """Each batch's own per-group range: nothing is clipped, nothing is kept."""
 
     def ranges(
-        self, site: Site, lo: torch.Tensor, hi: torch.Tensor
+        self, site: Site, lo: torch.Tensor, hi: torch.Tensor, staged: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shift, range)`` to quantize with, given the batch's per-group min and max."""
         rng = hi - lo
         return lo, rng.masked_fill_(~torch.isfinite(rng), torch.nan)
 
+    def commit(self, staged: dict) -> None:
+        """Nothing to keep."""
+
     def stats(self) -> dict[Site, SiteStats]:
         return {}
 
 
+@dataclass(frozen=True)
 class _Running:
-    __slots__ = ("shift", "range", "seen", "clipped", "updates")
+    """One site's estimate; replaced, never changed in place, so staging is free."""
 
-    def __init__(self, lo: torch.Tensor) -> None:
-        self.shift = torch.zeros_like(lo)
-        self.range = torch.zeros_like(lo)
-        self.seen = torch.zeros_like(lo, dtype=torch.bool)
-        self.clipped = torch.zeros((), dtype=torch.int64, device=lo.device)
-        self.updates = 0
+    shift: torch.Tensor
+    range: torch.Tensor
+    seen: torch.Tensor
+    clipped: torch.Tensor
+    updates: int
+
+    @staticmethod
+    def fresh(lo: torch.Tensor) -> _Running:
+        zeros = torch.zeros_like(lo)
+        clipped = torch.zeros((), dtype=torch.int64, device=lo.device)
+        return _Running(zeros, zeros, torch.zeros_like(lo, dtype=torch.bool), clipped, 0)
 
 
 class EMARange:
@@ -67,26 +79,34 @@ class EMARange:
         self._sites: dict[Site, _Running] = {}
 
     def ranges(
-        self, site: Site, lo: torch.Tensor, hi: torch.Tensor
+        self, site: Site, lo: torch.Tensor, hi: torch.Tensor, staged: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update the site's estimate with this batch and return ``(shift, range)``."""
-        state = self._sites.get(site)
+        """Move the site's estimate by this batch and return ``(shift, range)``.
+
+        The new estimate goes to ``staged`` (see :meth:`commit`) when given, else it is
+        kept at once.
+        """
+        state = staged.get(site) if staged is not None else None
+        if state is None:
+            state = self._sites.get(site)
         if state is None or state.shift.shape != lo.shape or state.shift.device != lo.device:
             # a new site, or one whose tensor changed shape (dynamic control flow): restart
-            state = self._sites[site] = _Running(lo)
+            state = _Running.fresh(lo)
         batch_range = hi - lo
         finite = torch.isfinite(batch_range)  # a NaN or ±Inf end makes the range non-finite
         # the first finite batch of a group initialises it; later ones move it by 1 - λ
         weight = state.seen.float().mul_(self.decay)
-        shift = torch.lerp(lo, state.shift, weight)
-        rng = torch.lerp(batch_range, state.range, weight)
-        state.shift = torch.where(finite, shift, state.shift)
-        state.range = torch.where(finite, rng, state.range)
-        state.seen |= finite
-        outside = (lo < state.shift) | (batch_range + (lo - state.shift) > state.range)
-        state.clipped += (outside & finite).sum()
-        state.updates += 1
-        return state.shift, state.range.masked_fill(~finite, torch.nan)
+        shift = torch.where(finite, torch.lerp(lo, state.shift, weight), state.shift)
+        rng = torch.where(finite, torch.lerp(batch_range, state.range, weight), state.range)
+        outside = (lo < shift) | (batch_range + (lo - shift) > rng)
+        clipped = state.clipped + (outside & finite).sum()
+        new = _Running(shift, rng, state.seen | finite, clipped, state.updates + 1)
+        (self._sites if staged is None else staged)[site] = new
+        return shift, rng.masked_fill(~finite, torch.nan)
+
+    def commit(self, staged: dict) -> None:
+        """Keep the estimates one forward staged."""
+        self._sites.update(staged)
 
     def stats(self) -> dict[Site, SiteStats]:
         """Clipping counts per site (reads device counters: one sync per site)."""
