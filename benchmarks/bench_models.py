@@ -39,6 +39,8 @@ class Decoder(nn.Module):
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
         self.blocks = nn.Sequential(*[CausalBlock(dim, heads) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim)
+        for table in (self.wte, self.wpe):  # GPT-2's scale: unit-variance logits at the start
+            nn.init.normal_(table.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)

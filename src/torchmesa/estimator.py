@@ -50,6 +50,10 @@ class DynamicRange:
     def commit(self, staged: dict) -> None:
         """Nothing to keep."""
 
+    def num_sites(self) -> int:
+        """Sites with a kept estimate: none."""
+        return 0
+
     def stats(self) -> dict[Site, SiteStats]:
         return {}
 
@@ -107,6 +111,10 @@ class EMARange:
     def commit(self, staged: dict) -> None:
         """Keep the estimates one forward staged."""
         self._sites.update(staged)
+
+    def num_sites(self) -> int:
+        """Sites with a kept estimate (fixed once every site was seen)."""
+        return len(self._sites)
 
     def stats(self) -> dict[Site, SiteStats]:
         """Clipping counts per site (reads device counters: one sync per site)."""
