@@ -45,6 +45,15 @@ def test_invalid_fields_name_themselves(kwargs, field):
 def test_allowed_values_are_listed():
     with pytest.raises(ValueError, match="'ema', 'dynamic'"):
         Config(estimator="running")
+    with pytest.raises(ValueError, match=r"one of \(2, 4, 8\), got 3"):
+        Config(bits=3)
+    with pytest.raises(ValueError, match="masks .* are always stored in 1 bit"):
+        Config(bits=1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_low_bit_widths_are_accepted(bits):
+    assert Config(bits=bits, rounding="stochastic").levels == (1 << bits) - 1
 
 
 @pytest.mark.parametrize(

@@ -450,3 +450,40 @@ def test_varying_batch_sizes_keep_training_correct():
             m(x).square().mean().backward()
         cos = grad_cosines(exact, model)
         assert min(c for c, _ in cos.values()) > 0.999, rows
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bit_storage_is_denser_and_still_correct(bits):
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    exact = copy.deepcopy(model)
+    ratios = {}
+    for b in (8, bits):
+        twin = torchmesa.compress(copy.deepcopy(model), Config(bits=b, rounding="stochastic"))
+        with torchmesa.track() as t:
+            out = twin(torch.randn(128, 64)).sum()
+        out.backward()
+        ratios[b] = t.ratio
+        assert t.held_bytes == 0
+    assert ratios[bits] > ratios[8] * (8 / bits) * 0.85  # metadata aside, 8/bits denser
+    torchmesa.compress(model, Config(bits=bits, rounding="stochastic"))
+    x = torch.randn(128, 64)
+    for m in (exact, model):
+        m(x).square().mean().backward()
+    assert min(c for c, _ in grad_cosines(exact, model).values()) > (0.9 if bits == 4 else 0.2)
+
+
+def test_stochastic_rounding_gives_unbiased_weight_gradients_at_two_bits():
+    """A linear layer's weight gradient is linear in its saved input, so with unbiased
+    rounding the mean over many steps converges to the exact gradient."""
+    layer = nn.Linear(64, 32)
+    x, g = torch.randn(256, 64), torch.randn(256, 32)
+    exact = torch.autograd.grad(layer(x), layer.weight, g)[0]
+    means = {}
+    for rounding in ("nearest", "stochastic"):
+        model = torchmesa.compress(copy.deepcopy(layer), Config(bits=2, rounding=rounding))
+        grads = [torch.autograd.grad(model(x), model.weight, g)[0] for _ in range(200)]
+        means[rounding] = torch.stack(grads).mean(0)
+    cos = {
+        k: float(F.cosine_similarity(v.flatten(), exact.flatten(), dim=0)) for k, v in means.items()
+    }
+    assert cos["stochastic"] > 0.995 > cos["nearest"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 ESTIMATORS = ("ema", "dynamic")
 ROUNDINGS = ("nearest", "stochastic")
-SUPPORTED_BITS = (8,)
+SUPPORTED_BITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ class Config:
     """How saved activations are stored.
 
     Args:
-        bits: bits per stored value. 8 (Mesa's setting).
+        bits: bits per stored value: 8 (Mesa's setting), 4 or 2, packed densely (two
+            4-bit or four 2-bit codes per byte). Below 8 bits, use ``rounding="stochastic"``
+            (see the README's convergence study).
         estimator: ``"ema"``: running range per site and group, an exponential moving
             average of the batch min and range with decay ``ema_decay``, initialised from
             the first batch (Mesa). ``"dynamic"``: each batch's own range.
@@ -114,6 +116,11 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)
+        if self.bits == 1:
+            raise ValueError(
+                "Config.bits=1 is not a setting: masks (bool tensors, dropout masks) are "
+                f"always stored in 1 bit; values take one of {SUPPORTED_BITS}"
+            )
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"Config.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if self.estimator not in ESTIMATORS:

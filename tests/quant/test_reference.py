@@ -15,10 +15,10 @@ def _eps(dtype):
     return torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
 
 
-def roundtrip(x, granularity, rounding="nearest", generator=None):
+def roundtrip(x, granularity, rounding="nearest", generator=None, bits=8):
     layout = GroupLayout.of(x.shape, granularity)
     lo, hi = quant.group_minmax(x, layout)
-    q = quant.quantize(x, layout, lo, hi - lo, bits=8, rounding=rounding, generator=generator)
+    q = quant.quantize(x, layout, lo, hi - lo, bits=bits, rounding=rounding, generator=generator)
     return q, quant.dequantize(q), layout
 
 
@@ -169,6 +169,51 @@ def test_stochastic_rounding_is_unbiased():
     assert abs(float(err.mean())) < step * 0.01
     _, nearest, _ = roundtrip(x, PerTensor())
     assert (nearest - x).abs().max() <= step / 2 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,granularity",
+    [((3, 5, 7, 11), PerHead()), ((2, 13, 37), PerChannelGroup(group_size=8)), ((7,), PerTensor())],
+)
+def test_low_bit_codes_are_packed_and_roundtrip_within_half_a_step(bits, dtype, shape, granularity):
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    x = x.transpose(0, -1) if x.dim() > 1 else x  # a non-contiguous input
+    q, xr, layout = roundtrip(x, granularity, bits=bits)
+    numel = x.numel()
+    assert q.codes.numel() == -(-numel // (8 // bits)) and q.shape == x.shape
+    assert xr.dtype == dtype and xr.shape == x.shape
+    assert int(q.unpacked_codes().max()) <= (1 << bits) - 1
+    step = layout.broadcast(q.scale, x.dim())
+    slack = torch.maximum(x.float().abs(), xr.float().abs()) * _eps(dtype)
+    assert bool(((xr.float() - x.float()).abs() <= step / 2 * (1 + 1e-5) + slack).all())
+    _, xr8, _ = roundtrip(x, granularity)
+    assert sqnr_db(x.float(), xr.float()) < sqnr_db(x.float(), xr8.float())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_low_bit_stochastic_rounding_is_unbiased(bits):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4096) * 2 - 1
+    err = torch.stack(
+        [roundtrip(x, PerTensor(), "stochastic", gen, bits)[1] - x for _ in range(400)]
+    )
+    step = 2 / ((1 << bits) - 1)
+    # a draw errs by up to a step; over 400 draws the mean error shrinks like step / 20
+    assert err.abs().max() <= step * (1 + 1e-5)
+    assert err.mean(0).abs().max() < step * 0.25
+    assert abs(float(err.mean())) < step * 0.005
+    nearest_bias = (roundtrip(x, PerTensor(), bits=bits)[1] - x).abs().mean()
+    assert err.mean(0).abs().mean() < nearest_bias / 5  # nearest rounding is biased per value
+
+
+def test_quantize_refuses_unsupported_widths():
+    x = torch.randn(8, 8)
+    layout = GroupLayout.of(x.shape, PerTensor())
+    lo, hi = quant.group_minmax(x, layout)
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 4, 8\), got 3"):
+        quant.quantize(x, layout, lo, hi - lo, bits=3)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

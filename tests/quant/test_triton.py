@@ -119,3 +119,15 @@ def test_values_at_the_dtype_limits(dtype, where):
         assert bool(((back.float() - x.float()).abs() <= step).all())
     else:
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_low_bit_codes_match_the_reference(bits, dtype):
+    x = (torch.randn(5, 3, 7, 9) * 2).to(dtype).to(DEVICE)
+    layout = reference.GroupLayout.of(x.shape, PerHead())
+    lo, hi = reference.group_minmax(x, layout)
+    scale = reference.scale_of(hi - lo, bits)
+    ref = reference.quantize_codes(x, layout, lo, scale, bits)
+    got = kernels.quantize_codes(x, layout, lo, scale, bits)
+    assert torch.equal(got, ref) and int(got.max()) == (1 << bits) - 1

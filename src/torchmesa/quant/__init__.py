@@ -24,6 +24,7 @@ from torchmesa.quant.reference import (
 )
 
 __all__ = [
+    "BITS",
     "FLOAT_DTYPES",
     "GroupLayout",
     "PackedMask",
@@ -40,8 +41,15 @@ __all__ = [
 ]
 
 
+BITS = (2, 4, 8)  # code widths a QuantizedTensor stores; masks use 1 bit (PackedMask)
+
+
 class QuantizedTensor:
-    """A low-bit copy of one saved activation: codes plus per-group shift and scale."""
+    """A low-bit copy of one saved activation: codes plus per-group shift and scale.
+
+    8-bit codes keep the activation's shape and memory layout. Narrower codes are packed
+    densely (two 4-bit or four 2-bit codes per byte) in logical order, flat.
+    """
 
     def __init__(
         self,
@@ -50,13 +58,22 @@ class QuantizedTensor:
         scale: torch.Tensor,
         layout: GroupLayout,
         dtype: torch.dtype,
+        bits: int = 8,
+        shape: torch.Size | None = None,
     ) -> None:
         self.codes, self.shift, self.scale = codes, shift, scale
-        self.layout, self.dtype = layout, dtype
+        self.layout, self.dtype, self.bits = layout, dtype, bits
+        self._shape = codes.shape if shape is None else shape
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        return self._shape
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """One uint8 code per element, in the activation's shape."""
+        if self.bits == 8:
+            return self.codes
+        return unpack_bits(self.codes, self.bits, self._shape.numel()).view(self._shape)
 
     @property
     def nbytes(self) -> int:
@@ -121,19 +138,24 @@ def quantize(
 
     A NaN in ``rng`` marks a group that cannot be represented: it dequantizes to NaN.
     """
+    if bits not in BITS:
+        raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
     scale = scale_of(rng, bits)
     if rounding == "nearest" and _fused(x):
         codes = kernels.quantize_codes(x, layout, shift, scale, bits)
     else:
         codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
-    return QuantizedTensor(codes, shift, scale, layout, x.dtype)
+    if bits == 8:
+        return QuantizedTensor(codes, shift, scale, layout, x.dtype)
+    return QuantizedTensor(pack_bits(codes, bits), shift, scale, layout, x.dtype, bits, x.shape)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
-    if _fused(q.codes):
-        return kernels.dequantize_codes(q.codes, q.layout, q.shift, q.scale, q.dtype)
-    return dequantize_codes(q.codes, q.layout, q.shift, q.scale, q.dtype)
+    codes = q.unpacked_codes()
+    if _fused(codes):
+        return kernels.dequantize_codes(codes, q.layout, q.shift, q.scale, q.dtype)
+    return dequantize_codes(codes, q.layout, q.shift, q.scale, q.dtype)
 
 
 def _fused(t: torch.Tensor) -> bool:
