@@ -2,7 +2,7 @@
 
 import torch
 
-from torchmesa.estimator import DynamicRange, EMARange, make_estimator
+from torchmesa.estimator import DynamicRange, EMARange
 
 SITE = ("block.fc1", 0, 0)
 
@@ -46,10 +46,18 @@ def test_ema_restarts_when_a_site_changes_shape():
 
 
 def test_dynamic_is_stateless():
-    est = make_estimator("dynamic", 0.9)
-    assert isinstance(est, DynamicRange)
+    est = DynamicRange()
     shift, rng = est.ranges(SITE, torch.tensor([-2.0]), torch.tensor([2.0]))
     assert float(shift) == -2.0 and float(rng) == 4.0
     _, rng = est.ranges(SITE, torch.tensor([-2.0]), torch.tensor([float("inf")]))
     assert torch.isnan(rng).all()
     assert est.stats() == {}
+
+
+def test_a_site_can_move_with_its_own_decay():
+    est = EMARange(0.9)
+    for decay, site in ((0.5, ("a", 0, 0)), (None, ("b", 0, 0))):
+        est.ranges(site, torch.tensor([0.0]), torch.tensor([1.0]), decay=decay)
+        est.ranges(site, torch.tensor([0.0]), torch.tensor([3.0]), decay=decay)
+    assert float(est.state(("a", 0, 0))[1]) == 2.0  # 0.5 * 1 + 0.5 * 3
+    assert abs(float(est.state(("b", 0, 0))[1]) - 1.2) < 1e-6  # 0.9 * 1 + 0.1 * 3

@@ -7,6 +7,7 @@ rest, running EMA estimates), dequantized when backward needs it.
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
 from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
+from torchmesa.policy import Policy, Rule
 from torchmesa.track import Tracker, track
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "PerHead",
     "PerTensor",
     "PerToken",
+    "Policy",
+    "Rule",
     "Tracker",
     "clip_stats",
     "compress",

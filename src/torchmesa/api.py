@@ -9,6 +9,7 @@ plain model. The compressor's own state (running ranges) lives beside the model.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import TypeVar
 
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from torchmesa.config import Config
 from torchmesa.engine import Engine
 from torchmesa.estimator import SiteStats
+from torchmesa.policy import Policy, Rule, as_policy
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -23,7 +25,7 @@ _ROOTS: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary
 _MEMBERS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
-def compress(model: M, config: Config | None = None) -> M:
+def compress(model: M, config: Config | Policy | Sequence[Rule] | None = None) -> M:
     """Store every activation that ``model`` saves for backward in low bits.
 
     Forward stays exact; backward sees dequantized copies. Works in place and returns
@@ -31,8 +33,10 @@ def compress(model: M, config: Config | None = None) -> M:
 
     Args:
         model: any ``nn.Module``: a whole model or one submodule.
-        config: how to store; ``Config()`` (Mesa's defaults: 8 bits, head-wise, EMA 0.9)
-            when omitted.
+        config: how to store: one ``Config`` for every module (``Config()``, Mesa's
+            defaults: 8 bits, head-wise, EMA 0.9, when omitted); or a list of
+            :class:`Rule` (first match wins, other modules get ``Config()``); or a
+            :class:`Policy` (rules and the setting of modules no rule reaches).
 
     Example::
 
@@ -41,14 +45,13 @@ def compress(model: M, config: Config | None = None) -> M:
         loss.backward()
 
     Raises:
-        TypeError: ``model`` is not a module or ``config`` is not a ``Config``.
+        TypeError: ``model`` is not a module or ``config`` is none of the above.
+        ValueError: a rule matches no module (the message lists what exists).
         RuntimeError: ``model``, or a module inside or around it, is already compressed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    config = Config() if config is None else config
-    if not isinstance(config, Config):
-        raise TypeError(f"compress expects a torchmesa.Config, got {type(config).__name__}")
+    policy = as_policy(config)
     for name, module in model.named_modules():
         root = _MEMBERS.get(module)
         if root is not None:
@@ -57,7 +60,7 @@ def compress(model: M, config: Config | None = None) -> M:
                 f"{where} is already compressed (by compress() on a "
                 f"{type(root).__name__}); call torchmesa.decompress on that module first"
             )
-    engine = Engine(model, config)
+    engine = Engine(model, policy)
     engine.attach()
     _ROOTS[model] = engine
     for module in model.modules():

@@ -55,7 +55,8 @@ from torch import nn
 
 from torchmesa import quant
 from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerHead
-from torchmesa.estimator import DynamicRange, Site, make_estimator
+from torchmesa.estimator import DynamicRange, EMARange, Site
+from torchmesa.policy import Policy
 from torchmesa.tensors import is_parameter_like, storage_nbytes, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
@@ -81,10 +82,10 @@ class _Forward:
         self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
 
-    def push(self, path: str, is_norm: bool) -> None:
+    def push(self, path: str, is_norm: bool, config: Config | None) -> None:
         index = self.calls.get(path, 0)
         self.calls[path] = index + 1
-        self.frames.append([path, index, 0, is_norm])
+        self.frames.append([path, index, 0, is_norm, config])
 
     def pop(self, path: str) -> None:
         if self.frames and self.frames[-1][0] == path:
@@ -188,14 +189,15 @@ def _in_backward() -> bool:
 class Engine:
     """Compression state of one compressed module tree: hooks, config, estimates."""
 
-    def __init__(self, root: nn.Module, config: Config) -> None:
-        self.config = config
-        self.estimator = make_estimator(config.estimator, config.ema_decay)
+    def __init__(self, root: nn.Module, policy: Policy) -> None:
+        self.policy = policy
+        self.settings = policy.resolve(root)  # module path -> Config, or None for exact
+        self.estimator = EMARange(0.9)  # each site moves with its own config's decay
         self._root = weakref.ref(root)
         self._root_label = type(root).__name__
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._local = threading.local()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         self._warned: set[str] = set()
 
     # -- hooks on the module tree -------------------------------------------------------
@@ -207,7 +209,7 @@ class Engine:
         for path, module in root.named_modules():
             is_root = module is root
             is_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
-            enter = _Hook(self, self._enter, path, is_root, is_norm)
+            enter = _Hook(self, self._enter, path, is_root, is_norm, self.settings[path])
             self._handles.append(module.register_forward_pre_hook(enter, prepend=True))
             exit_ = _Hook(self, self._exit, path, is_root)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
@@ -224,13 +226,21 @@ class Engine:
             stack = self._local.stack = []
         return stack
 
-    def _enter(self, path: str, is_root: bool, is_norm: bool, module: nn.Module, args: Any) -> None:
+    def _enter(
+        self,
+        path: str,
+        is_root: bool,
+        is_norm: bool,
+        config: Config | None,
+        module: nn.Module,
+        args: Any,
+    ) -> None:
         stack = self._stack()
         if is_root:
             stack.append(self._begin(module))
         forward = stack[-1] if stack else None
         if forward is not None:
-            forward.push(path, is_norm)
+            forward.push(path, is_norm, config)
 
     def _exit(self, path: str, is_root: bool, module: nn.Module, args: Any, output: Any) -> None:
         stack = self._stack()
@@ -276,10 +286,13 @@ class Engine:
             return t
         if is_parameter_like(t, forward.param_storages) or _frozen_weight_copy(t, forward):
             return t
-        is_norm = forward.frames[-1][3]
+        is_norm, config = forward.frames[-1][3:5]
         site = forward.next_site()
-        with torch.no_grad():
-            stored = self._store(t, site, is_norm, forward)
+        if config is None:  # a module a rule keeps exact
+            stored: Any = t
+        else:
+            with torch.no_grad():
+                stored = self._store(t, site, is_norm, forward, config)
         for tracker in active_trackers():
             tracker.record(t, stored, site[0] or self._root_label)
         return stored
@@ -294,9 +307,11 @@ class Engine:
             return quant.unpack_mask(stored)
         return stored
 
-    def _store(self, t: torch.Tensor, site: Site, is_norm: bool, forward: _Forward) -> Any:
+    def _store(
+        self, t: torch.Tensor, site: Site, is_norm: bool, forward: _Forward, config: Config
+    ) -> Any:
         """What to keep for ``t``: ``t`` itself, a packed mask or a quantized copy."""
-        kind = self._plan(t, is_norm)
+        kind = self._plan(t, is_norm, config)
         if kind == "exact":
             return _compact(t)
         key = _dedup_key(t)
@@ -306,12 +321,17 @@ class Engine:
         if kind == "mask":
             stored: Any = quant.pack_mask(t)
         else:
-            stored = self._store_float(t, site, kind, forward)
+            stored = self._store_float(t, site, kind, forward, config)
         forward.dedup[key] = (weakref.ref(t), stored)
         return stored
 
     def _store_float(
-        self, t: torch.Tensor, site: Site, layout: quant.GroupLayout, forward: _Forward
+        self,
+        t: torch.Tensor,
+        site: Site,
+        layout: quant.GroupLayout,
+        forward: _Forward,
+        config: Config,
     ) -> Any:
         """A two-level mask, a free view of an earlier copy, or a new quantized copy."""
         if t.grad_fn is None and not t.requires_grad:  # Rule 4: a dropout mask, perhaps
@@ -320,12 +340,12 @@ class Engine:
                 return quant.pack_two_level(t, value)
         stored = forward.covering_base(t)
         if stored is None:
-            stored = self._quantize(t, site, layout, forward)
+            stored = self._quantize(t, site, layout, forward, config)
             if isinstance(stored, quant.QuantizedTensor):
                 forward.add_base(t, stored)
         return stored
 
-    def _plan(self, t: torch.Tensor, is_norm: bool) -> str | quant.GroupLayout:
+    def _plan(self, t: torch.Tensor, is_norm: bool, config: Config) -> str | quant.GroupLayout:
         """``"exact"``, ``"mask"``, or the group layout to quantize with (Rules 4 to 6)."""
         if type(t) is not torch.Tensor:
             self._warn_once(
@@ -338,13 +358,12 @@ class Engine:
             self._warn_once(unusual, f"torchmesa: {unusual} saved tensors are kept exact.")
             return "exact"
         numel = t.numel()
-        if numel == 0 or numel < self.config.min_numel:
+        if numel == 0 or numel < config.min_numel:
             return "exact"
         if t.dtype == torch.bool:
             return "mask" if storage_nbytes(t) > -(-numel // 8) else "exact"
         if t.dtype not in quant.FLOAT_DTYPES:
             return "exact"
-        config = self.config
         if is_norm:
             granularity = config.norm_groups
         elif config.head_wise and t.dim() >= 4:
@@ -356,9 +375,13 @@ class Engine:
         return layout if storage_nbytes(t) > packed else "exact"
 
     def _quantize(
-        self, t: torch.Tensor, site: Site, layout: quant.GroupLayout, forward: _Forward
+        self,
+        t: torch.Tensor,
+        site: Site,
+        layout: quant.GroupLayout,
+        forward: _Forward,
+        config: Config,
     ) -> quant.QuantizedTensor | torch.Tensor:
-        config = self.config
         lo, hi = quant.group_minmax(t, layout)
         if config.check_finite and not bool(torch.isfinite(hi - lo).all()):
             module = site[0] or self._root_label
@@ -374,19 +397,21 @@ class Engine:
                 "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
             )
             return _compact(t)
-        estimator = _BATCH_RANGE if layout.kind == "rows" else self.estimator
-        shift, rng = estimator.ranges(site, lo, hi, forward.staged)
-        generator = self._generator(t.device) if config.rounding == "stochastic" else None
+        running = layout.kind != "rows" and config.estimator == "ema"
+        estimator = self.estimator if running else _BATCH_RANGE
+        shift, rng = estimator.ranges(site, lo, hi, forward.staged, config.ema_decay)
+        stochastic = config.rounding == "stochastic"
+        generator = self._generator(t.device, config.seed) if stochastic else None
         return quant.quantize(
             t, layout, shift, rng, bits=config.bits, rounding=config.rounding, generator=generator
         )
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""
-        gen = self._generators.get(device)
+        gen = self._generators.get((device, seed))
         if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-            gen.manual_seed(self.config.seed)
+            gen = self._generators[(device, seed)] = torch.Generator(device=device)
+            gen.manual_seed(seed)
         return gen
 
     def _warn_once(self, key: str, message: str) -> None:

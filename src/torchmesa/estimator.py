@@ -41,7 +41,12 @@ class DynamicRange:
     """Each batch's own per-group range: nothing is clipped, nothing is kept."""
 
     def ranges(
-        self, site: Site, lo: torch.Tensor, hi: torch.Tensor, staged: dict | None = None
+        self,
+        site: Site,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        staged: dict | None = None,
+        decay: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shift, range)`` to quantize with, given the batch's per-group min and max."""
         rng = hi - lo
@@ -83,12 +88,17 @@ class EMARange:
         self._sites: dict[Site, _Running] = {}
 
     def ranges(
-        self, site: Site, lo: torch.Tensor, hi: torch.Tensor, staged: dict | None = None
+        self,
+        site: Site,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        staged: dict | None = None,
+        decay: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Move the site's estimate by this batch and return ``(shift, range)``.
 
         The new estimate goes to ``staged`` (see :meth:`commit`) when given, else it is
-        kept at once.
+        kept at once. ``decay`` overrides the estimator's λ for this site.
         """
         state = staged.get(site) if staged is not None else None
         if state is None:
@@ -99,7 +109,7 @@ class EMARange:
         batch_range = hi - lo
         finite = torch.isfinite(batch_range)  # a NaN or ±Inf end makes the range non-finite
         # the first finite batch of a group initialises it; later ones move it by 1 - λ
-        weight = state.seen.float().mul_(self.decay)
+        weight = state.seen.float().mul_(self.decay if decay is None else decay)
         shift = torch.where(finite, torch.lerp(lo, state.shift, weight), state.shift)
         rng = torch.where(finite, torch.lerp(batch_range, state.range, weight), state.range)
         outside = (lo < shift) | (batch_range + (lo - shift) > rng)
@@ -127,12 +137,3 @@ class EMARange:
         """The current ``(shift, range)`` of a site, or None if it was never seen."""
         s = self._sites.get(site)
         return None if s is None else (s.shift, s.range)
-
-
-def make_estimator(kind: str, decay: float) -> DynamicRange | EMARange:
-    """The estimator a ``Config.estimator`` names."""
-    if kind == "ema":
-        return EMARange(decay)
-    if kind == "dynamic":
-        return DynamicRange()
-    raise ValueError(f"unknown estimator {kind!r}")
