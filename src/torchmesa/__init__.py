@@ -7,10 +7,11 @@ rest, running EMA estimates), dequantized when backward needs it.
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
 from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
-from torchmesa.policy import Policy, Rule
+from torchmesa.policy import ClassNamed, Policy, Rule
 from torchmesa.track import Tracker, track
 
 __all__ = [
+    "ClassNamed",
     "Config",
     "PerChannelGroup",
     "PerHead",
