@@ -7,6 +7,7 @@ rest, running EMA estimates), dequantized when backward needs it.
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
 from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
+from torchmesa.planner import Plan, plan
 from torchmesa.policy import ClassNamed, Policy, Rule
 from torchmesa.track import Tracker, track
 
@@ -17,6 +18,7 @@ __all__ = [
     "PerHead",
     "PerTensor",
     "PerToken",
+    "Plan",
     "Policy",
     "Rule",
     "Tracker",
@@ -24,6 +26,7 @@ __all__ = [
     "compress",
     "decompress",
     "is_compressed",
+    "plan",
     "track",
 ]
 __version__ = "0.1.0"
