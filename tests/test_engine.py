@@ -487,3 +487,18 @@ def test_stochastic_rounding_gives_unbiased_weight_gradients_at_two_bits():
         k: float(F.cosine_similarity(v.flatten(), exact.flatten(), dim=0)) for k, v in means.items()
     }
     assert cos["stochastic"] > 0.995 > cos["nearest"]
+
+
+def test_a_child_called_directly_is_compressed_too():
+    """Lightning's training_step calls self.net(x), never the compressed module itself."""
+    outer = nn.Module()
+    outer.net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    torchmesa.compress(outer)
+    t, out = tracked(outer.net, torch.randn(32, 64))
+    out.sum().backward()
+    assert t.compressed_tensors == 3 and t.held_bytes == 0
+    assert engine_of(outer)._stack() == []
+    assert {site[0] for site in torchmesa.clip_stats(outer)} == {"net.0", "net.1", "net.2"}
+    outer.net.eval()
+    t, _ = tracked(outer.net, torch.randn(32, 64))
+    assert t.compressed_tensors == 0  # the module that starts the call decides the mode

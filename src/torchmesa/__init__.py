@@ -13,6 +13,8 @@ from torchmesa.track import Tracker, track
 
 __all__ = [
     "ClassNamed",
+    "HFCallback",
+    "LightningCallback",
     "Config",
     "PerChannelGroup",
     "PerHead",
@@ -30,3 +32,21 @@ __all__ = [
     "track",
 ]
 __version__ = "0.1.0"
+
+_INTEGRATIONS = {
+    "HFCallback": ("torchmesa.integrations.huggingface", "transformers"),
+    "LightningCallback": ("torchmesa.integrations.lightning", "pytorch-lightning"),
+}
+
+
+def __getattr__(name: str) -> object:
+    """Trainer callbacks, imported on first use: their frameworks are optional."""
+    if name not in _INTEGRATIONS:
+        raise AttributeError(f"module 'torchmesa' has no attribute {name!r}")
+    module, package = _INTEGRATIONS[name]
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise ImportError(f"torchmesa.{name} needs {package}: pip install {package}") from err

@@ -7,7 +7,9 @@ hooks on each module of the compressed tree keep a stack of the modules running,
 names the *site* of each save (module path, call, ordinal) for the running estimates.
 
 NOTE [ Engine rules ]
-  1. Scope. Hooks are active only while the compressed root runs in training mode with
+  1. Scope. Hooks are active while a module of the compressed tree runs, from the
+     outermost one entered (the root, or a child called directly, as Lightning's
+     ``training_step`` calls ``self.net``), when that module is in training mode with
      grad enabled, and not inside a backward pass (checkpoint recomputes forward there).
   2. Innermost pair wins. If another saved-tensor hooks pair (non-reentrant checkpoint,
      ``save_on_cpu``) is already active when the root starts, its rule applies to the
@@ -161,6 +163,16 @@ def _make_inert_hook() -> Any:
     return _inert_hook
 
 
+class _Call:
+    """One call of the module tree on one thread, from its outermost module: the forward
+    state when compression is on for it (else None) and how deep the modules are nested."""
+
+    __slots__ = ("forward", "depth")
+
+    def __init__(self, forward: _Forward | None) -> None:
+        self.forward, self.depth = forward, 0
+
+
 def _raised(output: Any) -> bool:
     """Whether a forward hook registered with ``always_call=True`` runs because forward
     raised: it then gets no output and is called while the exception is handled."""
@@ -207,11 +219,10 @@ class Engine:
         root = self._root()
         assert root is not None
         for path, module in root.named_modules():
-            is_root = module is root
             is_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
-            enter = _Hook(self, self._enter, path, is_root, is_norm, self.settings[path])
+            enter = _Hook(self, self._enter, path, is_norm, self.settings[path])
             self._handles.append(module.register_forward_pre_hook(enter, prepend=True))
-            exit_ = _Hook(self, self._exit, path, is_root)
+            exit_ = _Hook(self, self._exit, path)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
 
     def detach(self) -> None:
@@ -220,35 +231,39 @@ class Engine:
             handle.remove()
         self._handles.clear()
 
-    def _stack(self) -> list[_Forward | None]:
+    def _stack(self) -> list[_Call]:
+        """This thread's running call of the tree: empty, or one entry."""
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
         return stack
 
+    def _current(self) -> _Forward | None:
+        stack = self._stack()
+        return stack[-1].forward if stack else None
+
     def _enter(
-        self,
-        path: str,
-        is_root: bool,
-        is_norm: bool,
-        config: Config | None,
-        module: nn.Module,
-        args: Any,
+        self, path: str, is_norm: bool, config: Config | None, module: nn.Module, args: Any
     ) -> None:
         stack = self._stack()
-        if is_root:
-            stack.append(self._begin(module))
-        forward = stack[-1] if stack else None
-        if forward is not None:
-            forward.push(path, is_norm, config)
+        if not stack:  # the outermost module of the tree to run starts the call (Rule 1)
+            stack.append(_Call(self._begin(module)))
+        call = stack[-1]
+        call.depth += 1
+        if call.forward is not None:
+            call.forward.push(path, is_norm, config)
 
-    def _exit(self, path: str, is_root: bool, module: nn.Module, args: Any, output: Any) -> None:
+    def _exit(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
         stack = self._stack()
-        forward = stack[-1] if stack else None
-        if forward is not None:
-            forward.pop(path)
-        if is_root and stack:
+        if not stack:
+            return
+        call = stack[-1]
+        if call.forward is not None:
+            call.forward.pop(path)
+        call.depth -= 1
+        if call.depth == 0:
             stack.pop()
+            forward = call.forward
             if forward is not None:
                 forward.hooks.__exit__(None, None, None)
                 forward.dedup.clear()
@@ -256,9 +271,10 @@ class Engine:
                 if not _raised(output):
                     self.estimator.commit(forward.staged)
 
-    def _begin(self, root: nn.Module) -> _Forward | None:
-        """Start a forward of the root: activate the hooks, or not (Rules 1 and 2)."""
-        if not (root.training and torch.is_grad_enabled()) or _in_backward():
+    def _begin(self, module: nn.Module) -> _Forward | None:
+        """Start a call of the tree at ``module``: activate the hooks, or not (Rules 1, 2)."""
+        root = self._root()
+        if root is None or not (module.training and torch.is_grad_enabled()) or _in_backward():
             return None
         if _foreign_hooks_active():
             self._warn_once(
@@ -280,8 +296,7 @@ class Engine:
     # -- pack / unpack -----------------------------------------------------------------
 
     def _pack(self, t: torch.Tensor) -> Any:
-        stack = self._stack()
-        forward = stack[-1] if stack else None
+        forward = self._current()
         if forward is None or not forward.frames:
             return t
         if is_parameter_like(t, forward.param_storages) or _frozen_weight_copy(t, forward):
