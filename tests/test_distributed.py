@@ -1,65 +1,75 @@
-"""DDP on the CPU (gloo, 2 processes): compressed ranks agree, and match exact training."""
+"""DDP and FSDP2 on the CPU, launched by torchrun (gloo, 2 processes) through the example
+``examples/distributed.py``: ranks agree, FSDP's gathered parameters are never quantized,
+and training matches exact single-process training."""
 
-import os
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-import torchmesa
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
 
-WORLD = 2
+from distributed import batches, make_model  # noqa: E402
 
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(32, 128), nn.GELU(), nn.LayerNorm(128), nn.Linear(128, 128), nn.ReLU(),
-        nn.Linear(128, 10),
-    )  # fmt: skip
+STEPS = 4
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(256, 32, generator=g), torch.randint(0, 10, (256,), generator=g)
+def torchrun(engine: str, out: Path) -> list[dict]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "examples" / "distributed.py"), "--engine", engine, "--steps", str(STEPS),
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{engine}: 2 ranks" in done.stdout
+    return [torch.load(out / f"{engine}-rank{r}.pt") for r in range(2)]
 
 
-def _rank(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = DDP(torchmesa.compress(make_model()))
-        x, y = batch()
-        with torchmesa.track() as t:
-            loss = F.cross_entropy(model(x[rank::WORLD]), y[rank::WORLD])
-        loss.backward()
-        grads = [p.grad for p in model.module.parameters()]
-        torch.save({"grads": grads, "ratio": t.ratio}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def exact_training() -> dict[str, torch.Tensor]:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()  # the whole batch: what the ranks average
+        opt.step()
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("torchrun")
+    return {engine: torchrun(engine, out) for engine in ("ddp", "fsdp")}
 
 
 @pytest.mark.slow
-def test_ddp_ranks_agree_and_match_exact(tmp_path):
-    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for a, b in zip(ranks[0]["grads"], ranks[1]["grads"]):
-        assert torch.equal(a, b)  # DDP averaged the same gradients onto every rank
-    assert all(r["ratio"] > 3.5 for r in ranks)
-    exact = make_model()
-    x, y = batch()
-    F.cross_entropy(exact(x), y).backward()
-    for (name, p), g in zip(exact.named_parameters(), ranks[0]["grads"]):
-        cos = F.cosine_similarity(p.grad.flatten().double(), g.flatten().double(), dim=0)
-        assert cos > 0.999, (name, float(cos))
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_ranks_agree_and_match_exact_training(runs, engine):
+    rank0, rank1 = runs[engine]
+    for name, p in rank0["params"].items():
+        assert torch.equal(p, rank1["params"][name]), name
+    exact = exact_training()
+    assert set(exact) == set(rank0["params"])
+    for name, p in rank0["params"].items():
+        delta, ref = (
+            (p - make_model().state_dict()[name]),
+            (exact[name] - make_model().state_dict()[name]),
+        )
+        cos = F.cosine_similarity(delta.flatten().double(), ref.flatten().double(), dim=0)
+        assert cos > 0.999, (engine, name, float(cos))  # the update, not just the weights
+    for r in (rank0, rank1):
+        assert all(e / s > 3 for e, s in zip(r["exact_bytes"], r["stored_bytes"]))
+
+
+@pytest.mark.slow
+def test_fsdp_gathered_parameters_are_never_quantized(runs):
+    """Parameters are never counted as activations. If FSDP's gathered weights were taken
+    for activations, FSDP would count (and quantize) more than DDP on the same batch."""
+    for ddp, fsdp in zip(runs["ddp"], runs["fsdp"]):
+        assert ddp["exact_bytes"] == fsdp["exact_bytes"]
+        assert ddp["stored_bytes"] == fsdp["stored_bytes"]
+        assert ddp["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)
