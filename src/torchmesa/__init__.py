@@ -6,6 +6,7 @@ rest, running EMA estimates), dequantized when backward needs it.
 """
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
+from torchmesa.checkpoint import checkpoint
 from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.planner import Plan, plan
 from torchmesa.policy import ClassNamed, Policy, Rule
@@ -24,6 +25,7 @@ __all__ = [
     "Policy",
     "Rule",
     "Tracker",
+    "checkpoint",
     "clip_stats",
     "compress",
     "decompress",
