@@ -33,12 +33,13 @@ from bench_models import SPECS, CheckpointedSequential, Spec, checkpoint_blocks 
 
 import torchmesa  # noqa: E402
 
-CONFIGS = {
-    "exact": (False, None),
-    "torchmesa-ema": (False, torchmesa.Config()),
-    "torchmesa-dynamic": (False, torchmesa.Config(estimator="dynamic")),
-    "checkpoint": (True, None),
-    "checkpoint+torchmesa": (True, torchmesa.Config()),
+CONFIGS = {  # name: (checkpointing per block: None, "torch" or "torchmesa"; compression)
+    "exact": (None, None),
+    "torchmesa-ema": (None, torchmesa.Config()),
+    "torchmesa-dynamic": (None, torchmesa.Config(estimator="dynamic")),
+    "checkpoint": ("torch", None),
+    "checkpoint+torchmesa": ("torch", torchmesa.Config()),
+    "torchmesa.checkpoint": ("torchmesa", torchmesa.Config()),
 }
 QUICK = {"deit-s": 8, "gpt2-s-4l": 1}
 # glibc raises its mmap threshold as large blocks are freed, after which freed activations
@@ -50,9 +51,9 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def build(spec: Spec, config: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = spec.build()
-    use_checkpoint, mesa = CONFIGS[config]
-    if use_checkpoint:
-        checkpoint_blocks(model)
+    checkpointing, mesa = CONFIGS[config]
+    if checkpointing:
+        checkpoint_blocks(model, checkpointing)
     if mesa is not None:
         torchmesa.compress(model, mesa)
     return model.train()

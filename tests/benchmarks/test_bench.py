@@ -23,11 +23,14 @@ def test_bench_smoke(tmp_path):
     assert "max batch" in done.stdout  # the printed table
     report = json.loads(out.read_text())
     rows = {(r["model"], r["config"]): r for r in report["rows"]}
-    assert len(rows) == 5
+    assert len(rows) == 6
     exact, mesa = rows["tiny-vit", "exact"], rows["tiny-vit", "torchmesa-ema"]
     assert exact["saved_vs_exact"] == 1.0
     assert mesa["saved_vs_exact"] < 0.5
     assert rows["tiny-vit", "checkpoint"]["saved_bytes"] > 0  # block inputs are counted
+    # torchmesa.checkpoint keeps the same block inputs, compressed
+    both = rows["tiny-vit", "torchmesa.checkpoint"]["saved_bytes"]
+    assert both < rows["tiny-vit", "checkpoint+torchmesa"]["saved_bytes"]
     for r in (exact, mesa):
         assert r["peak_delta_bytes"] > 0 and r["step_seconds_median"] > 0
     assert {"when", "device", "torch", "command", "definitions"} <= set(report)
