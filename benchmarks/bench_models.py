@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import torchmesa
 from torchmesa.demo import TinyViT
 
 
@@ -50,34 +49,24 @@ class Decoder(nn.Module):
 
 
 class CheckpointedSequential(nn.Sequential):
-    """Runs each child checkpointed while training: under non-reentrant
-    ``torch.utils.checkpoint`` (``kind="torch"``) or ``torchmesa.checkpoint``.
+    """Runs each child under non-reentrant ``torch.utils.checkpoint`` while training.
 
-    ``held_bytes`` is what ``torch.utils.checkpoint`` keeps for backward in the last
-    forward: each block's input, which saved-tensor accounting (``torchmesa.track``) cannot
-    see. ``torchmesa.checkpoint`` keeps its inputs as saved tensors, which ``track`` counts.
+    Checkpoint keeps each block's input through ``save_for_backward``, so saved-tensor
+    accounting (``torchmesa.track``) counts it, and a compressed model stores it compressed.
     """
 
-    held_bytes = 0
-    kind = "torch"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.held_bytes = 0
         for block in self:
-            if not (self.training and torch.is_grad_enabled()):
-                x = block(x)
-            elif self.kind == "torchmesa":
-                x = torchmesa.checkpoint(block, x)
-            else:
-                self.held_bytes += x.untyped_storage().nbytes()
+            if self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
 
-def checkpoint_blocks(model: nn.Module, kind: str = "torch") -> nn.Module:
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
     """Swap the model's ``blocks`` for a checkpointed copy holding the same modules."""
     model.blocks = CheckpointedSequential(*model.blocks)
-    model.blocks.kind = kind
     return model
 
 

@@ -72,18 +72,27 @@ def test_rule1_checkpoint_recompute_is_left_alone():
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_checkpoint_inside_compressed_model_is_correct():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_inside_compressed_model_is_correct(reentrant):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
+            self.pre = nn.Linear(64, 64)
             self.a = nn.Sequential(nn.Linear(64, 128), nn.GELU())
             self.b = nn.Linear(128, 64)
 
         def forward(self, x):
-            return self.b(checkpoint(self.a, x, use_reentrant=False))
+            return self.b(checkpoint(self.a, self.pre(x), use_reentrant=reentrant))
 
     res = compare(Net(), lambda m: (lambda y: (y, y.square().mean()))(m(torch.randn(32, 64))))
     assert res.forward_equal and res.min_cosine > 0.9999
+    model = torchmesa.compress(Net())
+    with torchmesa.track() as t:
+        model(torch.randn(32, 64)).sum().backward()
+    # either checkpoint keeps the block's input with save_for_backward, so torchmesa
+    # compresses it, and backward recomputes the block from the dequantized copy
+    assert t.compressed_tensors == 3 and "" not in t.by_module
+    assert t.by_module["Net"].tensors == 1 and t.held_bytes == 0
 
 
 def test_rule3_parameters_and_amp_copies_are_not_quantized():

@@ -6,7 +6,6 @@ rest, running EMA estimates), dequantized when backward needs it.
 """
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
-from torchmesa.checkpoint import checkpoint
 from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.planner import Plan, plan
 from torchmesa.policy import ClassNamed, Policy, Rule
@@ -25,7 +24,6 @@ __all__ = [
     "Policy",
     "Rule",
     "Tracker",
-    "checkpoint",
     "clip_stats",
     "compress",
     "decompress",
