@@ -37,13 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_models import Decoder  # noqa: E402
-
-import torchmesa  # noqa: E402
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text  # noqa: E402
-from torchmesa.demo import TinyViT, load_digits  # noqa: E402
+import torchmesa
+from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
+from torchmesa.demo import load_digits
+from torchmesa.models import Decoder, TinyViT
 
 SETTINGS: dict[str, torchmesa.Config | None] = {
     "exact": None,

@@ -31,14 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_models import Decoder  # noqa: E402
-
-import torchmesa  # noqa: E402
-from torchmesa import quant  # noqa: E402
-from torchmesa.api import engine_of  # noqa: E402
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text  # noqa: E402
+import torchmesa
+from torchmesa import quant
+from torchmesa.api import engine_of
+from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
+from torchmesa.models import Decoder
 
 # Same reason as in bench.py: with glibc's moving mmap threshold, freed activations stay in
 # the heap and the resident set measures fragmentation instead of memory in use.

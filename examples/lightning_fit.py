@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import torchmesa
-from torchmesa.demo import TinyViT, load_digits
+from torchmesa.demo import load_digits
+from torchmesa.models import TinyViT
 
 
 class DigitsViT(pl.LightningModule):

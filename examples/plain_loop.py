@@ -7,18 +7,13 @@ standard library's own source, with its activations stored in 8 bits.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_models import Decoder  # noqa: E402
-
-import torchmesa  # noqa: E402
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text  # noqa: E402
+import torchmesa
+from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
+from torchmesa.models import Decoder
 
 
 def main() -> None:

@@ -23,69 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchmesa
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention on ``F.scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, C/H)
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer block."""
-
-    def __init__(self, dim: int, heads: int, mlp: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, dim)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyViT(nn.Module):
-    """A Vision Transformer for small single-channel images (8x8 digits by default)."""
-
-    def __init__(
-        self,
-        image: int = 8,
-        patch: int = 2,
-        channels: int = 1,
-        classes: int = 10,
-        dim: int = 64,
-        depth: int = 4,
-        heads: int = 4,
-        mlp: int = 128,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(channels, dim, patch, stride=patch)
-        tokens = (image // patch) ** 2
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp, dropout) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, dim)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
-        return self.head(self.norm(self.blocks(x))[:, 0])
+from torchmesa.models import TinyViT
 
 
 def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -37,11 +37,10 @@ def test_bench_smoke(tmp_path):
 
 
 def test_decoder_spec_trains_compressed_and_checkpointed():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-    from bench_models import SPECS, CheckpointedSequential, checkpoint_blocks
 
     import torchmesa
+    from torchmesa.models import SPECS, CheckpointedSequential, checkpoint_blocks
 
     spec = SPECS["tiny-decoder"]
     torch.manual_seed(0)
