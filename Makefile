@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m torchmesa.demo
+	$(BIN)/torchmesa demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

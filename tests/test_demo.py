@@ -12,7 +12,9 @@ from torchmesa import demo  # noqa: E402
 @pytest.mark.slow
 def test_short_run_learns_and_compresses(tmp_path, report):
     out = tmp_path / "demo.json"
-    demo.main(["--epochs", "8", "--json", str(out)])
+    with pytest.raises(SystemExit) as done:  # python -m torchmesa.demo: the CLI's demo
+        demo.main(["--epochs", "8", "--json", str(out), "--plot", "none", "--no-progress"])
+    assert done.value.code == 0
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"exact", "torchmesa"}
     for name, r in result["results"].items():
@@ -32,9 +34,10 @@ def test_short_run_learns_and_compresses(tmp_path, report):
 
 
 def test_bad_arguments_are_refused(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as done:
         demo.main(["--epochs", "0"])
-    assert "--epochs and --batch-size must be at least 1" in capsys.readouterr().err
+    assert done.value.code == 1
+    assert "--epochs, --steps and --batch-size must be at least 1" in capsys.readouterr().err
 
 
 def test_digits_split_is_fixed():

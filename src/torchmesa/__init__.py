@@ -9,6 +9,7 @@ from torchmesa.api import clip_stats, compress, decompress, is_compressed
 from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.planner import Plan, plan
 from torchmesa.policy import ClassNamed, Policy, Rule
+from torchmesa.report import Report, report
 from torchmesa.track import Tracker, track
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "PerToken",
     "Plan",
     "Policy",
+    "Report",
     "Rule",
     "Tracker",
     "clip_stats",
@@ -29,6 +31,7 @@ __all__ = [
     "decompress",
     "is_compressed",
     "plan",
+    "report",
     "track",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from torch import nn
 from torchmesa.api import compress, decompress, is_compressed
 from torchmesa.config import Config
 from torchmesa.policy import Policy, Rule
+from torchmesa.report import call_with
 from torchmesa.track import track
 
 WIDTHS = (8, 4, 2)
@@ -177,7 +178,7 @@ def _runner(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Callable:
         try:
             torch.manual_seed(0)
             with track() as t:
-                out = _call(model, batch)
+                out = call_with(model, batch)
             loss = _loss(out, loss_fn)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
@@ -190,14 +191,6 @@ def _runner(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Callable:
         return sizes, list(grads)
 
     return run
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:

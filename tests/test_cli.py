@@ -1,0 +1,122 @@
+"""The real `torchmesa` console script, in a subprocess: profile, demo and bench; JSON with
+the documented keys, PNGs that open at the expected size, errors a person can act on."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchmesa.report import JSON_KEYS, MODULE_KEYS
+
+PIL = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+SCRIPT = shutil.which("torchmesa", path=str(Path(sys.executable).parent))
+
+
+def cli(*args, cwd=None, timeout=300):
+    assert SCRIPT, "the torchmesa console script is not installed next to this Python"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_profile_json_has_the_documented_keys():
+    done = cli("profile", "tiny-vit", "--batch-size", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert tuple(report) == JSON_KEYS
+    assert all(tuple(m) == MODULE_KEYS for m in report["modules"])
+    assert report["exact_bytes"] == sum(m["exact_bytes"] for m in report["modules"])
+    assert report["stored_bytes"] == sum(m["stored_bytes"] for m in report["modules"])
+    assert abs(sum(m["share"] for m in report["modules"]) - 1) < 1e-9
+    assert report["ratio"] > 3 and report["batch"] == {"input": [2, 3, 32, 32]}
+
+
+def test_profile_table_and_plot(tmp_path):
+    png = tmp_path / "profile.png"
+    done = cli("profile", "tiny-vit", "--batch-size", "2", "--limit", "5", "--plot", str(png))
+    assert done.returncode == 0, done.stderr
+    assert "exact MiB" in done.stdout and "more modules)" in done.stdout
+    assert "x smaller)" in done.stdout and f"wrote {png}" in done.stdout
+    with PIL.open(png) as image:
+        image.verify()
+    import torch
+
+    import torchmesa
+    from torchmesa.models import SPECS
+
+    torch.manual_seed(0)
+    rows = len(torchmesa.report(SPECS["tiny-vit"].build(), torch.randn(2, 3, 32, 32)).modules)
+    with PIL.open(png) as image:  # one bar pair per module, up to 20
+        assert image.format == "PNG"
+        assert image.size == (1000, int((1.5 + 0.32 * min(rows, 20)) * 100))
+
+
+def test_unknown_model_lists_the_known_ones():
+    done = cli("profile", "gpt-5")
+    assert done.returncode == 1
+    assert "unknown model 'gpt-5'; known: vit-digits, deit-ti" in done.stderr
+    assert "gpt2, bert, vit" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_failing_factory_shows_its_own_traceback_once(tmp_path):
+    (tmp_path / "zoo.py").write_text(
+        "import torch\n"
+        "def broken():\n    return helper()\n"
+        "def helper():\n    raise ValueError('no such layer size')\n"
+        "def plain():\n    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU())\n"
+    )
+    done = cli("profile", "zoo:broken", cwd=tmp_path)
+    assert done.returncode == 1
+    err = done.stderr
+    assert "the factory 'zoo:broken' raised" in err and "ValueError: no such layer size" in err
+    assert err.count("ValueError: no such layer size") == 1
+    assert 'zoo.py", line 5, in helper' in err
+    assert "cli.py" not in err and "Traceback" not in err
+    done = cli("profile", "zoo:plain", cwd=tmp_path)
+    assert done.returncode == 1 and "pass --input-shape" in done.stderr
+    done = cli("profile", "zoo:plain", "--input-shape", "64,16", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "x smaller)" in done.stdout
+
+
+def test_a_batch_too_large_for_memory_says_which_flag_helps():
+    done = cli("profile", "vit-digits", "--batch-size", str(10**12))
+    assert done.returncode == 1
+    assert "does not fit in memory" in done.stderr and "--batch-size (now" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,args", [("vision", ["--epochs", "1"]), ("text", ["--steps", "12"])])
+def test_demo_writes_a_table_a_plot_and_json(tmp_path, task, args):
+    png, out = tmp_path / "demo.png", tmp_path / "demo.json"
+    done = cli(
+        "demo", "--task", task, *args, "--plot", str(png), "--json", str(out), "--no-progress"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "saved activations / step" in done.stdout and f"wrote {png}" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["task"] == task and report["saved_ratio"] > 2.5
+    assert len(report["curves"]["exact"]) == len(report["curves"]["torchmesa"]) > 0
+    with PIL.open(png) as image:
+        assert image.format == "PNG" and image.size == (1100, 400)
+
+
+def test_demo_refuses_bad_arguments():
+    done = cli("demo", "--epochs", "0")
+    assert done.returncode == 1 and "--epochs, --steps and --batch-size" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_runs_the_suite(tmp_path):
+    out = tmp_path / "bench.json"
+    done = cli("bench", "--out", str(out), "--", "--models", "tiny-vit", "--batch", "4",
+               "--warmup", "0", "--steps", "1", timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "max batch" in done.stdout
+    assert len(json.loads(out.read_text())["rows"]) == 5
