@@ -62,21 +62,21 @@ class Report:
 
     def table(self, limit: int | None = 25) -> str:
         """The modules, largest first (the first ``limit``, the rest summed), and totals."""
-        width = max([len("module")] + [len(r.module) for r in self.modules[:limit]])
+        shown = self.modules if limit is None else self.modules[:limit]
+        rest = self.modules[len(shown) :]
+        label = f"({len(rest)} more modules)"
+        width = max([len("module"), len(label) if rest else 0] + [len(r.module) for r in shown])
         head = f"{'module':<{width}}  {'exact MiB':>10}  {'stored MiB':>10}  {'share':>6}  bits"
         lines = [head, "-" * len(head)]
-        shown = self.modules if limit is None else self.modules[:limit]
         for r in shown:
             bits = "exact" if r.bits is None else str(r.bits)
             lines.append(
                 f"{r.module:<{width}}  {r.exact_bytes / 2**20:>10.2f}  "
                 f"{r.stored_bytes / 2**20:>10.2f}  {r.share:>6.1%}  {bits}"
             )
-        rest = self.modules[len(shown) :]
         if rest:
             exact, stored = sum(r.exact_bytes for r in rest), sum(r.stored_bytes for r in rest)
             share = sum(r.share for r in rest)
-            label = f"({len(rest)} more modules)"
             lines.append(
                 f"{label:<{width}}  {exact / 2**20:>10.2f}  {stored / 2**20:>10.2f}  {share:>6.1%}"
             )
