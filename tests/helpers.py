@@ -134,3 +134,14 @@ def compare(
         stored_bytes=tracker.stored_bytes,
         held_after_backward=tracker.held_bytes,
     )
+
+
+class Lambda(nn.Module):
+    """A module around a function, so that plain functions run inside a compressed tree."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Lambda
 from torch import nn
 
 import torchmesa
@@ -68,12 +69,3 @@ def test_unpacked_dtypes_are_those_saved_under_fp16():
             out = net(torch.randn(64, 32))
     out.float().sum().backward()
     assert seen == [torch.float16] and t.compressed_tensors >= 2
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)

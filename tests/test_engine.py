@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compare, grad_cosines
+from helpers import Lambda, compare, grad_cosines
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -14,15 +14,6 @@ import torchmesa
 from torchmesa import Config
 from torchmesa.api import engine_of
 from torchmesa.quant import GroupLayout
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def tracked(model, *inputs):

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import grad_cosines
+from helpers import Lambda, grad_cosines
 from torch import nn
 
 import torchmesa
@@ -18,15 +18,6 @@ from torchmesa import Config, quant
 from torchmesa.api import engine_of
 
 RECORDS = (quant.QuantizedTensor, quant.QuantizedView, quant.PackedMask)
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def mlp():
