@@ -88,6 +88,7 @@ def test_submodule_compression_touches_only_that_module():
 
 
 def test_two_models_do_not_share_state():
-    a, b = torchmesa.compress(mlp()), torchmesa.compress(mlp())
+    ema = torchmesa.Config(estimator="ema")
+    a, b = torchmesa.compress(mlp(), ema), torchmesa.compress(mlp(), ema)
     a(torch.randn(64, 32)).sum().backward()
     assert torchmesa.clip_stats(a) and not torchmesa.clip_stats(b)

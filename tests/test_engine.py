@@ -207,7 +207,9 @@ def test_rule9_estimates_do_not_join_the_graph():
 
 
 def test_sites_are_stable_across_steps_and_ema_moves():
-    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)))
+    model = torchmesa.compress(
+        nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)), Config(estimator="ema")
+    )
     engine = engine_of(model)
     model(torch.randn(32, 64)).sum().backward()
     first = {s: engine.estimator.state(s)[1].clone() for s in engine.estimator._sites}
@@ -222,7 +224,9 @@ def test_sites_are_stable_across_steps_and_ema_moves():
 
 def test_shared_module_gets_one_site_per_call():
     act = nn.GELU()
-    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), act, nn.Linear(64, 64), act))
+    model = torchmesa.compress(
+        nn.Sequential(nn.Linear(64, 64), act, nn.Linear(64, 64), act), Config(estimator="ema")
+    )
     model(torch.randn(32, 64)).sum().backward()
     sites = set(engine_of(model).estimator._sites)
     assert ("1", 0, 0) in sites and ("1", 1, 0) in sites
@@ -429,7 +433,9 @@ def test_two_forwards_then_one_backward():
 def test_ema_lags_a_jump_in_scale_and_counts_the_clipping():
     # Mesa's running range moves by 1 - λ per batch: a batch at twice the scale of the
     # previous one is clamped to the lagging range, and clip_stats reports it
-    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8)))
+    model = torchmesa.compress(
+        nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8)), Config(estimator="ema")
+    )
     model(torch.randn(256, 64)).sum().backward()
     assert sum(s.groups_clipped for s in torchmesa.clip_stats(model).values()) == 0
     model(torch.randn(256, 64) * 2).sum().backward()
@@ -493,7 +499,7 @@ def test_a_child_called_directly_is_compressed_too():
     """Lightning's training_step calls self.net(x), never the compressed module itself."""
     outer = nn.Module()
     outer.net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
-    torchmesa.compress(outer)
+    torchmesa.compress(outer, Config(estimator="ema"))
     t, out = tracked(outer.net, torch.randn(32, 64))
     out.sum().backward()
     assert t.compressed_tensors == 3 and t.held_bytes == 0

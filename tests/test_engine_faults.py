@@ -59,7 +59,7 @@ class MaybeRaise(nn.Module):
 
 
 def test_a_forward_that_raises_leaves_every_estimate_as_it_was():
-    model = torchmesa.compress(MaybeRaise())
+    model = torchmesa.compress(MaybeRaise(), Config(estimator="ema"))
     engine = engine_of(model)
     step(model, torch.randn(32, 64))
     before = dict(engine.estimator._sites)
@@ -124,7 +124,7 @@ def test_retain_graph_keeps_records_until_the_graph_goes():
 
 
 def test_decompress_then_compress_again_starts_fresh():
-    model = torchmesa.compress(mlp())
+    model = torchmesa.compress(mlp(), Config(estimator="ema"))
     step(model, torch.randn(32, 64))
     assert torchmesa.clip_stats(model)
     torchmesa.decompress(model)
@@ -329,7 +329,7 @@ class Block(nn.Module):
 @pytest.mark.slow
 def test_a_thousand_steps_hold_nothing_more_than_the_first():
     torch.manual_seed(0)
-    model = torchmesa.compress(nn.Sequential(Block(), Block()))
+    model = torchmesa.compress(nn.Sequential(Block(), Block()), Config(estimator="ema"))
     engine = engine_of(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     marks = {}

@@ -11,6 +11,8 @@ from torchmesa import Config
 from torchmesa.api import engine_of
 from torchmesa.policy import MesaPolicyError, from_mesa_file
 
+MESA = Config(estimator="ema")  # Mesa's files mean Mesa's running ranges
+
 # the example from Mesa's README, comments and all
 MESA_README = """\
 on gelu: # layer tag, choices: fc, conv, gelu, bn, relu, softmax, matmul, layernorm
@@ -41,7 +43,7 @@ def test_mesa_readme_example(tmp_path):
     model = torchmesa.compress(mlp(), from_mesa_file(write(tmp_path, MESA_README)))
     settings = engine_of(model).settings
     gelus = [settings[str(i)] for i in (1, 3, 5, 7)]
-    assert gelus == [Config(), None, None, Config()]
+    assert gelus == [MESA, None, None, MESA]
     assert all(settings[str(i)] is None for i in (0, 2, 4, 6))  # no 'on fc': exact, as in Mesa
     assert settings[""] is None
     with torchmesa.track() as t:
@@ -53,8 +55,10 @@ def test_levels_and_decays_become_bits_and_decays(tmp_path):
     text = "on fc:\n  by_index: all\n  enable: true\n  level: 16\n  ema_decay: 0.5\n"
     text += "  by_index: 0\n  level: 4\n"
     settings = engine_of(torchmesa.compress(mlp(2), from_mesa_file(write(tmp_path, text))))
-    assert settings.settings["0"] == Config(bits=2, ema_decay=0.5)  # later block overrides
-    assert settings.settings["2"] == Config(bits=4, ema_decay=0.5)
+    assert settings.settings["0"] == Config(
+        bits=2, estimator="ema", ema_decay=0.5
+    )  # later block overrides
+    assert settings.settings["2"] == Config(bits=4, estimator="ema", ema_decay=0.5)
 
 
 @pytest.mark.slow
@@ -66,11 +70,11 @@ def test_a_full_mesa_file_on_hugging_face_gpt2(tmp_path):
     model, run = hf_model("gpt2", "sdpa")
     torchmesa.compress(model, from_mesa_file(write(tmp_path, text)))
     settings = engine_of(model).settings
-    assert settings["transformer.h.0.attn"] == Config()  # matmul / softmax
-    assert settings["transformer.h.0.attn.c_attn"] == Config()  # fc: transformers' Conv1D
-    assert settings["transformer.h.0.mlp.act"] == Config()  # gelu: NewGELUActivation
-    assert settings["transformer.h.0.ln_1"] == Config()
-    assert settings["transformer.h.0.attn.attn_dropout"] == Config()  # inside attention
+    assert settings["transformer.h.0.attn"] == MESA  # matmul / softmax
+    assert settings["transformer.h.0.attn.c_attn"] == MESA  # fc: transformers' Conv1D
+    assert settings["transformer.h.0.mlp.act"] == MESA  # gelu: NewGELUActivation
+    assert settings["transformer.h.0.ln_1"] == MESA
+    assert settings["transformer.h.0.attn.attn_dropout"] == MESA  # inside attention
     assert settings["transformer.wte"] is None  # embeddings: no tag, exact
     with torchmesa.track() as t:
         _, loss = run(model)

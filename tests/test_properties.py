@@ -121,7 +121,8 @@ def test_random_models_train_like_exact(model, rows, seed):
 
 def test_nothing_compressed_outlives_its_step():
     model = torchmesa.compress(
-        nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Dropout(0.1), nn.Linear(128, 32))
+        nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Dropout(0.1), nn.Linear(128, 32)),
+        torchmesa.Config(estimator="ema"),
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(200):

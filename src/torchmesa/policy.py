@@ -348,8 +348,10 @@ def _mesa_rules(blocks: list[dict], origin: str, match: Match) -> list[Rule]:
             break
         config = None
         if merged.get("enable", False):
-            config = Config(
-                bits=_MESA_LEVELS[merged.get("level", 256)], ema_decay=merged.get("ema_decay", 0.9)
+            config = Config(  # Mesa's running ranges, as the file's ema_decay implies
+                bits=_MESA_LEVELS[merged.get("level", 256)],
+                estimator="ema",
+                ema_decay=merged.get("ema_decay", 0.9),
             )
         rules.append(Rule(match, config, index=index, origin=origin))
     return rules
