@@ -33,7 +33,7 @@ from torchmesa.models import SPECS, Spec, checkpoint_blocks
 
 CONFIGS = {  # name: (checkpoint each block, compression)
     "exact": (False, None),
-    "torchmesa-ema": (False, torchmesa.Config()),
+    "torchmesa-ema": (False, torchmesa.Config(estimator="ema")),
     "torchmesa-dynamic": (False, torchmesa.Config(estimator="dynamic")),
     "checkpoint": (True, None),
     "checkpoint+torchmesa": (True, torchmesa.Config()),
