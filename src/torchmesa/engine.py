@@ -59,7 +59,7 @@ from torchmesa import quant
 from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerHead
 from torchmesa.estimator import DynamicRange, EMARange, Site
 from torchmesa.policy import Policy
-from torchmesa.tensors import is_parameter_like, storage_nbytes, storage_ptr
+from torchmesa.tensors import is_dense, is_parameter_like, storage_nbytes, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
 _METADATA_BYTES_PER_GROUP = 8
@@ -107,23 +107,13 @@ class _Forward:
         return None
 
     def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor) -> None:
-        if _is_dense(t):
+        if is_dense(t):
             self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
 
     def next_site(self) -> Site:
         frame = self.frames[-1]
         frame[2] += 1
         return (frame[0], frame[1], frame[2] - 1)
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """True if ``t``'s elements fill one contiguous stretch of storage (any dim order)."""
-    expected = 1
-    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class _Hook:
@@ -397,7 +387,17 @@ class Engine:
         forward: _Forward,
         config: Config,
     ) -> quant.QuantizedTensor | torch.Tensor:
-        lo, hi = quant.group_minmax(t, layout)
+        stochastic = config.rounding == "stochastic"
+        generator = self._generator(t.device, config.seed) if stochastic else None
+        prior = None
+        if config.estimator == "delayed" and layout.kind != "rows":
+            prior = self.estimator.prior(site, (layout.num_groups,), t.device, forward.staged)
+        if prior is not None:  # delayed scaling: quantize and measure in one pass
+            q, lo, hi = quant.quantize_delayed(
+                t, layout, *prior, bits=config.bits, rounding=config.rounding, generator=generator
+            )
+        else:
+            lo, hi = quant.group_minmax(t, layout)
         if config.check_finite and not bool(torch.isfinite(hi - lo).all()):
             module = site[0] or self._root_label
             raise FloatingPointError(
@@ -412,11 +412,14 @@ class Engine:
                 "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
             )
             return _compact(t)
-        running = layout.kind != "rows" and config.estimator == "ema"
+        running = layout.kind != "rows" and config.estimator != "dynamic"
         estimator = self.estimator if running else _BATCH_RANGE
-        shift, rng = estimator.ranges(site, lo, hi, forward.staged, config.ema_decay)
-        stochastic = config.rounding == "stochastic"
-        generator = self._generator(t.device, config.seed) if stochastic else None
+        shift, rng = estimator.ranges(
+            site, lo, hi, forward.staged, config.ema_decay, quantized_with=prior
+        )
+        if prior is not None:  # a group this batch filled with NaN/Inf dequantizes to NaN
+            q.scale = q.scale.masked_fill(torch.isnan(rng), torch.nan)
+            return q
         return quant.quantize(
             t, layout, shift, rng, bits=config.bits, rounding=config.rounding, generator=generator
         )

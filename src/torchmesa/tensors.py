@@ -32,6 +32,16 @@ _VIEW_OR_CAST_NODES = frozenset(
 _MAX_CHAIN = 4
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """True if ``t``'s elements fill one contiguous stretch of storage (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def storage_ptr(t: torch.Tensor) -> int:
     """Address of ``t``'s storage (0 for tensors without one)."""
     try:

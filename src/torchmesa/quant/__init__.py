@@ -1,9 +1,10 @@
 """The numeric core's one entry point for the engine: quantize, dequantize, pack masks.
 
 Each call dispatches to an implementation: CUDA tensors with nearest rounding use the fused
-Triton kernels of :mod:`torchmesa.quant.triton` when Triton is installed; everything else
-uses the eager reference in :mod:`torchmesa.quant.reference`, which is also the oracle the
-kernels are tested against. The records returned here are what autograd holds between
+Triton kernels of :mod:`torchmesa.quant.triton` when Triton is installed; dense CPU tensors
+use the fused C kernels of :mod:`torchmesa.quant.cpu`; everything else uses the eager
+reference in :mod:`torchmesa.quant.reference`, which is also the oracle every fast path is
+tested against. The records returned here are what autograd holds between
 forward and backward.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from torchmesa.quant import cpu
+from torchmesa.quant import reference as ref
 from torchmesa.quant import triton as kernels
 from torchmesa.quant.reference import (
     FLOAT_DTYPES,
     GroupLayout,
     dequantize_codes,
-    group_minmax,
     pack_bits,
     quantize_codes,
     scale_of,
@@ -37,6 +39,7 @@ __all__ = [
     "pack_two_level",
     "two_level_value",
     "quantize",
+    "quantize_delayed",
     "unpack_mask",
 ]
 
@@ -138,24 +141,76 @@ def quantize(
 
     A NaN in ``rng`` marks a group that cannot be represented: it dequantizes to NaN.
     """
+    return _quantize(x, layout, shift, rng, bits, rounding, generator, stats=False)[0]
+
+
+def quantize_delayed(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    rng: torch.Tensor,
+    *,
+    bits: int,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
+    """Delayed scaling: quantize ``x`` with ranges known before the batch and return the
+    batch's own per-group min and max beside it, in one pass where a fused path serves."""
+    q, lo, hi = _quantize(x, layout, shift, rng, bits, rounding, generator, stats=True)
+    assert lo is not None and hi is not None
+    return q, lo, hi
+
+
+def _quantize(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    rng: torch.Tensor,
+    bits: int,
+    rounding: str,
+    generator: torch.Generator | None,
+    stats: bool,
+) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
     if bits not in BITS:
         raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
     scale = scale_of(rng, bits)
+    lo = hi = None
+    if cpu.supports(x, layout, bits):
+        seed = None
+        if rounding == "stochastic":  # the kernel's noise stream, seeded from ours
+            seed = int(torch.randint(0, 1 << 32, (), generator=generator))
+        if stats:
+            codes, lo, hi = cpu.quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
+        else:
+            codes = cpu.quantize_codes(x, layout, shift, scale, bits, seed)
+        return QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
+    if stats:
+        lo, hi = group_minmax(x, layout)
     if rounding == "nearest" and _fused(x):
         codes = kernels.quantize_codes(x, layout, shift, scale, bits)
     else:
         codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
     if bits == 8:
-        return QuantizedTensor(codes, shift, scale, layout, x.dtype)
-    return QuantizedTensor(pack_bits(codes, bits), shift, scale, layout, x.dtype, bits, x.shape)
+        return QuantizedTensor(codes, shift, scale, layout, x.dtype), lo, hi
+    packed = pack_bits(codes, bits)
+    return QuantizedTensor(packed, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
+    if cpu.supports_codes(q.codes, q.layout, q.bits):
+        return cpu.dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
     codes = q.unpacked_codes()
     if _fused(codes):
         return kernels.dequantize_codes(codes, q.layout, q.shift, q.scale, q.dtype)
     return dequantize_codes(codes, q.layout, q.shift, q.scale, q.dtype)
+
+
+def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group minimum and maximum of ``x`` as fp32 ``(G,)`` (see the reference)."""
+    if cpu.supports(x, layout, 8):
+        return cpu.group_minmax(x, layout)
+    return ref.group_minmax(x, layout)
 
 
 def _fused(t: torch.Tensor) -> bool:

@@ -1,0 +1,141 @@
+"""Kernel throughput: quantize (group statistics + codes) and dequantize, against a plain
+copy of the same tensor, for the reference and the fused path of the device.
+
+The floor (DESIGN.md): quantize reads the activation and writes one byte per element,
+dequantize the reverse, so each should cost about what a copy costs. Target: within 2x.
+
+    python benchmarks/kernels.py                 # CPU: reference vs fused C kernels
+    python benchmarks/kernels.py --device cuda   # GPU: reference vs Triton kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from torchmesa import quant
+from torchmesa.config import PerChannelGroup, PerHead, PerToken
+from torchmesa.quant import cpu, reference
+
+# DeiT-S activations at batch 8: an MLP hidden state, attention probabilities, a norm input
+SHAPES = {
+    "mlp (8, 197, 1536) per channel": ((8, 197, 1536), PerChannelGroup(group_size=1)),
+    "attn (8, 6, 197, 197) per head": ((8, 6, 197, 197), PerHead()),
+    "norm (8, 197, 384) per token": ((8, 197, 384), PerToken()),
+}
+TARGET = 2.0
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after two warm-ups."""
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reference_quantize(x, layout):
+    lo, hi = reference.group_minmax(x, layout)
+    scale = reference.scale_of(hi - lo, 8)
+    return reference.quantize_codes(x, layout, lo, scale, 8), lo, scale
+
+
+def fused_quantize(x, layout):
+    lo, hi = quant.group_minmax(x, layout)
+    return quant.quantize(x, layout, lo, hi - lo, bits=8)
+
+
+def measure(device: str, repeats: int) -> list[dict]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (shape, granularity) in SHAPES.items():
+            x = torch.randn(shape, device=device).to(dtype)
+            layout = reference.GroupLayout.of(x.shape, granularity)
+            codes, lo, scale = reference_quantize(x, layout)
+            q = fused_quantize(x, layout)
+            copy = timed(lambda: x.clone(), device, repeats)
+            row = {
+                "tensor": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "mbytes": x.numel() * x.element_size() / 2**20,
+                "copy_ms": copy * 1e3,
+                "ref_quantize_vs_copy": timed(
+                    lambda: reference_quantize(x, layout), device, repeats
+                )
+                / copy,
+                "ref_dequantize_vs_copy": timed(
+                    lambda: reference.dequantize_codes(codes, layout, lo, scale, dtype),
+                    device,
+                    repeats,
+                )
+                / copy,
+                "fused_quantize_vs_copy": timed(lambda: fused_quantize(x, layout), device, repeats)
+                / copy,
+                "fused_dequantize_vs_copy": timed(lambda: quant.dequantize(q), device, repeats)
+                / copy,
+            }
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'tensor':34} {'dtype':9} {'MiB':>6} {'copy ms':>8}  {'quantize / copy':>20}  "
+    head += f"{'dequantize / copy':>20}"
+    lines = [head, f"{'':60}{'reference':>10} {'fused':>7}  {'reference':>12} {'fused':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r['tensor']:34} {r['dtype']:9} {r['mbytes']:6.1f} {r['copy_ms']:8.2f}  "
+            f"{r['ref_quantize_vs_copy']:12.2f} {r['fused_quantize_vs_copy']:7.2f}  "
+            f"{r['ref_dequantize_vs_copy']:12.2f} {r['fused_dequantize_vs_copy']:7.2f}"
+        )
+    worst = max(max(r["fused_quantize_vs_copy"], r["fused_dequantize_vs_copy"]) for r in rows)
+    verdict = "met" if worst <= TARGET else "missed"
+    lines.append(f"worst fused / copy: {worst:.2f}x (target <= {TARGET}x: {verdict})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args()
+    fused = "C kernels" if args.device == "cpu" and cpu.available() else "Triton"
+    if args.device == "cpu" and not cpu.available():
+        fused = "none (reference)"
+    rows = measure(args.device, args.repeats)
+    print(table(rows))
+    out = args.out or Path(__file__).parent / "results" / f"kernels-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{args.device} ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "command": f"benchmarks/kernels.py --device {args.device}",
+        "fused_path": fused,
+        "cpu_kernel_build_seconds": cpu.BUILD_SECONDS,
+        "definitions": "quantize: group min/max + codes; dequantize: codes to the saved dtype; "
+        "each a median over repeats, as a ratio to x.clone() of the same tensor",
+        "target": f"fused quantize and dequantize each <= {TARGET}x a copy",
+        "rows": rows,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+/* Fused CPU kernels for torchmesa's quantizer: one read of the activation for its group
+ * statistics, one read plus one byte (or less) written per element to quantize, and the
+ * reverse to dequantize. Built on first use by torchmesa/quant/cpu.py and called through
+ * ctypes with raw pointers; every function is tested against quant/reference.py.
+ *
+ * Codes are dense; the input is read either dense in memory order or through a strided
+ * view (view_t) in the codes' order, so slices such as q, k, v cut from one projection are
+ * served without a copy. Element i belongs to "mid" index
+ *     m = (i / inner) % mid
+ * and the caller gives one shift / reciprocal step per m (a head, a channel, a row or the
+ * whole tensor), so the inner loops see either a constant (inner > 1) or a contiguous
+ * array of parameters (inner == 1) and vectorize.
+ *
+ * Numerics match the reference bit for bit: fp32 arithmetic, (x - shift) * inv rounded
+ * half to even, clamp to [0, levels], zero kept distinct in zero-minimum groups, and
+ * code * scale + shift with one rounding (fmaf, as torch.addcmul computes it). Built with
+ * -ffp-contract=off so that no other expression is contracted.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+#define BLOCK 4096 /* elements per work unit; a multiple of every codes-per-byte */
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch writes it */
+    u += 0x7fffu + ((u >> 16) & 1u);                     /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* Load n elements of dtype from x (element offset i0) into fp32 buf. */
+static inline void load(const void *x, int dtype, int64_t i0, int64_t n, float *buf) {
+    if (dtype == F32) {
+        memcpy(buf, (const float *)x + i0, (size_t)n * 4);
+    } else if (dtype == BF16) {
+        const uint16_t *p = (const uint16_t *)x + i0;
+        for (int64_t k = 0; k < n; k++) buf[k] = bf16_to_f32(p[k]);
+    } else {
+        const _Float16 *p = (const _Float16 *)x + i0;
+        for (int64_t k = 0; k < n; k++) buf[k] = (float)p[k];
+    }
+}
+
+static inline void store(void *out, int dtype, int64_t i0, int64_t n, const float *buf) {
+    if (dtype == F32) {
+        memcpy((float *)out + i0, buf, (size_t)n * 4);
+    } else if (dtype == BF16) {
+        uint16_t *p = (uint16_t *)out + i0;
+        for (int64_t k = 0; k < n; k++) p[k] = f32_to_bf16(buf[k]);
+    } else {
+        _Float16 *p = (_Float16 *)out + i0;
+        for (int64_t k = 0; k < n; k++) p[k] = (_Float16)buf[k];
+    }
+}
+
+/* A strided view read in the order of its dims (outermost first): sizes sz, element
+ * strides st, nd of them. The caller passes nd == 0 for dense data read in memory order. */
+typedef struct {
+    int nd;
+    const int64_t *sz, *st;
+} view_t;
+
+#define MAX_DIMS 8
+
+static inline void load_run(const void *x, int dtype, int64_t off, int64_t s, int64_t n,
+                            float *buf) {
+    if (dtype == F32) {
+        const float *p = (const float *)x + off;
+        for (int64_t j = 0; j < n; j++) buf[j] = p[j * s];
+    } else if (dtype == BF16) {
+        const uint16_t *p = (const uint16_t *)x + off;
+        for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_f32(p[j * s]);
+    } else {
+        const _Float16 *p = (const _Float16 *)x + off;
+        for (int64_t j = 0; j < n; j++) buf[j] = (float)p[j * s];
+    }
+}
+
+/* Elements [i0, i0 + n) of x in the view's order, as fp32. */
+static inline void load_view(const void *x, int dtype, view_t v, int64_t i0, int64_t n,
+                             float *buf) {
+    if (v.nd == 0) {
+        load(x, dtype, i0, n, buf);
+        return;
+    }
+    int64_t idx[MAX_DIMS], r = i0;
+    for (int d = v.nd - 1; d >= 0; d--) {
+        idx[d] = r % v.sz[d];
+        r /= v.sz[d];
+    }
+    int last = v.nd - 1;
+    for (int64_t k = 0; k < n;) {
+        int64_t off = 0;
+        for (int d = 0; d < v.nd; d++) off += idx[d] * v.st[d];
+        int64_t run = v.sz[last] - idx[last];
+        run = run < n - k ? run : n - k;
+        load_run(x, dtype, off, v.st[last], run, buf + k);
+        k += run;
+        idx[last] += run;
+        for (int d = last; d > 0 && idx[d] >= v.sz[d]; d--) {
+            idx[d] = 0;
+            idx[d - 1]++;
+        }
+    }
+}
+
+/* min / max of n floats; *nan set if any is NaN (min and max alone would skip it). The
+ * flag is a float select so that the loop vectorizes. */
+static inline void span(const float *v, int64_t n, float *lo, float *hi, int *nan) {
+    float a = *lo, b = *hi, bad = 0.0f;
+#pragma omp simd reduction(min : a) reduction(max : b, bad)
+    for (int64_t k = 0; k < n; k++) {
+        float t = v[k];
+        a = t < a ? t : a;
+        b = t > b ? t : b;
+        bad = t != t ? 1.0f : bad;
+    }
+    *lo = a;
+    *hi = b;
+    *nan |= bad != 0.0f;
+}
+
+/* Per run r in [0, runs): min and max of elements [r*len, min((r+1)*len, n)). */
+void tm_runs_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                    int64_t n, int64_t len, int64_t runs, float *lo, float *hi, int nthreads) {
+    view_t v = {nd, sz, st};
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < runs; r++) {
+        float buf[BLOCK];
+        float a = INFINITY, b = -INFINITY;
+        int nan = 0;
+        int64_t end = (r + 1) * len < n ? (r + 1) * len : n;
+        for (int64_t i = r * len; i < end; i += BLOCK) {
+            int64_t m = end - i < BLOCK ? end - i : BLOCK;
+            load_view(x, dtype, v, i, m, buf);
+            span(buf, m, &a, &b, &nan);
+        }
+        lo[r] = nan ? NAN : a;
+        hi[r] = nan ? NAN : b;
+    }
+}
+
+/* Per column c of a (rows, cols) matrix: min and max, written to lo/hi[cols]. Each thread
+ * reduces a band of rows into its own slice of part (2 * cols floats a thread). */
+void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                    int64_t rows, int64_t cols, float *lo, float *hi, float *part, int *nan_part,
+                    int nthreads) {
+    view_t v = {nd, sz, st};
+    if (nthreads > rows) nthreads = rows > 0 ? (int)rows : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float *a = part + (int64_t)t * 2 * cols, *b = a + cols;
+        int *nan = nan_part + (int64_t)t * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            a[c] = INFINITY;
+            b[c] = -INFINITY;
+            nan[c] = 0;
+        }
+        int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
+        float buf[BLOCK];
+        for (int64_t r = r0; r < r1; r++) {
+            for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+                int64_t m = cols - c0 < BLOCK ? cols - c0 : BLOCK;
+                load_view(x, dtype, v, r * cols + c0, m, buf);
+                float *ac = a + c0, *bc = b + c0;
+                int *nc = nan + c0;
+                for (int64_t k = 0; k < m; k++) {
+                    float v = buf[k];
+                    ac[k] = v < ac[k] ? v : ac[k];
+                    bc[k] = v > bc[k] ? v : bc[k];
+                    nc[k] |= v != v;
+                }
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < cols; c++) {
+            float lc = INFINITY, hc = -INFINITY;
+            int bad = 0;
+            for (int s = 0; s < nt; s++) {
+                const float *as = part + (int64_t)s * 2 * cols;
+                lc = as[c] < lc ? as[c] : lc;
+                hc = as[cols + c] > hc ? as[cols + c] : hc;
+                bad |= nan_part[(int64_t)s * cols + c];
+            }
+            lo[c] = bad ? NAN : lc;
+            hi[c] = bad ? NAN : hc;
+        }
+    }
+}
+
+/* A uniform draw in [0, 1) with 24 bits, from a counter: the same (seed, i) gives the same
+ * draw whatever the threading. A 32-bit integer hash (lowbias32) so that it vectorizes. */
+static inline float uniform(uint32_t seed, uint32_t i) {
+    uint32_t h = i * 0x9e3779b1u ^ seed;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    return (float)(h >> 8) * (1.0f / 16777216.0f);
+}
+
+/* Clamp a rounded value to [0, levels] (NaN lands on 0: such groups dequantize to NaN
+ * anyway) and keep it off code 0 where y > 0 in a zero-minimum group. Branch-free. */
+static inline uint8_t code_of(float r, float y, float levels, float zero_min) {
+    r = r > 0.0f ? r : 0.0f;
+    r = r < levels ? r : levels;
+    float lift = y > 0.0f ? zero_min : 0.0f;
+    r = r > lift ? r : lift;
+    return (uint8_t)(int)r;
+}
+
+/* Codes of n elements starting at element i0, all with one shift / inv, into q. */
+static inline void codes_const(const float *v, int64_t n, float sh, float inv, float levels,
+                               int stochastic, uint32_t seed, int64_t i0, uint8_t *q) {
+    float zero_min = sh == 0.0f ? 1.0f : 0.0f;
+    if (stochastic) {
+        for (int64_t k = 0; k < n; k++) {
+            float y = (v[k] - sh) * inv;
+            q[k] = code_of(floorf(y + uniform(seed, (uint32_t)(i0 + k))), y, levels, zero_min);
+        }
+    } else {
+        for (int64_t k = 0; k < n; k++) {
+            float y = (v[k] - sh) * inv;
+            q[k] = code_of(rintf(y), y, levels, zero_min);
+        }
+    }
+}
+
+/* The same, with one shift / inv per element (the "mid" index is the innermost one). */
+static inline void codes_vec(const float *v, int64_t n, const float *sh, const float *inv,
+                             float levels, int stochastic, uint32_t seed, int64_t i0,
+                             uint8_t *q) {
+    if (stochastic) {
+        for (int64_t k = 0; k < n; k++) {
+            float y = (v[k] - sh[k]) * inv[k];
+            float r = floorf(y + uniform(seed, (uint32_t)(i0 + k)));
+            q[k] = code_of(r, y, levels, sh[k] == 0.0f ? 1.0f : 0.0f);
+        }
+    } else {
+        for (int64_t k = 0; k < n; k++) {
+            float y = (v[k] - sh[k]) * inv[k];
+            q[k] = code_of(rintf(y), y, levels, sh[k] == 0.0f ? 1.0f : 0.0f);
+        }
+    }
+}
+
+/* Pack n codes (n a multiple of 8 / bits, or the tail) into out, first code lowest. */
+static inline void pack(const uint8_t *q, int64_t n, int bits, uint8_t *out) {
+    int per = 8 / bits;
+    int64_t full = n / per;
+    for (int64_t j = 0; j < full; j++) {
+        uint8_t b = 0;
+        for (int s = 0; s < per; s++) b |= (uint8_t)(q[j * per + s] << (s * bits));
+        out[j] = b;
+    }
+    if (n % per) {
+        uint8_t b = 0;
+        for (int s = 0; s < n % per; s++) b |= (uint8_t)(q[full * per + s] << (s * bits));
+        out[full] = b;
+    }
+}
+
+/* The piece of the block that starts at element e and shares one parameter index
+ * (inner > 1: a stretch of one head, row or tensor), or one row of the parameter array
+ * (inner == 1: a channel per element). Sets *mi to its first parameter index. */
+static inline int64_t piece(int64_t e, int64_t left, int64_t mid, int64_t inner, int64_t *mi) {
+    int64_t len;
+    if (inner > 1) {
+        *mi = (e / inner) % mid;
+        len = inner - e % inner;
+    } else {
+        *mi = e % mid;
+        len = mid - *mi;
+    }
+    return len < left ? len : left;
+}
+
+static inline void dequant_const(const uint8_t *q, int64_t n, float s, float h, float *out) {
+    for (int64_t k = 0; k < n; k++) out[k] = fmaf((float)q[k], s, h);
+}
+
+static inline void dequant_vec(const uint8_t *q, int64_t n, const float *s, const float *h,
+                               float *out) {
+    for (int64_t k = 0; k < n; k++) out[k] = fmaf((float)q[k], s[k], h[k]);
+}
+
+/* Quantize n elements of x (dtype, read through view v) to codes of `bits` bits, packed.
+ * With part set (delayed scaling: the ranges were known before the batch), the same pass
+ * also reduces each parameter index's min, max and NaN flag into this thread's slice of
+ * part (3 * mid floats a thread, filled with +inf, -inf, 0 by the caller). */
+void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                 int64_t n, int64_t mid, int64_t inner, const float *shift, const float *inv,
+                 int bits, int stochastic, uint32_t seed, uint8_t *out, float *part,
+                 int nthreads) {
+    view_t v = {nd, sz, st};
+    float levels = (float)((1 << bits) - 1);
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        float buf[BLOCK];
+        uint8_t tmp[BLOCK];
+        int64_t i = blk * BLOCK;
+        int64_t m = n - i < BLOCK ? n - i : BLOCK;
+        float *lo = NULL, *hi = NULL, *nan = NULL;
+        if (part) {
+            int t = 0;
+#ifdef _OPENMP
+            t = omp_get_thread_num();
+#endif
+            lo = part + (int64_t)t * 3 * mid;
+            hi = lo + mid;
+            nan = hi + mid;
+        }
+        load_view(x, dtype, v, i, m, buf);
+        uint8_t *q = bits == 8 ? out + i : tmp;
+        for (int64_t k = 0, mi, len; k < m; k += len) {
+            len = piece(i + k, m - k, mid, inner, &mi);
+            if (inner > 1) {
+                codes_const(buf + k, len, shift[mi], inv[mi], levels, stochastic, seed, i + k,
+                            q + k);
+                if (part) {
+                    int bad = 0;
+                    span(buf + k, len, lo + mi, hi + mi, &bad);
+                    nan[mi] = bad ? 1.0f : nan[mi];
+                }
+            } else {
+                codes_vec(buf + k, len, shift + mi, inv + mi, levels, stochastic, seed, i + k,
+                          q + k);
+                if (part) {
+                    float *a = lo + mi, *b = hi + mi, *c = nan + mi;
+                    const float *u = buf + k;
+                    for (int64_t j = 0; j < len; j++) {
+                        a[j] = u[j] < a[j] ? u[j] : a[j];
+                        b[j] = u[j] > b[j] ? u[j] : b[j];
+                        c[j] = u[j] != u[j] ? 1.0f : c[j];
+                    }
+                }
+            }
+        }
+        if (bits != 8) pack(tmp, m, bits, out + i / (8 / bits));
+    }
+}
+
+/* Dequantize n codes (packed at `bits`) to dtype: code * scale + shift, in memory order. */
+void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64_t inner,
+                   const float *shift, const float *scale, int dtype, void *out, int nthreads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    int per = 8 / bits, mask = (1 << bits) - 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        float buf[BLOCK];
+        uint8_t tmp[BLOCK];
+        int64_t i = blk * BLOCK;
+        int64_t m = n - i < BLOCK ? n - i : BLOCK;
+        const uint8_t *q = codes + i;
+        if (bits != 8) {
+            const uint8_t *p = codes + i / per;
+            for (int64_t k = 0; k < m; k++) tmp[k] = (p[k / per] >> ((k % per) * bits)) & mask;
+            q = tmp;
+        }
+        for (int64_t k = 0, mi, len; k < m; k += len) {
+            len = piece(i + k, m - k, mid, inner, &mi);
+            if (inner > 1)
+                dequant_const(q + k, len, scale[mi], shift[mi], buf + k);
+            else
+                dequant_vec(q + k, len, scale + mi, shift + mi, buf + k);
+        }
+        store(out, dtype, i, m, buf);
+    }
+}

@@ -1,0 +1,269 @@
+"""Fused CPU kernels against the reference: statistics, codes and values bit for bit
+(nearest rounding), the same distribution (stochastic rounding), on awkward sizes,
+strides and dtypes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torchmesa import quant
+from torchmesa.config import PerChannelGroup, PerHead, PerTensor, PerToken
+from torchmesa.quant import cpu, reference
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the kernels")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CASES = [
+    ((1,), PerTensor()),  # one element
+    ((7,), PerTensor()),
+    ((4097,), PerTensor()),  # one past the kernels' work unit
+    ((3, 5, 4096 * 2 + 7), PerTensor()),  # split across threads
+    ((3, 5, 7, 1), PerHead()),
+    ((2, 3, 1, 1), PerHead()),  # 1 element per (batch, head)
+    ((2, 3, 17, 31), PerHead()),
+    ((6, 42, 123), PerChannelGroup(group_size=1)),
+    ((64, 11, 10), PerChannelGroup(group_size=4)),  # uneven last group
+    ((3, 4099), PerChannelGroup(num_groups=5)),  # rows longer than the work unit
+    ((5, 7), PerToken()),
+    ((9, 1), PerToken()),  # 1 per row
+    ((2, 3, 4097), PerToken()),
+]
+
+
+def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` contiguous; dense but permuted in memory (last two dims swapped); and a
+    strided slice with gaps (every other element of a larger tensor, as q, k and v are
+    slices of one projection)."""
+    gappy = torch.empty(x.shape + (2,), dtype=x.dtype)[..., 0].copy_(x)
+    if x.dim() < 2:
+        return [x, gappy]
+    return [x, x.transpose(-1, -2).contiguous().transpose(-1, -2), gappy]
+
+
+def _inputs(shape, dtype) -> list[torch.Tensor]:
+    return _layouts((torch.randn(shape) * 3 + 0.5).to(dtype))
+
+
+def _ranges(x, layout, bits, zero_min=False):
+    lo, hi = reference.group_minmax(x, layout)
+    if zero_min:
+        lo = torch.zeros_like(lo)
+    return lo, reference.scale_of(hi - lo, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,granularity", CASES)
+def test_statistics_codes_and_values_are_bitwise_those_of_the_reference(shape, granularity, dtype):
+    for x in _inputs(shape, dtype):
+        layout = reference.GroupLayout.of(x.shape, granularity)
+        assert cpu.supports(x, layout, 8)
+        lo_ref, hi_ref = reference.group_minmax(x, layout)
+        lo, hi = cpu.group_minmax(x, layout)
+        assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
+        for bits in (8, 4, 2):
+            shift, scale = _ranges(x, layout, bits)
+            ref = reference.quantize_codes(x, layout, shift, scale, bits)
+            got = cpu.quantize_codes(x, layout, shift, scale, bits)
+            if bits == 8:
+                dense = x.untyped_storage().nbytes() == x.numel() * x.element_size()
+                if dense and layout.kind != "rows":  # codes keep a dense input's layout
+                    assert got.stride() == x.stride()
+                assert torch.equal(got, ref)
+            else:
+                assert torch.equal(got, reference.pack_bits(ref, bits))
+            back_ref = reference.dequantize_codes(ref, layout, shift, scale, dtype)
+            back = cpu.dequantize_codes(got, x.shape, layout, shift, scale, bits, dtype)
+            assert back.dtype == dtype and back.shape == x.shape
+            assert torch.equal(back, back_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_feature_map_and_transposed_keys(dtype):
+    fmap = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    keys = torch.randn(2, 4, 9, 8).to(dtype).transpose(-1, -2)  # (B, H, D, N) view
+    for x, granularity in ((fmap, PerHead()), (keys, PerHead()), (fmap, PerTensor())):
+        layout = reference.GroupLayout.of(x.shape, granularity)
+        assert cpu.supports(x, layout, 8)
+        shift, scale = _ranges(x, layout, 8)
+        got = cpu.quantize_codes(x, layout, shift, scale, 8)
+        assert torch.equal(got, reference.quantize_codes(x, layout, shift, scale, 8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_minimum_groups_keep_zero_distinct(dtype):
+    x = torch.relu(torch.randn(2, 9, 3, 16)).to(dtype).transpose(1, 2)
+    x[0, 0, 0, :4] = 1e-6  # far below half a step: would round to code 0
+    layout = reference.GroupLayout.of(x.shape, PerHead())
+    shift, scale = _ranges(x, layout, 8, zero_min=True)
+    got = cpu.quantize_codes(x, layout, shift, scale, 8)
+    assert torch.equal(got, reference.quantize_codes(x, layout, shift, scale, 8))
+    assert torch.equal(got > 0, x > 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_round_half_to_even(dtype):
+    ties = torch.arange(-1, 253, dtype=torch.float32) + 0.5
+    x = torch.cat([torch.tensor([-1.0, 254.0]), ties]).to(dtype)
+    layout = reference.GroupLayout.of(x.shape, PerTensor())
+    shift, scale = _ranges(x, layout, 8)
+    assert float(scale) == 1.0
+    got = cpu.quantize_codes(x, layout, shift, scale, 8)
+    assert torch.equal(got, reference.quantize_codes(x, layout, shift, scale, 8))
+    y = x.float() + 1
+    tie = (y - y.floor()) == 0.5
+    assert int(tie.sum()) >= 100 and bool((got[tie].long() % 2 == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", ["max", "denormal"])
+def test_values_at_the_dtype_limits(dtype, where):
+    info = torch.finfo(dtype)
+    if where == "max":
+        lo = -info.max if dtype == torch.float16 else 0.0
+        x = torch.rand(33, 65).mul(info.max - lo).add(lo).clamp(lo, info.max).to(dtype)
+    else:
+        x = (torch.rand(33, 65) * info.tiny / 4).to(dtype)
+    layout = reference.GroupLayout.of(x.shape, PerChannelGroup(group_size=4))
+    shift, scale = _ranges(x, layout, 8)
+    got = cpu.quantize_codes(x, layout, shift, scale, 8)
+    assert torch.equal(got, reference.quantize_codes(x, layout, shift, scale, 8))
+    back = cpu.dequantize_codes(got, x.shape, layout, shift, scale, 8, dtype)
+    assert torch.equal(back, reference.dequantize_codes(got, layout, shift, scale, dtype))
+    assert torch.isfinite(back).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_groups_are_nan_in_the_statistics(dtype):
+    x = torch.randn(4, 8, 6).to(dtype)
+    x[1, 2, 3] = float("nan")
+    x[2, 5, 0] = float("inf")
+    for granularity in (PerHead(), PerChannelGroup(group_size=1), PerToken(), PerTensor()):
+        layout = reference.GroupLayout.of(x.shape, granularity)
+        lo_ref, hi_ref = reference.group_minmax(x, layout)
+        lo, hi = cpu.group_minmax(x, layout)
+        torch.testing.assert_close(lo, lo_ref, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(hi, hi_ref, equal_nan=True, rtol=0, atol=0)
+        assert bool(lo.isnan().any())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stochastic_rounding_is_unbiased_like_the_reference(bits):
+    x = torch.rand(64, 4096)  # one range per row: [0, 1)
+    layout = reference.GroupLayout.of(x.shape, PerToken())
+    shift, scale = _ranges(x, layout, bits)
+    got = cpu.quantize_codes(x, layout, shift, scale, bits, seed=123)
+    back = cpu.dequantize_codes(got, x.shape, layout, shift, scale, bits, torch.float32)
+    step = layout.broadcast(scale, 2)
+    err = back - x
+    assert bool((err.abs() < step).all())  # within one step, either way
+    bias = float(err.mean() / step.mean())  # mean error in steps, over 262144 values
+    assert abs(bias) < 0.01
+    # the same distribution as the reference: how often a value rounds up
+    y = (x - layout.broadcast(shift, 2)) / step
+    frac = y - y.floor()
+    up = (back > x).float()
+    ref_codes = reference.quantize_codes(x, layout, shift, scale, bits, "stochastic")
+    ref_back = reference.dequantize_codes(ref_codes, layout, shift, scale, torch.float32)
+    ref_up = (ref_back > x).float()
+    assert abs(float(up.mean() - ref_up.mean())) < 0.01
+    assert abs(float(up.mean() - frac.mean())) < 0.01
+
+
+def test_stochastic_streams_follow_the_seed_not_the_threads():
+    x = torch.randn(7, 3, 4099)
+    layout = reference.GroupLayout.of(x.shape, PerChannelGroup(group_size=1))
+    shift, scale = _ranges(x, layout, 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.quantize_codes(x, layout, shift, scale, 8, seed=5)
+        torch.set_num_threads(2)
+        two = cpu.quantize_codes(x, layout, shift, scale, 8, seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    other = cpu.quantize_codes(x, layout, shift, scale, 8, seed=6)
+    assert torch.equal(one, two) and not torch.equal(one, other)
+
+
+def test_views_beyond_the_kernels_dims_go_to_the_reference():
+    x = torch.randn([2] * 9)  # nine dims longer than 1
+    layout = reference.GroupLayout.of(x.shape, PerTensor())
+    assert not cpu.supports(x, layout, 8)
+    lo, hi = quant.group_minmax(x, layout)
+    q = quant.quantize(x, layout, lo, hi - lo, bits=8)
+    shift, scale = _ranges(x, layout, 8)
+    assert torch.equal(q.codes, reference.quantize_codes(x, layout, shift, scale, 8))
+
+
+def test_dispatch_serves_cpu_tensors():
+    x = torch.randn(4, 6, 33, 5).transpose(-1, -2)
+    layout = reference.GroupLayout.of(x.shape, PerHead())
+    lo, hi = quant.group_minmax(x, layout)
+    for bits in (8, 4):
+        q = quant.quantize(x, layout, lo, hi - lo, bits=bits)
+        back = quant.dequantize(q)
+        assert back.shape == x.shape
+        if bits == 8:  # the fused path served it: codes and values keep x's strides
+            assert q.codes.stride() == x.stride() and back.stride() == x.stride()
+        shift, scale = _ranges(x, layout, bits)
+        ref = reference.quantize_codes(x, layout, shift, scale, bits)
+        expect = reference.dequantize_codes(ref, layout, shift, scale, x.dtype)
+        assert torch.equal(back, expect)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+PROBE = (
+    "import warnings; warnings.simplefilter('always');"
+    "import torch; from torchmesa.quant import cpu; print(cpu.available())"
+)
+
+
+def test_switched_off_or_without_a_compiler_the_reference_serves(tmp_path):
+    off = _run(PROBE, TORCHMESA_CPU_KERNELS="0")
+    assert off.returncode == 0 and off.stdout.strip() == "False" and not off.stderr
+    broken = _run(PROBE, CC="false", TORCHMESA_CACHE=str(tmp_path))
+    assert broken.returncode == 0 and broken.stdout.strip() == "False"
+    assert "could not be built" in broken.stderr and "TORCHMESA_CPU_KERNELS=0" in broken.stderr
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,granularity", CASES)
+def test_delayed_scaling_measures_and_quantizes_in_one_pass(shape, granularity, dtype):
+    for x in _inputs(shape, dtype):
+        x[(0,) * x.dim()] = float("nan")  # the batch's statistics see it, as the reference's
+        layout = reference.GroupLayout.of(x.shape, granularity)
+        prior_lo = torch.randn(layout.num_groups)  # ranges known before the batch
+        prior_rng = torch.rand(layout.num_groups) * 4
+        for bits in (8, 4):
+            scale = reference.scale_of(prior_rng, bits)
+            codes, lo, hi = cpu.quantize_codes_and_minmax(x, layout, prior_lo, scale, bits)
+            lo_ref, hi_ref = reference.group_minmax(x, layout)
+            torch.testing.assert_close(lo, lo_ref, equal_nan=True, rtol=0, atol=0)
+            torch.testing.assert_close(hi, hi_ref, equal_nan=True, rtol=0, atol=0)
+            finite = x.isfinite()
+            ref = reference.quantize_codes(x, layout, prior_lo, scale, bits)
+            if bits != 8:
+                codes = reference.unpack_bits(codes, bits, x.numel()).view(x.shape)
+            assert torch.equal(codes[finite], ref[finite])  # NaN's code is undefined
+
+
+def test_delayed_dispatch_matches_on_the_reference_path():
+    x = torch.randn([2] * 9)  # served by the reference: statistics, then codes
+    layout = reference.GroupLayout.of(x.shape, PerTensor())
+    shift, rng = torch.tensor([-1.0]), torch.tensor([2.0])
+    q, lo, hi = quant.quantize_delayed(x, layout, shift, rng, bits=8)
+    assert torch.equal(lo, x.min().view(1)) and torch.equal(hi, x.max().view(1))
+    expect = reference.quantize_codes(x, layout, shift, reference.scale_of(rng, 8), 8)
+    assert torch.equal(q.codes, expect)
