@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from torchmesa.benchmark import CONFIGS
 from torchmesa.report import JSON_KEYS, MODULE_KEYS
 
 PIL = pytest.importorskip("PIL.Image")
@@ -119,4 +120,4 @@ def test_bench_runs_the_suite(tmp_path):
                "--warmup", "0", "--steps", "1", timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "max batch" in done.stdout
-    assert len(json.loads(out.read_text())["rows"]) == 5
+    assert len(json.loads(out.read_text())["rows"]) == len(CONFIGS)

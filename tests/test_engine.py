@@ -508,3 +508,53 @@ def test_a_child_called_directly_is_compressed_too():
     outer.net.eval()
     t, _ = tracked(outer.net, torch.randn(32, 64))
     assert t.compressed_tensors == 0  # the module that starts the call decides the mode
+
+
+def test_delayed_scaling_quantizes_with_the_previous_estimate(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8))
+    exact = copy.deepcopy(model)
+    torchmesa.compress(model, Config(estimator="delayed"))
+    engine = engine_of(model)
+    first = torch.randn(128, 64)
+    model(first).sum().backward()  # a new site: the batch sets its own range first
+    before = {s: engine.estimator.state(s) for s in engine.estimator._sites}
+    used = []
+    real = torchmesa.quant.quantize_delayed
+
+    def spy(t, layout, shift, rng, **kwargs):
+        used.append((shift, rng))
+        return real(t, layout, shift, rng, **kwargs)
+
+    monkeypatch.setattr(torchmesa.quant, "quantize_delayed", spy)
+    x = torch.randn(128, 64)
+    for m in (exact, model):
+        m.zero_grad()
+        m(x).square().mean().backward()
+    assert len(used) == len(before) == 3
+    for shift, rng in used:  # each batch was quantized with an estimate from before it
+        assert any(torch.equal(shift, s) and torch.equal(rng, r) for s, r in before.values())
+    for site, (_, rng) in before.items():  # and the estimate then moved by the batch
+        assert not torch.equal(engine.estimator.state(site)[1], rng)
+    cosines = grad_cosines(exact, model)
+    assert min(cos for cos, _ in cosines.values()) > 0.999, cosines
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_delayed_scaling_keeps_non_finite_batches_non_finite(bad):
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    exact = copy.deepcopy(model)
+    torchmesa.compress(model, Config(estimator="delayed"))
+    model(torch.randn(32, 64)).sum().backward()
+    exact(torch.randn(32, 64)).sum().backward()
+    for m in (exact, model):
+        m.zero_grad()
+    x = torch.randn(32, 64)
+    x[3, 5] = bad
+    for m in (exact, model):
+        m(x).sum().backward()
+    for (name, a), (_, b) in zip(exact.named_parameters(), model.named_parameters()):
+        assert torch.isfinite(a.grad).all() == torch.isfinite(b.grad).all(), name
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        torchmesa.compress(
+            nn.Sequential(nn.Linear(64, 64)), Config(estimator="delayed", check_finite=True)
+        )(x)

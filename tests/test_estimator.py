@@ -61,3 +61,24 @@ def test_a_site_can_move_with_its_own_decay():
         est.ranges(site, torch.tensor([0.0]), torch.tensor([3.0]), decay=decay)
     assert float(est.state(("a", 0, 0))[1]) == 2.0  # 0.5 * 1 + 0.5 * 3
     assert abs(float(est.state(("b", 0, 0))[1]) - 1.2) < 1e-6  # 0.9 * 1 + 0.1 * 3
+
+
+def test_prior_is_the_estimate_before_the_batch_once_every_group_was_seen():
+    est = EMARange(0.9)
+    shape, cpu = torch.Size([2]), torch.device("cpu")
+    assert est.prior(SITE, shape, cpu) is None  # a new site: the batch sets its own range
+    est.ranges(SITE, torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 2.0]))
+    assert est.prior(SITE, shape, cpu) is None  # group 1 never finite: no range to use
+    est.ranges(SITE, torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 2.0]))
+    shift, rng = est.prior(SITE, shape, cpu)
+    assert torch.equal(shift, est.state(SITE)[0]) and torch.equal(rng, est.state(SITE)[1])
+    assert est.prior(SITE, torch.Size([3]), cpu) is None  # the tensor changed shape
+
+
+def test_delayed_clipping_is_counted_against_the_ranges_used():
+    est = EMARange(0.9)
+    est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    used = est.prior(SITE, torch.Size([2]), torch.device("cpu"))
+    # batch 2 lies inside the updated estimate for group 0 but outside the one it used
+    est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.05, 1.0]), quantized_with=used)
+    assert est.stats()[SITE].groups_clipped == 1

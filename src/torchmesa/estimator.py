@@ -7,7 +7,8 @@ of the batch minimum (``shift``) and of the batch range, initialised from the fi
 
     shift ← λ·shift + (1 - λ)·min(x),   range ← λ·range + (1 - λ)·(max(x) - min(x))
 
-and quantizes the batch with the updated estimate, so values outside it are clamped. We
+and quantizes the batch with the updated estimate, so values outside it are clamped
+(delayed scaling quantizes with the estimate from before the batch instead). We
 count, per site, how many groups had values outside the estimate (clipped), without a
 device sync. A group whose batch min or max is not finite leaves its estimate untouched
 and is marked NaN for this batch only (it then dequantizes to NaN, see quant.reference).
@@ -47,6 +48,7 @@ class DynamicRange:
         hi: torch.Tensor,
         staged: dict | None = None,
         decay: float | None = None,
+        quantized_with: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shift, range)`` to quantize with, given the batch's per-group min and max."""
         rng = hi - lo
@@ -94,11 +96,14 @@ class EMARange:
         hi: torch.Tensor,
         staged: dict | None = None,
         decay: float | None = None,
+        quantized_with: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Move the site's estimate by this batch and return ``(shift, range)``.
 
         The new estimate goes to ``staged`` (see :meth:`commit`) when given, else it is
-        kept at once. ``decay`` overrides the estimator's λ for this site.
+        kept at once. ``decay`` overrides the estimator's λ for this site. Clipping is
+        counted against the new estimate, or against ``quantized_with`` when the batch
+        was quantized with other ranges (delayed scaling: the estimate before it).
         """
         state = staged.get(site) if staged is not None else None
         if state is None:
@@ -112,11 +117,27 @@ class EMARange:
         weight = state.seen.float().mul_(self.decay if decay is None else decay)
         shift = torch.where(finite, torch.lerp(lo, state.shift, weight), state.shift)
         rng = torch.where(finite, torch.lerp(batch_range, state.range, weight), state.range)
-        outside = (lo < shift) | (batch_range + (lo - shift) > rng)
+        used_shift, used_range = (shift, rng) if quantized_with is None else quantized_with
+        outside = (lo < used_shift) | (batch_range + (lo - used_shift) > used_range)
         clipped = state.clipped + (outside & finite).sum()
         new = _Running(shift, rng, state.seen | finite, clipped, state.updates + 1)
         (self._sites if staged is None else staged)[site] = new
         return shift, rng.masked_fill(~finite, torch.nan)
+
+    def prior(
+        self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The site's ``(shift, range)`` before this batch, for delayed scaling; None if
+        the site is new, changed shape, or has a group never seen finite (then the batch
+        must set its own range first)."""
+        state = staged.get(site) if staged is not None else None
+        if state is None:
+            state = self._sites.get(site)
+        if state is None or state.shift.shape != lo_shape or state.shift.device != device:
+            return None
+        if state.updates == 0 or not bool(state.seen.all()):
+            return None
+        return state.shift, state.range
 
     def commit(self, staged: dict) -> None:
         """Keep the estimates one forward staged."""

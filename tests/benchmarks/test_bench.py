@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from torchmesa.benchmark import CONFIGS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,7 +25,7 @@ def test_bench_smoke(tmp_path):
     assert "max batch" in done.stdout  # the printed table
     report = json.loads(out.read_text())
     rows = {(r["model"], r["config"]): r for r in report["rows"]}
-    assert len(rows) == 5
+    assert len(rows) == len(CONFIGS)
     exact, mesa = rows["tiny-vit", "exact"], rows["tiny-vit", "torchmesa-ema"]
     assert exact["saved_vs_exact"] == 1.0
     assert mesa["saved_vs_exact"] < 0.5
