@@ -3,7 +3,8 @@
 GACT's adaptive idea made explicit: on one sample batch, measure each module's saved bytes
 at every width (exact, 8, 4, 2 bits) and the gradient error that compressing that module
 alone causes, then choose widths greedily: start exact and repeatedly take the step that
-frees the most bytes per unit of added error, until the total fits the budget. The result
+frees the most bytes per unit of added error, until the total fits the budget; then spend
+what the budget has left on widening where a byte removes the most error. The result
 is a :class:`Plan` to read (``table()``) and apply (``compress(model, plan.policy)``).
 
 Cost: two passes per width, plus one forward and backward per module and width.
@@ -155,6 +156,7 @@ def _choose(exact: dict, stored: dict, errors: dict, budget: int, base: Config) 
         _, path, nxt, freed = best
         choice[path] = nxt
         total -= freed
+    _spend_slack(choice, total, stored, errors, budget)
     rows = tuple(
         PlanRow(
             path,
@@ -166,6 +168,31 @@ def _choose(exact: dict, stored: dict, errors: dict, budget: int, base: Config) 
         for path, bits in choice.items()
     )
     return Plan(rows, budget, base)
+
+
+def _spend_slack(
+    choice: dict[str, int | None], total: int, stored: dict, errors: dict, budget: int
+) -> None:
+    """Greedy narrowing can overshoot: spend the bytes the budget still has on widening
+    the modules where a byte removes the most error (each step lowers the error, so it
+    ends)."""
+    while True:
+        best = None
+        for path, bits in choice.items():
+            if bits is None:
+                continue
+            for wider in (None, *WIDTHS[: WIDTHS.index(bits)]):
+                cost = stored[wider].get(path, 0) - stored[bits].get(path, 0)
+                gain = errors[path, bits] - (0.0 if wider is None else errors[path, wider])
+                if cost <= 0 or gain <= 0 or total + cost > budget:
+                    continue
+                if best is None or gain / cost > best[0]:
+                    best = (gain / cost, path, wider, cost)
+        if best is None:
+            return
+        _, path, wider, cost = best
+        choice[path] = wider
+        total += cost
 
 
 def _runner(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Callable:
