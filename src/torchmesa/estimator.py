@@ -105,10 +105,8 @@ class EMARange:
         counted against the new estimate, or against ``quantized_with`` when the batch
         was quantized with other ranges (delayed scaling: the estimate before it).
         """
-        state = staged.get(site) if staged is not None else None
+        state = self._matching(site, lo.shape, lo.device, staged)
         if state is None:
-            state = self._sites.get(site)
-        if state is None or state.shift.shape != lo.shape or state.shift.device != lo.device:
             # a new site, or one whose tensor changed shape (dynamic control flow): restart
             state = _Running.fresh(lo)
         batch_range = hi - lo
@@ -130,14 +128,22 @@ class EMARange:
         """The site's ``(shift, range)`` before this batch, for delayed scaling; None if
         the site is new, changed shape, or has a group never seen finite (then the batch
         must set its own range first)."""
+        state = self._matching(site, lo_shape, device, staged)
+        if state is None or state.updates == 0 or not bool(state.seen.all()):
+            return None
+        return state.shift, state.range
+
+    def _matching(
+        self, site: Site, shape: torch.Size, device: torch.device, staged: dict | None
+    ) -> _Running | None:
+        """The site's latest estimate (staged by this forward, else kept), if it has
+        ``shape`` and lives on ``device``."""
         state = staged.get(site) if staged is not None else None
         if state is None:
             state = self._sites.get(site)
-        if state is None or state.shift.shape != lo_shape or state.shift.device != device:
+        if state is None or state.shift.shape != shape or state.shift.device != device:
             return None
-        if state.updates == 0 or not bool(state.seen.all()):
-            return None
-        return state.shift, state.range
+        return state
 
     def commit(self, staged: dict) -> None:
         """Keep the estimates one forward staged."""

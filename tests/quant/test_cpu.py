@@ -58,7 +58,7 @@ def _ranges(x, layout, bits, zero_min=False):
 def test_statistics_codes_and_values_are_bitwise_those_of_the_reference(shape, granularity, dtype):
     for x in _inputs(shape, dtype):
         layout = reference.GroupLayout.of(x.shape, granularity)
-        assert cpu.supports(x, layout, 8)
+        assert cpu.supports(x)
         lo_ref, hi_ref = reference.group_minmax(x, layout)
         lo, hi = cpu.group_minmax(x, layout)
         assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
@@ -85,7 +85,7 @@ def test_channels_last_feature_map_and_transposed_keys(dtype):
     keys = torch.randn(2, 4, 9, 8).to(dtype).transpose(-1, -2)  # (B, H, D, N) view
     for x, granularity in ((fmap, PerHead()), (keys, PerHead()), (fmap, PerTensor())):
         layout = reference.GroupLayout.of(x.shape, granularity)
-        assert cpu.supports(x, layout, 8)
+        assert cpu.supports(x)
         shift, scale = _ranges(x, layout, 8)
         got = cpu.quantize_codes(x, layout, shift, scale, 8)
         assert torch.equal(got, reference.quantize_codes(x, layout, shift, scale, 8))
@@ -190,7 +190,7 @@ def test_stochastic_streams_follow_the_seed_not_the_threads():
 def test_views_beyond_the_kernels_dims_go_to_the_reference():
     x = torch.randn([2] * 9)  # nine dims longer than 1
     layout = reference.GroupLayout.of(x.shape, PerTensor())
-    assert not cpu.supports(x, layout, 8)
+    assert not cpu.supports(x)
     lo, hi = quant.group_minmax(x, layout)
     q = quant.quantize(x, layout, lo, hi - lo, bits=8)
     shift, scale = _ranges(x, layout, 8)

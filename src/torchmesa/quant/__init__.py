@@ -1,8 +1,8 @@
 """The numeric core's one entry point for the engine: quantize, dequantize, pack masks.
 
 Each call dispatches to an implementation: CUDA tensors with nearest rounding use the fused
-Triton kernels of :mod:`torchmesa.quant.triton` when Triton is installed; dense CPU tensors
-use the fused C kernels of :mod:`torchmesa.quant.cpu`; everything else uses the eager
+Triton kernels of :mod:`torchmesa.quant.triton` when Triton is installed; CPU tensors (any
+strides) use the fused C kernels of :mod:`torchmesa.quant.cpu`; everything else uses the eager
 reference in :mod:`torchmesa.quant.reference`, which is also the oracle every fast path is
 tested against. The records returned here are what autograd holds between
 forward and backward.
@@ -175,7 +175,7 @@ def _quantize(
         raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
     scale = scale_of(rng, bits)
     lo = hi = None
-    if cpu.supports(x, layout, bits):
+    if cpu.supports(x):
         seed = None
         if rounding == "stochastic":  # the kernel's noise stream, seeded from ours
             seed = int(torch.randint(0, 1 << 32, (), generator=generator))
@@ -198,7 +198,7 @@ def _quantize(
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
-    if cpu.supports_codes(q.codes, q.layout, q.bits):
+    if cpu.supports_codes(q.codes, q.bits):
         return cpu.dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
     codes = q.unpacked_codes()
     if _fused(codes):
@@ -208,7 +208,7 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
 
 def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group minimum and maximum of ``x`` as fp32 ``(G,)`` (see the reference)."""
-    if cpu.supports(x, layout, 8):
+    if cpu.supports(x):
         return cpu.group_minmax(x, layout)
     return ref.group_minmax(x, layout)
 
