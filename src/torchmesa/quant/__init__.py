@@ -1,8 +1,8 @@
 """The numeric core's one entry point for the engine: quantize, dequantize, pack masks.
 
-Each call dispatches to an implementation: CUDA tensors with nearest rounding use the fused
-Triton kernels of :mod:`torchmesa.quant.triton` when Triton is installed; CPU tensors (any
-strides) use the fused C kernels of :mod:`torchmesa.quant.cpu`; everything else uses the eager
+Each call dispatches to an implementation: CUDA tensors use the fused Triton kernels of
+:mod:`torchmesa.quant.triton` when Triton is installed; CPU tensors (any strides) use the
+fused C kernels of :mod:`torchmesa.quant.cpu`; everything else uses the eager
 reference in :mod:`torchmesa.quant.reference`, which is also the oracle every fast path is
 tested against. The records returned here are what autograd holds between
 forward and backward.
@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 
+_TRITON_DTYPES = (*FLOAT_DTYPES, torch.uint8)
 BITS = (2, 4, 8)  # code widths a QuantizedTensor stores; masks use 1 bit (PackedMask)
 
 
@@ -174,22 +175,22 @@ def _quantize(
     if bits not in BITS:
         raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
     scale = scale_of(rng, bits)
-    lo = hi = None
-    if cpu.supports(x):
+    fast = cpu if cpu.supports(x) else kernels if _fused(x) else None
+    if fast is not None:
         seed = None
         if rounding == "stochastic":  # the kernel's noise stream, seeded from ours
-            seed = int(torch.randint(0, 1 << 32, (), generator=generator))
+            device = generator.device if generator is not None else x.device
+            seed = int(torch.randint(0, 1 << 32, (), generator=generator, device=device))
+        lo = hi = None
         if stats:
-            codes, lo, hi = cpu.quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
+            codes, lo, hi = fast.quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
         else:
-            codes = cpu.quantize_codes(x, layout, shift, scale, bits, seed)
+            codes = fast.quantize_codes(x, layout, shift, scale, bits, seed)
         return QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
+    lo = hi = None
     if stats:
-        lo, hi = group_minmax(x, layout)
-    if rounding == "nearest" and _fused(x):
-        codes = kernels.quantize_codes(x, layout, shift, scale, bits)
-    else:
-        codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
+        lo, hi = ref.group_minmax(x, layout)
+    codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
     if bits == 8:
         return QuantizedTensor(codes, shift, scale, layout, x.dtype), lo, hi
     packed = pack_bits(codes, bits)
@@ -200,22 +201,26 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
     if cpu.supports_codes(q.codes, q.bits):
         return cpu.dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
-    codes = q.unpacked_codes()
-    if _fused(codes):
-        return kernels.dequantize_codes(codes, q.layout, q.shift, q.scale, q.dtype)
-    return dequantize_codes(codes, q.layout, q.shift, q.scale, q.dtype)
+    if _fused(q.codes):
+        return kernels.dequantize_codes(
+            q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype
+        )
+    return dequantize_codes(q.unpacked_codes(), q.layout, q.shift, q.scale, q.dtype)
 
 
 def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group minimum and maximum of ``x`` as fp32 ``(G,)`` (see the reference)."""
     if cpu.supports(x):
         return cpu.group_minmax(x, layout)
+    if _fused(x):
+        return kernels.group_minmax(x, layout)
     return ref.group_minmax(x, layout)
 
 
 def _fused(t: torch.Tensor) -> bool:
-    """Whether the fused kernels serve ``t``'s device."""
-    return t.is_cuda and kernels.AVAILABLE
+    """Whether the Triton kernels serve ``t``: a CUDA tensor of a float dtype they read
+    (or codes they wrote), with elements, while Triton is installed."""
+    return t.is_cuda and kernels.AVAILABLE and t.numel() > 0 and t.dtype in _TRITON_DTYPES
 
 
 def dequantize_view(v: QuantizedView) -> torch.Tensor:

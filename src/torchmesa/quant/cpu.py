@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from torchmesa.quant.params import geometry, per_param, to_groups
 from torchmesa.quant.reference import GroupLayout
 from torchmesa.tensors import is_dense
 
@@ -155,37 +156,13 @@ class _Plan:
             self.nd = len(order)
             self.sizes = (ctypes.c_int64 * self.nd)(*(shape[d] for d in order))
             self.strides = (ctypes.c_int64 * self.nd)(*(stride[d] for d in order))
-        self.mid, self.inner = _geometry(shape, order, layout, step)
-
-
-def _geometry(
-    shape: torch.Size, order: list[int], layout: GroupLayout, numel: int
-) -> tuple[int, int]:
-    """``(mid, inner)`` for codes laid out densely in ``order`` (outermost first)."""
-    if layout.kind == "tensor":
-        return 1, max(numel, 1)
-    if layout.kind == "rows":
-        return layout.num_groups, layout.channels
-    axis = 1 if layout.kind == "axis1" else len(shape) - 1
-    if shape[axis] == 1:
-        return 1, max(numel, 1)
-    inner = 1
-    for d in order[order.index(axis) + 1 :]:
-        inner *= shape[d]
-    return shape[axis], inner
+        self.mid, self.inner = geometry(shape, order, layout, step)
 
 
 def _threads(numel: int) -> int:
     """Threads for a call: one for small tensors, where waking a team costs more than it
     saves (measured: a call on a (4, 64) tensor took about 40 us with a team of two)."""
     return 1 if numel < _PARALLEL_MIN else torch.get_num_threads()
-
-
-def _per_mid(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """Per-group values ``(G,)`` as one value per ``mid`` index, fp32 and contiguous."""
-    if layout.kind == "last" and layout.group_size > 1:
-        values = values.repeat_interleave(layout.group_size)[: layout.channels]
-    return values.float().contiguous()
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -242,20 +219,7 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
         )  # fmt: skip
         if runs != mid:  # several runs a parameter: torch's reductions keep NaN, as ours do
             lo, hi = lo.view(-1, mid).amin(dim=0), hi.view(-1, mid).amax(dim=0)
-    return _to_groups(lo, hi, layout)
-
-
-def _to_groups(
-    lo: torch.Tensor, hi: torch.Tensor, layout: GroupLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-parameter-index min and max reduced to per-group ``(G,)`` (channel groups)."""
-    if layout.kind == "last" and layout.group_size > 1:
-        pad = layout.num_groups * layout.group_size - layout.channels
-        lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
-        hi = torch.nn.functional.pad(hi, (0, pad), value=float("-inf"))
-        lo = lo.view(layout.num_groups, -1).amin(dim=1)
-        hi = hi.view(layout.num_groups, -1).amax(dim=1)
-    return lo.reshape(-1), hi.reshape(-1)
+    return to_groups(lo, hi, layout)
 
 
 def quantize_codes(
@@ -303,8 +267,8 @@ def _quantize(
         out = torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
     else:
         out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
-    shift_m = _per_mid(shift, layout)
-    inv_m = _per_mid(scale.reciprocal(), layout)
+    shift_m = per_param(shift, layout)
+    inv_m = per_param(scale.reciprocal(), layout)
     part = None
     if stats:  # per thread: min, max and NaN flag of each parameter index
         part = torch.empty(threads, 3, plan.mid)
@@ -322,7 +286,7 @@ def _quantize(
     nan = part[:, 2].amax(dim=0) > 0
     lo = part[:, 0].amin(dim=0).masked_fill_(nan, float("nan"))
     hi = part[:, 1].amax(dim=0).masked_fill_(nan, float("nan"))
-    return (out, *_to_groups(lo, hi, layout))
+    return (out, *to_groups(lo, hi, layout))
 
 
 def dequantize_codes(
@@ -342,7 +306,7 @@ def dequantize_codes(
     plan = _Plan(shape, stride, layout, logical=bits != 8)
     mid, inner = plan.mid, plan.inner
     out = torch.empty_strided(shape, stride, dtype=dtype)
-    shift_m, scale_m = _per_mid(shift, layout), _per_mid(scale, layout)
+    shift_m, scale_m = per_param(shift, layout), per_param(scale, layout)
     lib.tm_dequantize(
         codes.data_ptr(), bits, out.numel(), mid, inner, shift_m.data_ptr(), scale_m.data_ptr(),
         DTYPES[dtype], out.data_ptr(), _threads(out.numel()),

@@ -1,25 +1,36 @@
-"""Fused Triton kernels for CUDA: quantize and dequantize in one pass each.
+"""Fused Triton kernels for CUDA: group statistics, quantize (with packing, stochastic
+rounding and delayed-scaling statistics) and dequantize, one pass each.
 
-Each kernel reads its input once and writes its output once: quantize reads the
-activation and writes 1 byte per element, dequantize the reverse (DESIGN.md's floor).
-The group of each element follows from its flat offset in the contiguous tensor:
+Quantize reads the activation once and writes ``bits / 8`` bytes per element; dequantize
+the reverse (DESIGN.md's floor). Tensors are read contiguous, as a 2-D ``(R, C)`` view
+tiled ``(BR, BC)``, where each element's parameter (see :mod:`torchmesa.quant.params`) is
+constant along one tile axis: the row's (``C = inner``: heads, rows, the whole tensor) or
+the column's (``C = mid``: channel groups). That axis is what the statistics reduce
+along, so one program emits one partial min, max and NaN flag per parameter it touched,
+and torch folds those partials (1/4096th of the tensor) into per-group ranges. Delayed
+scaling asks for the statistics beside the codes: the same pass.
 
-    tensor: 0     axis1 (B, H, ...): (i // inner) % H     last: (i % C) // group_size
-    rows:   i // C
+Packed codes (``8 / bits`` per byte, logical order, first code lowest) are built in
+registers: each program covers whole bytes. When a row's length is not a multiple of
+the codes per byte, the tensor is tiled as one row instead, and statistics, if asked for,
+take a second pass.
 
-Numerics are those of :mod:`torchmesa.quant.reference`, the oracle they are tested against
-(bitwise for the codes): fp32 arithmetic, ``(x - shift) * (1 / scale)`` with the same
-reciprocal, round half to even, clamp to ``[0, 2^bits - 1]``, and positive values in
-zero-minimum groups never at code 0. Round half to even is written out (floor, then move
-odd ties down) so that the same code runs on a GPU and in Triton's CPU interpreter
-(``TRITON_INTERPRET=1``), where CI tests it. Per-group statistics and stochastic rounding
-still use the reference.
+Numerics are those of :mod:`torchmesa.quant.reference` (bitwise for nearest rounding):
+fp32 arithmetic, ``(x - shift) * (1 / scale)`` with the same reciprocal, round half to
+even (written out as floor, then odd ties moved down, so the same code runs in Triton's
+CPU interpreter, where CI tests it), clamp to ``[0, 2^bits - 1]``, positive values in
+zero-minimum groups never at code 0. Kernels that round are compiled without
+multiply-add fusion, which would round ``(x - shift) * inv + 0.5`` once where the
+reference rounds twice. Stochastic rounding adds the C kernels' counter-based uniform
+draw (a lowbias32 hash of seed and flat index), so CUDA and CPU give the same codes for
+the same seed on a contiguous tensor.
 """
 
 from __future__ import annotations
 
 import torch
 
+from torchmesa.quant.params import logical_geometry, per_param, to_groups
 from torchmesa.quant.reference import GroupLayout
 
 try:
@@ -29,106 +40,257 @@ except ImportError:  # the package works without Triton; CUDA then uses the refe
     triton = None
 
 AVAILABLE = triton is not None
-MODES = {"tensor": 0, "axis1": 1, "last": 2, "rows": 3}
-BLOCK = 1024
+TILE = 4096  # elements a quantize program covers
+BLOCK = 1024  # elements a dequantize program covers
+_WIDE = 1 << 31  # tensors this large index in int64
 
 if AVAILABLE:
 
     @triton.jit
-    def _group_of(offs, inner, groups, channels, group_size, MODE: tl.constexpr):
-        if MODE == 0:
-            return offs * 0
-        elif MODE == 1:
-            return (offs // inner) % groups
-        elif MODE == 2:
-            return (offs % channels) // group_size
-        else:
-            return offs // channels
+    def _uniform(seed, i):
+        """A uniform draw in [0, 1) with 24 bits from (seed, i): cpu_kernels.c's hash."""
+        h = i.to(tl.uint32) * 0x9E3779B1 ^ seed
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        h = h ^ (h >> 16)
+        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
     @triton.jit
-    def _block(
-        n, inner, groups, channels, group_size, MODE: tl.constexpr, BLOCK_SIZE: tl.constexpr
-    ):
-        """This program's flat offsets, their in-bounds mask and each element's group."""
-        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        return offs, offs < n, _group_of(offs, inner, groups, channels, group_size, MODE)
+    def _code(x, shift, inv, seed, flat, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """The reference's code of each ``x`` (fp32), as fp32."""
+        y = (x - shift) * inv
+        if STOCHASTIC:
+            r = tl.floor(y + _uniform(seed, flat))
+        else:
+            r = tl.floor(y + 0.5)
+            odd_tie = ((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
+            r = tl.where(odd_tie, r - 1.0, r)
+        r = tl.where(r > 0.0, r, 0.0)  # NaN lands on 0, as in the C kernels
+        r = tl.where(r < LEVELS, r, LEVELS)
+        lift = tl.where((shift == 0.0) & (y > 0.0), 1.0, 0.0)
+        return tl.maximum(r, lift)
 
     @triton.jit
     def _quantize_kernel(
-        x_ptr, codes_ptr, shift_ptr, inv_ptr, zero_min_ptr,
-        n, inner, groups, channels, group_size,
-        LEVELS: tl.constexpr, MODE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        x_ptr, out_ptr, shift_ptr, inv_ptr, part_ptr,
+        R, C, mid, inner, n_pc, part_stride, seed_bits,
+        LEVELS: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+        STOCHASTIC: tl.constexpr, CODES: tl.constexpr, STATS: tl.constexpr,
+        WIDE: tl.constexpr, BR: tl.constexpr, BCB: tl.constexpr,
     ):  # fmt: skip
-        offs, mask, g = _block(n, inner, groups, channels, group_size, MODE, BLOCK_SIZE)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + g, mask=mask, other=0.0)
-        inv = tl.load(inv_ptr + g, mask=mask, other=1.0)
-        zero_min = tl.load(zero_min_ptr + g, mask=mask, other=0)
-        y = (x - shift) * inv
-        r = tl.floor(y + 0.5)
-        odd_tie = ((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
-        r = tl.where(odd_tie, r - 1.0, r)
-        r = tl.minimum(tl.maximum(r, 0.0), LEVELS)
-        r = tl.where((zero_min != 0) & (y > 0.0) & (r < 1.0), 1.0, r)
-        tl.store(codes_ptr + offs, r.to(tl.uint8), mask=mask)
+        """Codes of one ``(BR, BCB * PER)`` tile and/or its partial statistics: STATS 1
+        reduces along rows (one partial per row), STATS 2 along columns."""
+        pid = tl.program_id(0)
+        pr = pid // n_pc
+        pc = pid % n_pc
+        rows = pr * BR + tl.arange(0, BR)
+        cb = pc * BCB + tl.arange(0, BCB)
+        row_ok = rows < R
+        if WIDE:
+            rows = rows.to(tl.int64)
+        base = rows * C
+        seed = seed_bits.to(tl.uint32, bitcast=True)
+        byte = tl.zeros([BR, BCB], dtype=tl.int32)
+        lo_acc = tl.full([BR, BCB], float("inf"), tl.float32)
+        hi_acc = tl.full([BR, BCB], float("-inf"), tl.float32)
+        bad_acc = tl.zeros([BR, BCB], dtype=tl.int32)
+        for p in tl.static_range(PER):
+            cols = cb * PER + p
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            flat = base[:, None] + cols[None, :]
+            x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+            if CODES:
+                par = (flat // inner) % mid
+                shift = tl.load(shift_ptr + par, mask=mask, other=0.0)
+                inv = tl.load(inv_ptr + par, mask=mask, other=1.0)
+                r = _code(x, shift, inv, seed, flat, LEVELS, STOCHASTIC)
+                r = tl.where(mask, r, 0.0)
+                byte = byte | (r.to(tl.int32) << (BITS * p))
+            if STATS != 0:
+                finite = mask & (x == x)
+                lo_x = tl.where(finite, x, float("inf"))
+                hi_x = tl.where(finite, x, float("-inf"))
+                bad_x = (mask & (x != x)).to(tl.int32)
+                if STATS == 2:
+                    out = part_ptr + pr * C + cols
+                    col_ok = cols < C
+                    tl.store(out, tl.min(lo_x, axis=0), mask=col_ok)
+                    tl.store(out + part_stride, tl.max(hi_x, axis=0), mask=col_ok)
+                    bad = tl.max(bad_x, axis=0).to(tl.float32)
+                    tl.store(out + 2 * part_stride, bad, mask=col_ok)
+                else:
+                    lo_acc = tl.minimum(lo_acc, lo_x)
+                    hi_acc = tl.maximum(hi_acc, hi_x)
+                    bad_acc = tl.maximum(bad_acc, bad_x)
+        if CODES:
+            bytes_per_row = C // PER
+            ok = row_ok[:, None] & (cb * PER < C)[None, :]
+            out = out_ptr + (rows * bytes_per_row)[:, None] + cb[None, :]
+            tl.store(out, byte.to(tl.uint8), mask=ok)
+        if STATS == 1:
+            out = part_ptr + rows * n_pc + pc
+            tl.store(out, tl.min(lo_acc, axis=1), mask=row_ok)
+            tl.store(out + part_stride, tl.max(hi_acc, axis=1), mask=row_ok)
+            bad = tl.max(bad_acc, axis=1).to(tl.float32)
+            tl.store(out + 2 * part_stride, bad, mask=row_ok)
 
     @triton.jit
     def _dequantize_kernel(
-        codes_ptr, out_ptr, shift_ptr, scale_ptr,
-        n, inner, groups, channels, group_size,
-        MODE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        codes_ptr, out_ptr, shift_ptr, scale_ptr, n, mid, inner,
+        BITS: tl.constexpr, PER: tl.constexpr, WIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):  # fmt: skip
-        offs, mask, g = _block(n, inner, groups, channels, group_size, MODE, BLOCK_SIZE)
-        c = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
-        shift = tl.load(shift_ptr + g, mask=mask, other=0.0)
-        scale = tl.load(scale_ptr + g, mask=mask, other=1.0)
-        out = c * scale + shift
+        """``code * scale + shift`` for one block of flat elements, unpacking as it reads."""
+        block = tl.program_id(0)
+        if WIDE:
+            block = block.to(tl.int64)
+        offs = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n
+        if PER == 1:
+            c = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        else:
+            packed = tl.load(codes_ptr + offs // PER, mask=mask, other=0).to(tl.int32)
+            c = (packed >> ((offs % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)
+        par = (offs // inner) % mid
+        shift = tl.load(shift_ptr + par, mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + par, mask=mask, other=1.0)
+        out = c.to(tl.float32) * scale + shift
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _geometry(shape: torch.Size, layout: GroupLayout) -> tuple[int, int, int, int]:
-    """``(inner, groups, channels, group_size)`` for the kernels' group arithmetic."""
-    inner = 1
-    for n in shape[2:]:
-        inner *= n
-    return inner, layout.num_groups, max(layout.channels, 1), max(layout.group_size, 1)
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Tiling:
+    """The ``(R, C)`` view of a contiguous tensor that one quantize launch tiles."""
+
+    def __init__(self, numel: int, mid: int, inner: int, per: int) -> None:
+        if inner == 1:  # one parameter per column: statistics reduce down the columns
+            self.rows, self.cols, self.stats = numel // mid, mid, 2
+        else:  # one parameter per row: statistics reduce along the rows
+            self.rows, self.cols, self.stats = numel // inner, inner, 1
+        if per > 1 and self.rows > 1 and self.cols % per:  # bytes would straddle rows
+            self.rows, self.cols, self.stats = 1, numel, 0
+        self.bcb = min(_pow2(-(-self.cols // per)), max(1, TILE // per))
+        self.br = min(_pow2(self.rows), max(1, TILE // (self.bcb * per)))
+        self.n_pr = -(-self.rows // self.br)
+        self.n_pc = -(-self.cols // (self.bcb * per))
+
+
+def _launch(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    bits: int,
+    seed: int | None,
+    stats: bool,
+    codes: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One pass over ``x`` (contiguous) for codes, statistics or both; a second pass
+    for statistics only where the packed tiling cannot give them."""
+    n = x.numel()
+    mid, inner = logical_geometry(x.shape, layout)
+    per = 8 // bits
+    tiling = _Tiling(n, mid, inner, per)
+    if stats and tiling.stats == 0:  # packed codes on odd rows: statistics separately
+        out = _launch(x, layout, shift, scale, bits, seed, stats=False)[0]
+        return (out, *_launch(x, layout, None, None, 8, None, stats=True, codes=False)[1:])
+    out = None
+    if codes:
+        out = torch.empty(x.shape if bits == 8 else (-(-n // per),), dtype=torch.uint8,
+                          device=x.device)  # fmt: skip
+    assert not codes or (shift is not None and scale is not None)
+    shift_p = per_param(shift, layout) if codes else x.new_empty(1, dtype=torch.float32)
+    inv_p = per_param(scale.reciprocal(), layout) if codes else shift_p
+    if stats:
+        partials = (tiling.rows, tiling.n_pc) if tiling.stats == 1 else (tiling.n_pr, mid)
+        part = torch.empty((3, *partials), dtype=torch.float32, device=x.device)
+    else:
+        part = shift_p
+    seed_bits = 0 if seed is None else seed - (1 << 32) * (seed >= 1 << 31)
+    _quantize_kernel[(tiling.n_pr * tiling.n_pc,)](
+        x, out if codes else shift_p, shift_p, inv_p, part,
+        tiling.rows, tiling.cols, mid, inner, tiling.n_pc, part[0].numel(), seed_bits,
+        LEVELS=float((1 << bits) - 1), BITS=bits, PER=per, STOCHASTIC=seed is not None,
+        CODES=codes, STATS=tiling.stats if stats else 0, WIDE=n >= _WIDE,
+        BR=tiling.br, BCB=tiling.bcb, enable_fp_fusion=False,
+    )  # fmt: skip
+    if not stats:
+        return out, None, None
+    reduced = 1 if tiling.stats == 1 else 0
+    lo, hi = part[0].amin(dim=reduced), part[1].amax(dim=reduced)
+    bad = part[2].amax(dim=reduced) > 0
+    if tiling.stats == 1:  # one value per row; row r belongs to parameter r % mid
+        lo, hi = lo.view(-1, mid).amin(dim=0), hi.view(-1, mid).amax(dim=0)
+        bad = bad.view(-1, mid).any(dim=0)
+    nan = float("nan")
+    return (out, *to_groups(lo.masked_fill_(bad, nan), hi.masked_fill_(bad, nan), layout))
+
+
+def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max as fp32 ``(G,)``, NaN where a group holds NaN: one read."""
+    if x.numel() == 0:
+        raise ValueError("group_minmax: the tensor is empty; it has no range")
+    _, lo, hi = _launch(x.contiguous(), layout, None, None, 8, None, stats=True, codes=False)
+    assert lo is not None and hi is not None
+    return lo, hi
 
 
 def quantize_codes(
-    x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, scale: torch.Tensor, bits: int
+    x: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Reference-exact uint8 codes of ``x`` (contiguous), in one pass over ``x``."""
-    x = x.contiguous()
-    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return codes
-    inv = scale.reciprocal().contiguous()
-    zero_min = (shift == 0).to(torch.int8).contiguous()
-    grid = (triton.cdiv(n, BLOCK),)
-    _quantize_kernel[grid](
-        x, codes, shift.contiguous(), inv, zero_min, n, *_geometry(x.shape, layout),
-        LEVELS=float((1 << bits) - 1), MODE=MODES[layout.kind], BLOCK_SIZE=BLOCK,
-    )  # fmt: skip
+    """Codes of ``x`` in one pass: 8-bit ones contiguous in ``x``'s shape, narrower ones
+    packed flat in logical order. ``seed`` set: stochastic rounding."""
+    if x.numel() == 0:
+        return torch.empty(x.shape if bits == 8 else (0,), dtype=torch.uint8, device=x.device)
+    codes = _launch(x.contiguous(), layout, shift, scale, bits, seed, stats=False)[0]
+    assert codes is not None
     return codes
+
+
+def quantize_codes_and_minmax(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Delayed scaling: the codes of ``x`` under the given ranges and the batch's own
+    per-group min and max, from the same read of ``x``."""
+    if x.numel() == 0:
+        raise ValueError("quantize_codes_and_minmax: the tensor is empty; it has no range")
+    codes, lo, hi = _launch(x.contiguous(), layout, shift, scale, bits, seed, stats=True)
+    assert codes is not None and lo is not None and hi is not None
+    return codes, lo, hi
 
 
 def dequantize_codes(
     codes: torch.Tensor,
+    shape: torch.Size,
     layout: GroupLayout,
     shift: torch.Tensor,
     scale: torch.Tensor,
+    bits: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``codes * scale + shift`` in ``dtype`` (contiguous), in one pass over the codes."""
-    codes = codes.contiguous()
-    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    n = codes.numel()
+    """``code * scale + shift`` in fp32, returned in ``dtype``, contiguous in ``shape``;
+    packed codes are unpacked in the same pass."""
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    n = out.numel()
     if n == 0:
         return out
-    grid = (triton.cdiv(n, BLOCK),)
-    _dequantize_kernel[grid](
-        codes, out, shift.contiguous(), scale.contiguous(), n,
-        *_geometry(codes.shape, layout), MODE=MODES[layout.kind], BLOCK_SIZE=BLOCK,
+    mid, inner = logical_geometry(shape, layout)
+    _dequantize_kernel[(triton.cdiv(n, BLOCK),)](
+        codes.contiguous(), out, per_param(shift, layout), per_param(scale, layout), n, mid,
+        inner, BITS=bits, PER=8 // bits, WIDE=n >= _WIDE, BLOCK_SIZE=BLOCK,
     )  # fmt: skip
     return out
