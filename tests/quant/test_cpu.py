@@ -243,6 +243,8 @@ def test_switched_off_or_without_a_compiler_the_reference_serves(tmp_path):
 def test_delayed_scaling_measures_and_quantizes_in_one_pass(shape, granularity, dtype):
     for x in _inputs(shape, dtype):
         x[(0,) * x.dim()] = float("nan")  # the batch's statistics see it, as the reference's
+        x[tuple(n // 2 for n in x.shape)] = float("nan")  # inside a fold of four rows
+        x[tuple(n - 1 for n in x.shape)] = float("-inf")
         layout = reference.GroupLayout.of(x.shape, granularity)
         prior_lo = torch.randn(layout.num_groups)  # ranges known before the batch
         prior_rng = torch.rand(layout.num_groups) * 4

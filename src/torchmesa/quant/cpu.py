@@ -22,6 +22,7 @@ distribution as the reference's ``torch.rand``, not the same stream.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -92,7 +93,7 @@ def _build() -> ctypes.CDLL:
     i64, i32, u32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
     view = [i32, ptr, ptr]  # a strided view: dims, sizes, strides (0, NULL, NULL: dense)
     lib.tm_runs_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, ptr, ptr, i32]
-    lib.tm_cols_minmax.argtypes = [ptr, i32, *view, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.tm_cols_minmax.argtypes = [ptr, i32, *view, i64, i64, ptr, ptr, ptr, i32]
     lib.tm_quantize.argtypes = [
         ptr, i32, *view, i64, i64, i64, ptr, ptr, i32, i32, u32, ptr, ptr, i32
     ]  # fmt: skip
@@ -174,7 +175,14 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def _plan(x: torch.Tensor, layout: GroupLayout, bits: int) -> _Plan:
-    return _Plan(x.shape, x.stride(), layout, logical=bits != 8 or layout.kind == "rows")
+    return _cached_plan(x.shape, x.stride(), layout, bits != 8 or layout.kind == "rows")
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(shape: torch.Size, stride: tuple[int, ...], layout: GroupLayout,
+                 logical: bool) -> _Plan:  # fmt: skip
+    """Plans are pure functions of shape, strides and layout, which repeat every step."""
+    return _Plan(shape, stride, layout, logical)
 
 
 def supports_codes(codes: torch.Tensor, bits: int) -> bool:
@@ -200,11 +208,10 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     if inner == 1:  # one parameter per element of a row: reduce columns
         lo = torch.empty(mid)
         hi = torch.empty(mid)
-        part = torch.empty(threads * 2 * mid)
-        nan = torch.empty(threads * mid, dtype=torch.int32)
+        part = torch.empty(threads * 3 * mid)
         lib.tm_cols_minmax(
             x.data_ptr(), DTYPES[x.dtype], *view, n // mid, mid, lo.data_ptr(), hi.data_ptr(),
-            part.data_ptr(), nan.data_ptr(), threads,
+            part.data_ptr(), threads,
         )  # fmt: skip
     else:
         length = inner
@@ -303,7 +310,7 @@ def dequantize_codes(
     lib = load()
     assert lib is not None
     stride = codes.stride() if bits == 8 else _contiguous_stride(shape)
-    plan = _Plan(shape, stride, layout, logical=bits != 8)
+    plan = _cached_plan(shape, stride, layout, bits != 8)
     mid, inner = plan.mid, plan.inner
     out = torch.empty_strided(shape, stride, dtype=dtype)
     shift_m, scale_m = per_param(shift, layout), per_param(scale, layout)

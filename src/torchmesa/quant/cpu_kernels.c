@@ -19,6 +19,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -36,9 +39,8 @@ static inline float bf16_to_f32(uint16_t b) {
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch writes it */
-    u += 0x7fffu + ((u >> 16) & 1u);                     /* round to nearest even */
-    return (uint16_t)(u >> 16);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;           /* round to nearest even */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r); /* NaN as torch writes it */
 }
 
 /* Load n elements of dtype from x (element offset i0) into fp32 buf. */
@@ -50,7 +52,12 @@ static inline void load(const void *x, int dtype, int64_t i0, int64_t n, float *
         for (int64_t k = 0; k < n; k++) buf[k] = bf16_to_f32(p[k]);
     } else {
         const _Float16 *p = (const _Float16 *)x + i0;
-        for (int64_t k = 0; k < n; k++) buf[k] = (float)p[k];
+        int64_t k = 0;
+#ifdef __F16C__ /* the compiler does not vectorize _Float16 conversions itself */
+        for (; k + 8 <= n; k += 8)
+            _mm256_storeu_ps(buf + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + k))));
+#endif
+        for (; k < n; k++) buf[k] = (float)p[k];
     }
 }
 
@@ -62,7 +69,13 @@ static inline void store(void *out, int dtype, int64_t i0, int64_t n, const floa
         for (int64_t k = 0; k < n; k++) p[k] = f32_to_bf16(buf[k]);
     } else {
         _Float16 *p = (_Float16 *)out + i0;
-        for (int64_t k = 0; k < n; k++) p[k] = (_Float16)buf[k];
+        int64_t k = 0;
+#ifdef __F16C__
+        for (; k + 8 <= n; k += 8)
+            _mm_storeu_si128((__m128i *)(p + k),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(buf + k), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; k < n; k++) p[k] = (_Float16)buf[k];
     }
 }
 
@@ -153,10 +166,40 @@ void tm_runs_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
     }
 }
 
+/* Fold nr rows of cols floats (consecutive in u) into per-column min a, max b and NaN
+ * flag c, four rows at a time so that the running state is read and written once per
+ * four elements. A NaN may stand in for a row's value inside the four (comparisons with
+ * it are false), never in a or b; its column is flagged either way. */
+static inline void fold_rows(const float *u, int64_t nr, int64_t cols, float *a, float *b,
+                             float *c) {
+    int64_t j = 0;
+    for (; j + 4 <= nr; j += 4) {
+        const float *u0 = u + j * cols, *u1 = u0 + cols, *u2 = u1 + cols, *u3 = u2 + cols;
+        for (int64_t k = 0; k < cols; k++) {
+            float l01 = u0[k] < u1[k] ? u0[k] : u1[k], l23 = u2[k] < u3[k] ? u2[k] : u3[k];
+            float h01 = u0[k] > u1[k] ? u0[k] : u1[k], h23 = u2[k] > u3[k] ? u2[k] : u3[k];
+            float l = l01 < l23 ? l01 : l23, h = h01 > h23 ? h01 : h23;
+            int bad = (u0[k] != u0[k]) | (u1[k] != u1[k]) | (u2[k] != u2[k]) | (u3[k] != u3[k]);
+            a[k] = l < a[k] ? l : a[k];
+            b[k] = h > b[k] ? h : b[k];
+            c[k] = bad ? 1.0f : c[k];
+        }
+    }
+    for (; j < nr; j++) {
+        const float *w = u + j * cols;
+        for (int64_t k = 0; k < cols; k++) {
+            a[k] = w[k] < a[k] ? w[k] : a[k];
+            b[k] = w[k] > b[k] ? w[k] : b[k];
+            c[k] = w[k] != w[k] ? 1.0f : c[k];
+        }
+    }
+}
+
 /* Per column c of a (rows, cols) matrix: min and max, written to lo/hi[cols]. Each thread
- * reduces a band of rows into its own slice of part (2 * cols floats a thread). */
+ * reduces a band of rows into its own slice of part (min, max and NaN flag: 3 * cols
+ * floats a thread), reading as many whole rows at a time as fit in a block. */
 void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
-                    int64_t rows, int64_t cols, float *lo, float *hi, float *part, int *nan_part,
+                    int64_t rows, int64_t cols, float *lo, float *hi, float *part,
                     int nthreads) {
     view_t v = {nd, sz, st};
     if (nthreads > rows) nthreads = rows > 0 ? (int)rows : 1;
@@ -167,42 +210,42 @@ void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        float *a = part + (int64_t)t * 2 * cols, *b = a + cols;
-        int *nan = nan_part + (int64_t)t * cols;
+        float *a = part + (int64_t)t * 3 * cols, *b = a + cols, *nan = b + cols;
         for (int64_t c = 0; c < cols; c++) {
             a[c] = INFINITY;
             b[c] = -INFINITY;
-            nan[c] = 0;
+            nan[c] = 0.0f;
         }
         int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
         float buf[BLOCK];
-        for (int64_t r = r0; r < r1; r++) {
-            for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
-                int64_t m = cols - c0 < BLOCK ? cols - c0 : BLOCK;
-                load_view(x, dtype, v, r * cols + c0, m, buf);
-                float *ac = a + c0, *bc = b + c0;
-                int *nc = nan + c0;
-                for (int64_t k = 0; k < m; k++) {
-                    float v = buf[k];
-                    ac[k] = v < ac[k] ? v : ac[k];
-                    bc[k] = v > bc[k] ? v : bc[k];
-                    nc[k] |= v != v;
+        if (cols <= BLOCK) {
+            int64_t per = BLOCK / cols;
+            for (int64_t r = r0; r < r1; r += per) {
+                int64_t nr = r1 - r < per ? r1 - r : per;
+                load_view(x, dtype, v, r * cols, nr * cols, buf);
+                fold_rows(buf, nr, cols, a, b, nan);
+            }
+        } else {
+            for (int64_t r = r0; r < r1; r++) {
+                for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+                    int64_t m = cols - c0 < BLOCK ? cols - c0 : BLOCK;
+                    load_view(x, dtype, v, r * cols + c0, m, buf);
+                    fold_rows(buf, 1, m, a + c0, b + c0, nan + c0);
                 }
             }
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < cols; c++) {
-            float lc = INFINITY, hc = -INFINITY;
-            int bad = 0;
+            float lc = INFINITY, hc = -INFINITY, bad = 0.0f;
             for (int s = 0; s < nt; s++) {
-                const float *as = part + (int64_t)s * 2 * cols;
+                const float *as = part + (int64_t)s * 3 * cols;
                 lc = as[c] < lc ? as[c] : lc;
                 hc = as[cols + c] > hc ? as[cols + c] : hc;
-                bad |= nan_part[(int64_t)s * cols + c];
+                bad = as[2 * cols + c] > bad ? as[2 * cols + c] : bad;
             }
-            lo[c] = bad ? NAN : lc;
-            hi[c] = bad ? NAN : hc;
+            lo[c] = bad != 0.0f ? NAN : lc;
+            hi[c] = bad != 0.0f ? NAN : hc;
         }
     }
 }
@@ -314,13 +357,18 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
                  int nthreads) {
     view_t v = {nd, sz, st};
     float levels = (float)((1 << bits) - 1);
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    /* statistics per channel fold whole rows at a time, so blocks then hold whole rows
+     * (and whole bytes of packed codes) */
+    int64_t bsz = BLOCK;
+    int row_blocks = part && inner == 1 && mid <= BLOCK && ((BLOCK / mid) * mid) % (8 / bits) == 0;
+    if (row_blocks) bsz = (BLOCK / mid) * mid;
+    int64_t blocks = (n + bsz - 1) / bsz;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
         float buf[BLOCK];
         uint8_t tmp[BLOCK];
-        int64_t i = blk * BLOCK;
-        int64_t m = n - i < BLOCK ? n - i : BLOCK;
+        int64_t i = blk * bsz;
+        int64_t m = n - i < bsz ? n - i : bsz;
         float *lo = NULL, *hi = NULL, *nan = NULL;
         if (part) {
             int t = 0;
@@ -346,17 +394,10 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
             } else {
                 codes_vec(buf + k, len, shift + mi, inv + mi, levels, stochastic, seed, i + k,
                           q + k);
-                if (part) {
-                    float *a = lo + mi, *b = hi + mi, *c = nan + mi;
-                    const float *u = buf + k;
-                    for (int64_t j = 0; j < len; j++) {
-                        a[j] = u[j] < a[j] ? u[j] : a[j];
-                        b[j] = u[j] > b[j] ? u[j] : b[j];
-                        c[j] = u[j] != u[j] ? 1.0f : c[j];
-                    }
-                }
+                if (part && !row_blocks) fold_rows(buf + k, 1, len, lo + mi, hi + mi, nan + mi);
             }
         }
+        if (row_blocks) fold_rows(buf, m / mid, mid, lo, hi, nan);
         if (bits != 8) pack(tmp, m, bits, out + i / (8 / bits));
     }
 }

@@ -42,8 +42,9 @@ def logical_geometry(shape: torch.Size, layout: GroupLayout) -> tuple[int, int]:
 
 def per_param(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Per-group values ``(G,)`` as one value per parameter index, fp32 and contiguous."""
-    if layout.kind == "last" and layout.group_size > 1:
-        values = values.repeat_interleave(layout.group_size)[: layout.channels]
+    if layout.kind == "last" and layout.group_size > 1:  # expand: cheaper than repeat_interleave
+        values = values.view(-1, 1).expand(-1, layout.group_size).reshape(-1)
+        return values[: layout.channels].float().contiguous()
     return values.float().contiguous()
 
 
