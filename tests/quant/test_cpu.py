@@ -26,6 +26,7 @@ CASES = [
     ((6, 42, 123), PerChannelGroup(group_size=1)),
     ((64, 11, 10), PerChannelGroup(group_size=4)),  # uneven last group
     ((3, 4099), PerChannelGroup(num_groups=5)),  # rows longer than the work unit
+    ((3, 37, 1537), PerChannelGroup(group_size=1)),  # blocks of four rows, threads, ragged end
     ((5, 7), PerToken()),
     ((9, 1), PerToken()),  # 1 per row
     ((2, 3, 4097), PerToken()),

@@ -28,6 +28,7 @@
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 #define BLOCK 4096 /* elements per work unit; a multiple of every codes-per-byte */
+#define ROWS_BLOCK (4 * BLOCK) /* per-channel statistics: four whole rows up to BLOCK wide */
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -217,9 +218,9 @@ void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
             nan[c] = 0.0f;
         }
         int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
-        float buf[BLOCK];
+        float buf[ROWS_BLOCK];
         if (cols <= BLOCK) {
-            int64_t per = BLOCK / cols;
+            int64_t per = ROWS_BLOCK / cols; /* at least four: every fold is a full one */
             for (int64_t r = r0; r < r1; r += per) {
                 int64_t nr = r1 - r < per ? r1 - r : per;
                 load_view(x, dtype, v, r * cols, nr * cols, buf);
@@ -349,12 +350,13 @@ static inline void dequant_vec(const uint8_t *q, int64_t n, const float *s, cons
 
 /* Quantize n elements of x (dtype, read through view v) to codes of `bits` bits, packed.
  * With part set (delayed scaling: the ranges were known before the batch), the same pass
- * also reduces each parameter index's min, max and NaN flag into this thread's slice of
- * part (3 * mid floats a thread, filled with +inf, -inf, 0 by the caller). */
+ * also reduces each parameter index's min and max into lo_out / hi_out (mid floats each,
+ * NaN where the index saw a NaN); part is scratch of 3 * mid floats a thread (min, max,
+ * NaN flag), filled and folded here. */
 void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                  int64_t n, int64_t mid, int64_t inner, const float *shift, const float *inv,
                  int bits, int stochastic, uint32_t seed, uint8_t *out, float *part,
-                 int nthreads) {
+                 float *lo_out, float *hi_out, int nthreads) {
     view_t v = {nd, sz, st};
     float levels = (float)((1 << bits) - 1);
     /* statistics per channel fold whole rows at a time, so blocks then hold whole rows
@@ -362,43 +364,68 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
     int64_t bsz = BLOCK;
     int row_blocks = part && inner == 1 && mid <= BLOCK && ((BLOCK / mid) * mid) % (8 / bits) == 0;
     if (row_blocks) bsz = (BLOCK / mid) * mid;
+    if (row_blocks && bsz < 4 * mid && 4 * mid <= ROWS_BLOCK) bsz = 4 * mid; /* a full fold */
     int64_t blocks = (n + bsz - 1) / bsz;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        float buf[BLOCK];
-        uint8_t tmp[BLOCK];
-        int64_t i = blk * bsz;
-        int64_t m = n - i < bsz ? n - i : bsz;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
         float *lo = NULL, *hi = NULL, *nan = NULL;
         if (part) {
-            int t = 0;
-#ifdef _OPENMP
-            t = omp_get_thread_num();
-#endif
             lo = part + (int64_t)t * 3 * mid;
             hi = lo + mid;
             nan = hi + mid;
-        }
-        load_view(x, dtype, v, i, m, buf);
-        uint8_t *q = bits == 8 ? out + i : tmp;
-        for (int64_t k = 0, mi, len; k < m; k += len) {
-            len = piece(i + k, m - k, mid, inner, &mi);
-            if (inner > 1) {
-                codes_const(buf + k, len, shift[mi], inv[mi], levels, stochastic, seed, i + k,
-                            q + k);
-                if (part) {
-                    int bad = 0;
-                    span(buf + k, len, lo + mi, hi + mi, &bad);
-                    nan[mi] = bad ? 1.0f : nan[mi];
-                }
-            } else {
-                codes_vec(buf + k, len, shift + mi, inv + mi, levels, stochastic, seed, i + k,
-                          q + k);
-                if (part && !row_blocks) fold_rows(buf + k, 1, len, lo + mi, hi + mi, nan + mi);
+            for (int64_t c = 0; c < mid; c++) {
+                lo[c] = INFINITY;
+                hi[c] = -INFINITY;
+                nan[c] = 0.0f;
             }
         }
-        if (row_blocks) fold_rows(buf, m / mid, mid, lo, hi, nan);
-        if (bits != 8) pack(tmp, m, bits, out + i / (8 / bits));
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            float buf[ROWS_BLOCK];
+            uint8_t tmp[ROWS_BLOCK];
+            int64_t i = blk * bsz;
+            int64_t m = n - i < bsz ? n - i : bsz;
+            load_view(x, dtype, v, i, m, buf);
+            uint8_t *q = bits == 8 ? out + i : tmp;
+            for (int64_t k = 0, mi, len; k < m; k += len) {
+                len = piece(i + k, m - k, mid, inner, &mi);
+                if (inner > 1) {
+                    codes_const(buf + k, len, shift[mi], inv[mi], levels, stochastic, seed,
+                                i + k, q + k);
+                    if (part) {
+                        int bad = 0;
+                        span(buf + k, len, lo + mi, hi + mi, &bad);
+                        nan[mi] = bad ? 1.0f : nan[mi];
+                    }
+                } else {
+                    codes_vec(buf + k, len, shift + mi, inv + mi, levels, stochastic, seed,
+                              i + k, q + k);
+                    if (part && !row_blocks)
+                        fold_rows(buf + k, 1, len, lo + mi, hi + mi, nan + mi);
+                }
+            }
+            if (row_blocks) fold_rows(buf, m / mid, mid, lo, hi, nan);
+            if (bits != 8) pack(tmp, m, bits, out + i / (8 / bits));
+        }
+        if (part) { /* the omp for above ended on a barrier: every slice is final */
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < mid; c++) {
+                float lc = INFINITY, hc = -INFINITY, bad = 0.0f;
+                for (int s = 0; s < nt; s++) {
+                    const float *as = part + (int64_t)s * 3 * mid;
+                    lc = as[c] < lc ? as[c] : lc;
+                    hc = as[mid + c] > hc ? as[mid + c] : hc;
+                    bad = as[2 * mid + c] > bad ? as[2 * mid + c] : bad;
+                }
+                lo_out[c] = bad != 0.0f ? NAN : lc;
+                hi_out[c] = bad != 0.0f ? NAN : hc;
+            }
+        }
     }
 }
 
