@@ -1,6 +1,7 @@
-"""Built-in models: the demo's small ViT (also at the Mesa paper's DeiT shapes) and a
-GPT-2-shaped decoder, with the batches that feed them. Used by the demo, the benchmarks
-and the ``torchmesa`` command; all built from scratch, nothing downloaded."""
+"""Built-in models: the demo's small ViT (also at the Mesa paper's DeiT shapes), a
+GPT-2-shaped decoder and Hugging Face's GPT-2 built from a config, with the batches that
+feed them. Used by the demo, the benchmarks and the ``torchmesa`` command; all built
+from scratch, nothing downloaded."""
 
 from __future__ import annotations
 
@@ -135,10 +136,15 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class Spec:
-    """A benchmark model: how to build it and a batch for it."""
+    """A benchmark model: how to build it, a batch for it and its loss.
+
+    ``kind`` is ``"vit"`` (DeiT shapes), ``"decoder"`` (our GPT-2-shaped decoder, loss
+    outside the model) or ``"hf-gpt2"`` (Hugging Face ``GPT2LMHeadModel`` built from a
+    config, SDPA attention, loss inside the model as its users compute it).
+    """
 
     name: str
-    kind: str  # "vit" or "decoder"
+    kind: str
     dim: int
     depth: int
     heads: int
@@ -160,7 +166,21 @@ class Spec:
                 mlp=4 * self.dim,
                 dropout=0.0,
             )
+        if self.kind == "hf-gpt2":
+            return _hf_gpt2(self)
         return Decoder(self.vocab, self.seq, self.dim, self.depth, self.heads)
+
+    def checkpointed(self, model: nn.Module) -> nn.Module:
+        """``model`` with each block recomputed in backward (non-reentrant checkpoint),
+        the way its users would turn it on."""
+        if self.kind == "hf-gpt2":
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            return model
+        return checkpoint_blocks(model)
 
     def batch(self, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
@@ -172,10 +192,31 @@ class Spec:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
+        if self.kind == "hf-gpt2":
+            return model(input_ids=x, labels=y).loss
         out = model(x)
         if self.kind == "vit":
             return F.cross_entropy(out, y)
         return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+
+def _hf_gpt2(spec: Spec) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            f"model {spec.name!r} needs transformers: pip install transformers"
+        ) from None
+    config = transformers.GPT2Config(
+        vocab_size=spec.vocab,
+        n_positions=spec.seq,
+        n_embd=spec.dim,
+        n_layer=spec.depth,
+        n_head=spec.heads,
+        use_cache=False,  # training: no key/value cache
+    )
+    config._attn_implementation = "sdpa"
+    return transformers.GPT2LMHeadModel(config)
 
 
 SPECS = {
@@ -184,7 +225,10 @@ SPECS = {
     "deit-b": Spec("deit-b", "vit", dim=768, depth=12, heads=12),
     "gpt2-s": Spec("gpt2-s", "decoder", dim=768, depth=12, heads=12),
     "gpt2-s-4l": Spec("gpt2-s-4l", "decoder", dim=768, depth=4, heads=12),
+    "hf-gpt2": Spec("hf-gpt2", "hf-gpt2", dim=768, depth=12, heads=12),
+    "hf-gpt2-4l": Spec("hf-gpt2-4l", "hf-gpt2", dim=768, depth=4, heads=12),
     # tiny shapes for the suite's smoke test of this benchmark
     "tiny-vit": Spec("tiny-vit", "vit", dim=64, depth=2, heads=4, image=32, patch=8),
     "tiny-decoder": Spec("tiny-decoder", "decoder", dim=64, depth=2, heads=4, seq=64, vocab=256),
+    "tiny-hf-gpt2": Spec("tiny-hf-gpt2", "hf-gpt2", dim=64, depth=2, heads=4, seq=64, vocab=256),
 }
