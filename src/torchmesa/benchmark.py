@@ -18,7 +18,9 @@ largest batch that fits ``--budget-gib``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -120,9 +122,11 @@ def step(spec: Spec, model: torch.nn.Module, opt: torch.optim.Optimizer, batch, 
     if held is not None:
         setup.sync()
         held.append(setup.memory() - before)
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    # grads freed at once, not at the next step: six interleaved models would hold six
+    # sets of them, and only the step's own memory is measured
+    opt.zero_grad(set_to_none=True)
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -191,8 +195,7 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
             if i >= warmup:
                 times[config].append(time.perf_counter() - start)
     del models, opts, batch
-    if setup.device == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(setup)  # before the workers: their peaks share this machine's memory
     rows = []
     for config in configs:
         small = peak_in_subprocess(name, config, batch_size, setup)
@@ -223,6 +226,19 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
                            ("step_seconds_median", "step_time_vs_exact")):  # fmt: skip
             row[ratio] = row[key] / exact[key] if exact and exact[key] > 0 else None
     return rows
+
+
+def release_memory(setup: Setup) -> None:
+    """Give freed memory back: six models of GPT-2-small with their optimizer states
+    leave gigabytes in glibc's heap that the next model's copies would otherwise add to."""
+    gc.collect()
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
+    elif platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: its own allocator keeps what it keeps
+            pass
 
 
 def _peak(worker_result: dict, setup: Setup) -> int:
@@ -295,6 +311,33 @@ def _device_name(setup: Setup) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _report(args: argparse.Namespace, setup: Setup, budget_gib: float, rows: list[dict]) -> dict:
+    peak = (
+        "torch.cuda.max_memory_allocated over two steps"
+        if setup.device == "cuda"
+        else "peak RSS minus RSS before the first step, fresh process per config, glibc "
+        "mmap threshold fixed at 128 KiB"
+    )
+    return {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device_name(setup),
+        "precision": setup.precision,
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "definitions": "saved: autograd's saved activations at end of forward (track), "
+        "checkpointing's kept block inputs included; held: memory in use after the last "
+        "step's forward minus before it (fresh process); peak: " + peak + "; step: median "
+        "forward+backward+AdamW step, interleaved across configs; first step: the first "
+        "forward+backward of each config, which pays one-time costs (kernel builds, "
+        "compiles); max batch: a line through the peaks at batch and 2x batch",
+        # start-up is paid once, before the timed steps: building the C kernels on first use
+        # (0 when the cache already held them), reported here rather than hidden in a step
+        "cpu_kernels": {"available": cpu.available(), "build_seconds": cpu.BUILD_SECONDS},
+        "budget_gib": budget_gib,
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
@@ -332,39 +375,17 @@ def main(argv: list[str] | None = None) -> None:
         cuda = setup.device == "cuda"
         budget_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 16.0
     budget = int(budget_gib * 2**30)
-    rows = []
-    for name, batch in plan.items():
-        started = time.time()
-        rows += measure_model(name, batch, args.configs, args.warmup, args.steps, budget, setup)
-        print(f"# {name}: {time.time() - started:.0f} s", file=sys.stderr)
-    peak = (
-        "torch.cuda.max_memory_allocated over two steps"
-        if setup.device == "cuda"
-        else "peak RSS minus RSS before the first step, fresh process per config, glibc "
-        "mmap threshold fixed at 128 KiB"
-    )
-    report = {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device_name(setup),
-        "precision": setup.precision,
-        "torch": torch.__version__,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "definitions": "saved: autograd's saved activations at end of forward (track), "
-        "checkpointing's kept block inputs included; held: memory in use after the last "
-        "step's forward minus before it (fresh process); peak: " + peak + "; step: median "
-        "forward+backward+AdamW step, interleaved across configs; first step: the first "
-        "forward+backward of each config, which pays one-time costs (kernel builds, "
-        "compiles); max batch: a line through the peaks at batch and 2x batch",
-        # start-up is paid once, before the timed steps: building the C kernels on first use
-        # (0 when the cache already held them), reported here rather than hidden in a step
-        "cpu_kernels": {"available": cpu.available(), "build_seconds": cpu.BUILD_SECONDS},
-        "budget_gib": budget_gib,
-        "rows": rows,
-    }
     name = "custom" if args.models else args.preset
     out = Path(args.out or f"benchmarks/results/bench-{setup.device}-{setup.precision}-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    rows: list[dict] = []
+    for model, batch in plan.items():
+        started = time.time()
+        rows += measure_model(model, batch, args.configs, args.warmup, args.steps, budget, setup)
+        print(f"# {model}: {time.time() - started:.0f} s", file=sys.stderr)
+        # written after every model: a run that fails later keeps what it measured
+        out.write_text(json.dumps(_report(args, setup, budget_gib, rows), indent=2) + "\n")
+        release_memory(setup)
     print(table(rows, budget_gib))
     if any(m in MESA_REPORTED or m.startswith("deit") for m in plan) and "exact" in args.configs:
         print("\nPeak training memory, Mesa's table in shape:")

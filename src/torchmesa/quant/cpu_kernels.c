@@ -196,6 +196,30 @@ static inline void fold_rows(const float *u, int64_t nr, int64_t cols, float *a,
     }
 }
 
+/* One thread's partials: min, max and NaN flag of each of cols indexes (3 * cols floats),
+ * set to what folds to nothing. */
+static inline void part_init(float *p, int64_t cols) {
+    for (int64_t c = 0; c < cols; c++) {
+        p[c] = INFINITY;
+        p[cols + c] = -INFINITY;
+        p[2 * cols + c] = 0.0f;
+    }
+}
+
+/* Index c of nt threads' partials folded into lo[c] and hi[c], NaN where any saw a NaN. */
+static inline void part_fold(const float *part, int nt, int64_t cols, int64_t c, float *lo,
+                             float *hi) {
+    float lc = INFINITY, hc = -INFINITY, bad = 0.0f;
+    for (int s = 0; s < nt; s++) {
+        const float *as = part + (int64_t)s * 3 * cols;
+        lc = as[c] < lc ? as[c] : lc;
+        hc = as[cols + c] > hc ? as[cols + c] : hc;
+        bad = as[2 * cols + c] > bad ? as[2 * cols + c] : bad;
+    }
+    lo[c] = bad != 0.0f ? NAN : lc;
+    hi[c] = bad != 0.0f ? NAN : hc;
+}
+
 /* Per column c of a (rows, cols) matrix: min and max, written to lo/hi[cols]. Each thread
  * reduces a band of rows into its own slice of part (min, max and NaN flag: 3 * cols
  * floats a thread), reading as many whole rows at a time as fit in a block. */
@@ -212,11 +236,7 @@ void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
         nt = omp_get_num_threads();
 #endif
         float *a = part + (int64_t)t * 3 * cols, *b = a + cols, *nan = b + cols;
-        for (int64_t c = 0; c < cols; c++) {
-            a[c] = INFINITY;
-            b[c] = -INFINITY;
-            nan[c] = 0.0f;
-        }
+        part_init(a, cols);
         int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
         float buf[ROWS_BLOCK];
         if (cols <= BLOCK) {
@@ -237,17 +257,7 @@ void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < cols; c++) {
-            float lc = INFINITY, hc = -INFINITY, bad = 0.0f;
-            for (int s = 0; s < nt; s++) {
-                const float *as = part + (int64_t)s * 3 * cols;
-                lc = as[c] < lc ? as[c] : lc;
-                hc = as[cols + c] > hc ? as[cols + c] : hc;
-                bad = as[2 * cols + c] > bad ? as[2 * cols + c] : bad;
-            }
-            lo[c] = bad != 0.0f ? NAN : lc;
-            hi[c] = bad != 0.0f ? NAN : hc;
-        }
+        for (int64_t c = 0; c < cols; c++) part_fold(part, nt, cols, c, lo, hi);
     }
 }
 
@@ -378,11 +388,7 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
             lo = part + (int64_t)t * 3 * mid;
             hi = lo + mid;
             nan = hi + mid;
-            for (int64_t c = 0; c < mid; c++) {
-                lo[c] = INFINITY;
-                hi[c] = -INFINITY;
-                nan[c] = 0.0f;
-            }
+            part_init(lo, mid);
         }
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
@@ -414,17 +420,7 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
         }
         if (part) { /* the omp for above ended on a barrier: every slice is final */
 #pragma omp for schedule(static)
-            for (int64_t c = 0; c < mid; c++) {
-                float lc = INFINITY, hc = -INFINITY, bad = 0.0f;
-                for (int s = 0; s < nt; s++) {
-                    const float *as = part + (int64_t)s * 3 * mid;
-                    lc = as[c] < lc ? as[c] : lc;
-                    hc = as[mid + c] > hc ? as[mid + c] : hc;
-                    bad = as[2 * mid + c] > bad ? as[2 * mid + c] : bad;
-                }
-                lo_out[c] = bad != 0.0f ? NAN : lc;
-                hi_out[c] = bad != 0.0f ? NAN : hc;
-            }
+            for (int64_t c = 0; c < mid; c++) part_fold(part, nt, mid, c, lo_out, hi_out);
         }
     }
 }
