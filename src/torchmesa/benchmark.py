@@ -283,7 +283,7 @@ def mesa_table(rows: list[dict]) -> str:
     by = {(r["model"], r["config"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
         exact, mesa = by.get((model, "exact")), by.get((model, "torchmesa-ema"))
-        if exact is None or mesa is None:
+        if exact is None or mesa is None or SPECS[model].kind != "vit":  # the paper's models
             continue
         paper = MESA_REPORTED.get(model)
         lines.append(
@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(_report(args, setup, budget_gib, rows), indent=2) + "\n")
         release_memory(setup)
     print(table(rows, budget_gib))
-    if any(m in MESA_REPORTED or m.startswith("deit") for m in plan) and "exact" in args.configs:
+    if any(SPECS[m].kind == "vit" for m in plan) and {"exact", "torchmesa-ema"} <= set(
+        args.configs
+    ):
         print("\nPeak training memory, Mesa's table in shape:")
         print(mesa_table(rows))
     print(f"\nwrote {out}")
