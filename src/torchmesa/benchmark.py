@@ -83,6 +83,14 @@ class Setup:
             return torch.cuda.memory_allocated()
         return rss_kib() * 1024
 
+    def in_use(self) -> int:
+        """Bytes the allocator has handed out and not taken back: exact where the resident
+        set is not (a small forward can reuse freed heap pages and leave RSS unchanged)."""
+        if self.device == "cuda":
+            return torch.cuda.memory_allocated()
+        info = _mallinfo2()
+        return self.memory() if info is None else info.uordblks + info.hblkhd
+
     def reset_peak(self) -> None:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -94,6 +102,24 @@ class Setup:
         if self.device == "cuda":
             return torch.cuda.max_memory_allocated()
         return rss_kib("VmHWM") * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def _mallinfo2() -> _MallInfo2 | None:
+    """glibc's allocator statistics (glibc 2.33+), or None elsewhere."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn()
 
 
 def build(spec: Spec, config: str, setup: Setup) -> torch.nn.Module:
@@ -116,12 +142,12 @@ def step(spec: Spec, model: torch.nn.Module, opt: torch.optim.Optimizer, batch, 
     """One training step; with ``held`` given, append the memory its forward left held."""
     if held is not None:
         setup.sync()
-        before = setup.memory()
+        before = setup.in_use()
     with setup.autocast():
         loss = spec.loss(model, batch)
     if held is not None:
         setup.sync()
-        held.append(setup.memory() - before)
+        held.append(setup.in_use() - before)
     loss.backward()
     opt.step()
     # grads freed at once, not at the next step: six interleaved models would hold six
@@ -325,8 +351,10 @@ def _report(args: argparse.Namespace, setup: Setup, budget_gib: float, rows: lis
         "torch": torch.__version__,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "definitions": "saved: autograd's saved activations at end of forward (track), "
-        "checkpointing's kept block inputs included; held: memory in use after the last "
-        "step's forward minus before it (fresh process); peak: " + peak + "; step: median "
+        "checkpointing's kept block inputs included; held: allocator bytes in use after the "
+        "last step's forward minus before it (fresh process; CPU: glibc mallinfo2); peak: "
+        + peak
+        + "; step: median "
         "forward+backward+AdamW step, interleaved across configs; first step: the first "
         "forward+backward of each config, which pays one-time costs (kernel builds, "
         "compiles); max batch: a line through the peaks at batch and 2x batch",

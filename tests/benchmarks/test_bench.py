@@ -138,3 +138,8 @@ def test_setup_measures_the_cpu_as_design_defines():
     with setup.autocast():
         y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert y.dtype == torch.bfloat16
+    before = setup.in_use()
+    held = torch.ones(2**20, dtype=torch.float64)  # 8 MiB, touched
+    grown = setup.in_use() - before
+    assert 8 * 2**20 <= grown < 9 * 2**20  # what the tensor holds, not pages that were free
+    del held
