@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import os
@@ -112,14 +113,21 @@ class _MallInfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
-def _mallinfo2() -> _MallInfo2 | None:
-    """glibc's allocator statistics (glibc 2.33+), or None elsewhere."""
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (its allocator's statistics and trim), else None."""
     try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2  # glibc 2.33+
+        return libc if hasattr(libc, "malloc_trim") else None
     except (OSError, AttributeError):
         return None
-    fn.restype = _MallInfo2
-    return fn()
+
+
+def _mallinfo2() -> _MallInfo2 | None:
+    """glibc's allocator statistics, or None elsewhere."""
+    libc = _glibc()
+    return None if libc is None else libc.mallinfo2()
 
 
 def build(spec: Spec, config: str, setup: Setup) -> torch.nn.Module:
@@ -260,11 +268,8 @@ def release_memory(setup: Setup) -> None:
     gc.collect()
     if setup.device == "cuda":
         torch.cuda.empty_cache()
-    elif platform.system() == "Linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: its own allocator keeps what it keeps
-            pass
+    elif _glibc() is not None:  # other allocators keep what they keep
+        _glibc().malloc_trim(0)
 
 
 def _peak(worker_result: dict, setup: Setup) -> int:
