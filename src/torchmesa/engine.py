@@ -441,10 +441,10 @@ class Engine:
 def _span_overflows(lo: torch.Tensor, hi: torch.Tensor) -> bool:
     """Rule 8: some group's finite ends are further apart than fp32's largest number.
     One device sync (two when some span is infinite); fp16 tensors never need it."""
-    span = hi - lo
-    if not bool(torch.isinf(span).any()):  # the usual case: one check
+    infinite = torch.isinf(hi - lo)
+    if not bool(infinite.any()):  # the usual case: one check
         return False
-    return bool((torch.isinf(span) & torch.isfinite(lo) & torch.isfinite(hi)).any())
+    return bool((infinite & torch.isfinite(lo) & torch.isfinite(hi)).any())
 
 
 def _frozen_weight_copy(t: torch.Tensor, forward: _Forward) -> bool:

@@ -374,7 +374,7 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
     int64_t bsz = BLOCK;
     int row_blocks = part && inner == 1 && mid <= BLOCK && ((BLOCK / mid) * mid) % (8 / bits) == 0;
     if (row_blocks) bsz = (BLOCK / mid) * mid;
-    if (row_blocks && bsz < 4 * mid && 4 * mid <= ROWS_BLOCK) bsz = 4 * mid; /* a full fold */
+    if (row_blocks && bsz < 4 * mid) bsz = 4 * mid; /* a full fold; mid <= BLOCK: fits ROWS_BLOCK */
     int64_t blocks = (n + bsz - 1) / bsz;
 #pragma omp parallel num_threads(nthreads)
     {
