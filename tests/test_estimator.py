@@ -1,10 +1,23 @@
-"""Running (EMA) and dynamic range estimates."""
+"""Running (EMA) and dynamic range estimates, on the CPU's C path and on the torch path
+that other devices take."""
 
+import pytest
 import torch
 
-from torchmesa.estimator import DynamicRange, EMARange
+from torchmesa import quant
+from torchmesa.estimator import EMARange
 
 SITE = ("block.fc1", 0, 0)
+
+
+@pytest.fixture(autouse=True, params=["c", "torch"])
+def arithmetic(request, monkeypatch):
+    """Every test runs twice: per-group arithmetic in the C kernels, then in torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(quant, "_on_cpu", lambda t: False)
+    elif not quant.cpu.available():
+        pytest.skip("no C compiler for the kernels")
+    return request.param
 
 
 def test_ema_initialises_from_first_batch_then_decays():
@@ -43,15 +56,6 @@ def test_ema_restarts_when_a_site_changes_shape():
     est.ranges(SITE, torch.zeros(2), torch.ones(2))
     shift, rng = est.ranges(SITE, torch.full((3,), -1.0), torch.full((3,), 5.0))
     assert torch.equal(shift, torch.full((3,), -1.0)) and torch.equal(rng, torch.full((3,), 6.0))
-
-
-def test_dynamic_is_stateless():
-    est = DynamicRange()
-    shift, rng = est.ranges(SITE, torch.tensor([-2.0]), torch.tensor([2.0]))
-    assert float(shift) == -2.0 and float(rng) == 4.0
-    _, rng = est.ranges(SITE, torch.tensor([-2.0]), torch.tensor([float("inf")]))
-    assert torch.isnan(rng).all()
-    assert est.stats() == {}
 
 
 def test_a_site_can_move_with_its_own_decay():

@@ -57,13 +57,12 @@ from torch import nn
 
 from torchmesa import quant
 from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerHead
-from torchmesa.estimator import DynamicRange, EMARange, Site
+from torchmesa.estimator import EMARange, Site
 from torchmesa.policy import Policy
 from torchmesa.tensors import is_dense, is_parameter_like, storage_nbytes, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
 _METADATA_BYTES_PER_GROUP = 8
-_BATCH_RANGE = DynamicRange()
 
 
 class _Forward:
@@ -389,40 +388,45 @@ class Engine:
     ) -> quant.QuantizedTensor | torch.Tensor:
         stochastic = config.rounding == "stochastic"
         generator = self._generator(t.device, config.seed) if stochastic else None
-        prior = None
-        if config.estimator == "delayed" and layout.kind != "rows":
+        quantize = {"bits": config.bits, "rounding": config.rounding, "generator": generator}
+        running = layout.kind != "rows" and config.estimator != "dynamic"
+        q = prior = None
+        if running and config.estimator == "delayed":
             prior = self.estimator.prior(site, (layout.num_groups,), t.device, forward.staged)
         if prior is not None:  # delayed scaling: quantize and measure in one pass
-            q, lo, hi = quant.quantize_delayed(
-                t, layout, *prior, bits=config.bits, rounding=config.rounding, generator=generator
-            )
+            q, lo, hi = quant.quantize_delayed(t, layout, *prior, **quantize)
+        elif not running:  # each group's own range (per-token ones always)
+            q, lo, hi = quant.quantize_dynamic(t, layout, **quantize)
         else:
             lo, hi = quant.group_minmax(t, layout)
-        if config.check_finite and not bool(torch.isfinite(hi - lo).all()):
+        nonfinite = overflows = None  # unknown: finding out costs a GPU a device sync
+        if config.check_finite or t.dtype != torch.float16 or not t.is_cuda:
+            nonfinite, overflows = quant.span_flags(lo, hi)  # fp16 ranges never overflow
+        if config.check_finite and nonfinite:
             module = site[0] or self._root_label
             raise FloatingPointError(
                 f"torchmesa: an activation saved in module {module!r} (shape "
                 f"{tuple(t.shape)}, {t.dtype}) holds NaN or Inf; the forward pass produced "
                 "it (Config.check_finite=True)"
             )
-        if t.dtype != torch.float16 and _span_overflows(lo, hi):
+        if overflows:
             self._warn_once(
                 "overflow",
                 "torchmesa: a saved activation holds values near the fp32 limit (|x| > "
                 "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
             )
             return _compact(t)
-        running = layout.kind != "rows" and config.estimator != "dynamic"
-        estimator = self.estimator if running else _BATCH_RANGE
-        shift, rng = estimator.ranges(
+        if not running:
+            assert q is not None
+            return q
+        shift, rng = self.estimator.ranges(
             site, lo, hi, forward.staged, config.ema_decay, quantized_with=prior
         )
-        if prior is not None:  # a group this batch filled with NaN/Inf dequantizes to NaN
+        if q is None:
+            return quant.quantize(t, layout, shift, rng, **quantize)
+        if nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
             q.scale = q.scale.masked_fill(torch.isnan(rng), torch.nan)
-            return q
-        return quant.quantize(
-            t, layout, shift, rng, bits=config.bits, rounding=config.rounding, generator=generator
-        )
+        return q
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""
@@ -436,15 +440,6 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _span_overflows(lo: torch.Tensor, hi: torch.Tensor) -> bool:
-    """Rule 8: some group's finite ends are further apart than fp32's largest number.
-    One device sync (two when some span is infinite); fp16 tensors never need it."""
-    infinite = torch.isinf(hi - lo)
-    if not bool(infinite.any()):  # the usual case: one check
-        return False
-    return bool((infinite & torch.isfinite(lo) & torch.isfinite(hi)).any())
 
 
 def _frozen_weight_copy(t: torch.Tensor, forward: _Forward) -> bool:

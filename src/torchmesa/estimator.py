@@ -1,4 +1,5 @@
-"""Range estimates per site and group: Mesa's running (EMA) ranges, or each batch's own.
+"""Mesa's running (EMA) range estimates per site and group. (Each batch's own ranges,
+for ``estimator="dynamic"`` and per-token groups, need no state: quant.quantize_dynamic.)
 
 A *site* is where a tensor is saved: (module path, call of that module within the
 forward, ordinal of the save within that call). It is stable across steps, so a running
@@ -12,6 +13,7 @@ and quantizes the batch with the updated estimate, so values outside it are clam
 count, per site, how many groups had values outside the estimate (clipped), without a
 device sync. A group whose batch min or max is not finite leaves its estimate untouched
 and is marked NaN for this batch only (it then dequantizes to NaN, see quant.reference).
+The arithmetic is :func:`torchmesa.quant.ema_step`: one C call on the CPU.
 
 Updates are staged per forward and committed when the forward returns: a forward that
 raises (an out-of-memory batch a trainer skips) leaves every estimate as it was.
@@ -22,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from torchmesa import quant
 
 Site = tuple[str, int, int]
 
@@ -38,48 +42,21 @@ class SiteStats:
         return self.groups_clipped / self.groups_seen if self.groups_seen else 0.0
 
 
-class DynamicRange:
-    """Each batch's own per-group range: nothing is clipped, nothing is kept."""
-
-    def ranges(
-        self,
-        site: Site,
-        lo: torch.Tensor,
-        hi: torch.Tensor,
-        staged: dict | None = None,
-        decay: float | None = None,
-        quantized_with: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shift, range)`` to quantize with, given the batch's per-group min and max."""
-        rng = hi - lo
-        return lo, rng.masked_fill_(~torch.isfinite(rng), torch.nan)
-
-    def commit(self, staged: dict) -> None:
-        """Nothing to keep."""
-
-    def num_sites(self) -> int:
-        """Sites with a kept estimate: none."""
-        return 0
-
-    def stats(self) -> dict[Site, SiteStats]:
-        return {}
-
-
-@dataclass(frozen=True)
+@dataclass
 class _Running:
-    """One site's estimate; replaced, never changed in place, so staging is free."""
+    """One site's estimate. Replaced, never changed in place, so staging is free; only
+    ``all_seen``, a fact about ``seen``, is filled in when first read."""
 
-    shift: torch.Tensor
-    range: torch.Tensor
-    seen: torch.Tensor
-    clipped: torch.Tensor
+    state: quant.RangeState
+    clipped: torch.Tensor | int
     updates: int
+    all_seen: bool | None
 
     @staticmethod
     def fresh(lo: torch.Tensor) -> _Running:
         zeros = torch.zeros_like(lo)
-        clipped = torch.zeros((), dtype=torch.int64, device=lo.device)
-        return _Running(zeros, zeros, torch.zeros_like(lo, dtype=torch.bool), clipped, 0)
+        seen = torch.zeros_like(lo, dtype=torch.bool)
+        return _Running(quant.RangeState(zeros, zeros, seen), 0, 0, False)
 
 
 class EMARange:
@@ -105,22 +82,21 @@ class EMARange:
         counted against the new estimate, or against ``quantized_with`` when the batch
         was quantized with other ranges (delayed scaling: the estimate before it).
         """
-        state = self._matching(site, lo.shape, lo.device, staged)
-        if state is None:
+        old = self._matching(site, lo.shape, lo.device, staged)
+        if old is None:
             # a new site, or one whose tensor changed shape (dynamic control flow): restart
-            state = _Running.fresh(lo)
-        batch_range = hi - lo
-        finite = torch.isfinite(batch_range)  # a NaN or ±Inf end makes the range non-finite
-        # the first finite batch of a group initialises it; later ones move it by 1 - λ
-        weight = state.seen.float().mul_(self.decay if decay is None else decay)
-        shift = torch.where(finite, torch.lerp(lo, state.shift, weight), state.shift)
-        rng = torch.where(finite, torch.lerp(batch_range, state.range, weight), state.range)
-        used_shift, used_range = (shift, rng) if quantized_with is None else quantized_with
-        outside = (lo < used_shift) | (batch_range + (lo - used_shift) > used_range)
-        clipped = state.clipped + (outside & finite).sum()
-        new = _Running(shift, rng, state.seen | finite, clipped, state.updates + 1)
+            old = _Running.fresh(lo)
+        step = quant.ema_step(
+            lo, hi, old.state, self.decay if decay is None else decay, quantized_with
+        )
+        new = _Running(
+            quant.RangeState(step.shift, step.range, step.seen),
+            old.clipped + step.clipped,
+            old.updates + 1,
+            True if old.all_seen else step.all_seen,  # seen groups stay seen
+        )
         (self._sites if staged is None else staged)[site] = new
-        return shift, rng.masked_fill(~finite, torch.nan)
+        return step.shift, step.marked
 
     def prior(
         self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
@@ -128,22 +104,29 @@ class EMARange:
         """The site's ``(shift, range)`` before this batch, for delayed scaling; None if
         the site is new, changed shape, or has a group never seen finite (then the batch
         must set its own range first)."""
-        state = self._matching(site, lo_shape, device, staged)
-        if state is None or state.updates == 0 or not bool(state.seen.all()):
+        running = self._matching(site, lo_shape, device, staged)
+        if running is None or running.updates == 0:
             return None
-        return state.shift, state.range
+        if running.all_seen is None:  # a device sync, once per site
+            running.all_seen = bool(running.state.seen.all())
+        if not running.all_seen:
+            return None
+        return running.state.shift, running.state.range
 
     def _matching(
         self, site: Site, shape: torch.Size, device: torch.device, staged: dict | None
     ) -> _Running | None:
         """The site's latest estimate (staged by this forward, else kept), if it has
         ``shape`` and lives on ``device``."""
-        state = staged.get(site) if staged is not None else None
-        if state is None:
-            state = self._sites.get(site)
-        if state is None or state.shift.shape != shape or state.shift.device != device:
+        running = staged.get(site) if staged is not None else None
+        if running is None:
+            running = self._sites.get(site)
+        if running is None:
             return None
-        return state
+        shift = running.state.shift
+        if shift.shape != shape or shift.device != device:
+            return None
+        return running
 
     def commit(self, staged: dict) -> None:
         """Keep the estimates one forward staged."""
@@ -156,11 +139,11 @@ class EMARange:
     def stats(self) -> dict[Site, SiteStats]:
         """Clipping counts per site (reads device counters: one sync per site)."""
         return {
-            site: SiteStats(s.updates * s.shift.numel(), int(s.clipped.item()))
+            site: SiteStats(s.updates * s.state.shift.numel(), int(s.clipped))
             for site, s in self._sites.items()
         }
 
     def state(self, site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The current ``(shift, range)`` of a site, or None if it was never seen."""
         s = self._sites.get(site)
-        return None if s is None else (s.shift, s.range)
+        return None if s is None else (s.state.shift, s.state.range)

@@ -214,6 +214,64 @@ def test_dispatch_serves_cpu_tensors():
         assert torch.equal(back, expect)
 
 
+ROWS = [(1, 1), (5, 7), (9, 1), (3, 384), (2, 4097), (3, 5, 333), (2, 16385)]  # last: 2 passes
+
+
+def _own_ranges(x, layout, bits):
+    """What per-token quantization with each row's own range is, in reference terms."""
+    lo, hi = reference.group_minmax(x, layout)
+    rng = hi - lo
+    rng = rng.masked_fill(~torch.isfinite(rng), torch.nan)
+    scale = reference.scale_of(rng, bits)
+    return lo, hi, scale, reference.quantize_codes(x, layout, lo, scale, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROWS)
+def test_per_token_quantization_with_own_ranges_is_the_references(shape, dtype):
+    for x in _inputs(shape, dtype):
+        if x.numel() > 2:
+            first = x[(0,) * (x.dim() - 1)]
+            first.copy_(first.abs())[0] = 0.0  # a zero-minimum row keeps zero distinct
+            x[(-1,) * x.dim()] = float("nan")  # the last row holds a NaN
+            if x.numel() // shape[-1] > 2:  # the second an Inf: its range is not finite
+                x[tuple(int(i) for i in torch.unravel_index(torch.tensor(1), shape[:-1]))][0] = (
+                    float("inf")
+                )
+        layout = reference.GroupLayout.of(x.shape, PerToken())
+        for bits in (8, 4, 2):
+            q, lo, hi = quant.quantize_dynamic(x, layout, bits=bits)
+            lo_ref, hi_ref, scale_ref, codes_ref = _own_ranges(x, layout, bits)
+            for got, want in ((lo, lo_ref), (hi, hi_ref), (q.scale, scale_ref)):
+                torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+            assert q.shift is lo and q.bits == bits
+            finite = torch.isfinite(layout.broadcast(scale_ref, x.dim())).expand(x.shape)
+            assert torch.equal(q.unpacked_codes()[finite], codes_ref[finite])
+            back = quant.dequantize(q)
+            assert bool(back[~finite].isnan().all())  # a NaN row comes back NaN
+
+
+def test_per_token_rows_are_read_once_when_they_fit_a_block():
+    layout = reference.GroupLayout.of((4, 4097), PerToken())
+    assert cpu.rows_per_block(layout, 8) == 3 and cpu.rows_per_block(layout, 4) == 2
+    assert cpu.rows_per_block(reference.GroupLayout.of((2, 16385), PerToken()), 8) == 0
+    assert cpu.rows_per_block(reference.GroupLayout.of((2, 5), PerHead()), 8) == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_per_token_stochastic_rounding_in_one_pass_is_unbiased(bits):
+    x = torch.rand(64, 4096)
+    layout = reference.GroupLayout.of(x.shape, PerToken())
+    gen = torch.Generator().manual_seed(0)
+    q, _, _ = quant.quantize_dynamic(x, layout, bits=bits, rounding="stochastic", generator=gen)
+    err = quant.dequantize(q) - x
+    step = layout.broadcast(q.scale, 2)
+    assert bool((err.abs() < step).all())
+    assert abs(float(err.mean() / step.mean())) < 0.01
+    again, _, _ = quant.quantize_dynamic(x, layout, bits=bits, rounding="stochastic", generator=gen)
+    assert not torch.equal(q.codes, again.codes)  # the generator moved on
+
+
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code],

@@ -17,7 +17,9 @@ from torchmesa.quant import reference as ref
 from torchmesa.quant import triton as kernels
 from torchmesa.quant.reference import (
     FLOAT_DTYPES,
+    EmaStep,
     GroupLayout,
+    RangeState,
     dequantize_codes,
     pack_bits,
     quantize_codes,
@@ -28,18 +30,23 @@ from torchmesa.quant.reference import (
 __all__ = [
     "BITS",
     "FLOAT_DTYPES",
+    "EmaStep",
     "GroupLayout",
+    "RangeState",
     "PackedMask",
     "QuantizedTensor",
     "QuantizedView",
     "dequantize",
     "dequantize_view",
+    "ema_step",
     "group_minmax",
     "pack_mask",
     "pack_two_level",
     "two_level_value",
     "quantize",
     "quantize_delayed",
+    "quantize_dynamic",
+    "span_flags",
     "unpack_mask",
 ]
 
@@ -162,6 +169,38 @@ def quantize_delayed(
     return q, lo, hi
 
 
+def quantize_dynamic(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    *,
+    bits: int,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` with each group's own range in this batch (shift = min, range =
+    max - min, NaN where that is not finite) and return the per-group min and max beside
+    it. Per-token groups on the CPU take one pass (each row is read once); others two."""
+    if bits not in BITS:
+        raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
+    if cpu.supports(x) and cpu.rows_per_block(layout, bits) > 0:
+        seed = _seed(rounding, generator, x.device)
+        codes, lo, hi, scale = cpu.quantize_rows(x, layout, bits, seed)
+        return QuantizedTensor(codes, lo, scale, layout, x.dtype, bits, x.shape), lo, hi
+    lo, hi = group_minmax(x, layout)
+    rng = hi - lo
+    rng = rng.masked_fill_(~torch.isfinite(rng), torch.nan)
+    q = _quantize(x, layout, lo, rng, bits, rounding, generator, stats=False)[0]
+    return q, lo, hi
+
+
+def _seed(rounding: str, generator: torch.Generator | None, device: torch.device) -> int | None:
+    """The fused kernels' noise stream for stochastic rounding, seeded from ours."""
+    if rounding != "stochastic":
+        return None
+    device = generator.device if generator is not None else device
+    return int(torch.randint(0, 1 << 32, (), generator=generator, device=device))
+
+
 def _quantize(
     x: torch.Tensor,
     layout: GroupLayout,
@@ -174,13 +213,10 @@ def _quantize(
 ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
     if bits not in BITS:
         raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
-    scale = scale_of(rng, bits)
     fast = cpu if cpu.supports(x) else kernels if _fused(x) else None
+    scale = cpu.scale_of(rng, bits) if fast is cpu else scale_of(rng, bits)
     if fast is not None:
-        seed = None
-        if rounding == "stochastic":  # the kernel's noise stream, seeded from ours
-            device = generator.device if generator is not None else x.device
-            seed = int(torch.randint(0, 1 << 32, (), generator=generator, device=device))
+        seed = _seed(rounding, generator, x.device)
         lo = hi = None
         if stats:
             codes, lo, hi = fast.quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
@@ -215,6 +251,33 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     if _fused(x):
         return kernels.group_minmax(x, layout)
     return ref.group_minmax(x, layout)
+
+
+def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
+    """Whether some group's range is not finite, and whether some range overflows fp32
+    with finite ends (see the reference): one C call on the CPU, one device sync else."""
+    if _on_cpu(lo):
+        return cpu.span_flags(lo, hi)
+    return ref.span_flags(lo, hi)
+
+
+def ema_step(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    state: RangeState,
+    decay: float,
+    used: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> EmaStep:
+    """A running range estimate moved by one batch (see the reference): one C call on the
+    CPU, a dozen small device ops else."""
+    if _on_cpu(lo):
+        return cpu.ema_step(lo, hi, state, decay, used)
+    return ref.ema_step(lo, hi, state, decay, used)
+
+
+def _on_cpu(t: torch.Tensor) -> bool:
+    """Whether per-group arithmetic on ``t`` runs in the C kernels."""
+    return t.device.type == "cpu" and cpu.available()
 
 
 def _fused(t: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -35,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from torchmesa.quant.params import geometry, per_param, to_groups
-from torchmesa.quant.reference import GroupLayout
+from torchmesa.quant.params import geometry
+from torchmesa.quant.reference import EmaStep, GroupLayout, RangeState
 from torchmesa.tensors import is_dense
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -48,8 +49,10 @@ if platform.machine() in ("x86_64", "AMD64"):
     FLAGS.append("-mprefer-vector-width=512")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BLOCK = 4096  # the kernels' work unit (cpu_kernels.c)
+ROWS_BLOCK = 4 * _BLOCK  # elements of whole rows a block holds (cpu_kernels.c)
 MAX_DIMS = 8  # dims longer than 1 that a strided view may have (cpu_kernels.c)
 _PARALLEL_MIN = 1 << 16
+_SHORT_RUN = 256  # runs of one parameter shorter than this are spread per element
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -97,14 +100,25 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     i64, i32, u32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
     view = [i32, ptr, ptr]  # a strided view: dims, sizes, strides (0, NULL, NULL: dense)
-    lib.tm_runs_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, ptr, ptr, i32]
-    lib.tm_cols_minmax.argtypes = [ptr, i32, *view, i64, i64, ptr, ptr, ptr, i32]
+    lib.tm_runs_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.tm_cols_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, ptr, ptr, i32]
     lib.tm_quantize.argtypes = [
-        ptr, i32, *view, i64, i64, i64, ptr, ptr, i32, i32, u32, ptr, ptr, ptr, ptr, i32
+        ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32, i32, u32, ptr, ptr, ptr, i32
     ]  # fmt: skip
-    lib.tm_dequantize.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr, i32]
-    for fn in (lib.tm_runs_minmax, lib.tm_cols_minmax, lib.tm_quantize, lib.tm_dequantize):
+    lib.tm_quantize_rows.argtypes = [
+        ptr, i32, *view, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
+    ]  # fmt: skip
+    lib.tm_dequantize.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i32, ptr, i32]
+    lib.tm_scale.argtypes = [ptr, i64, i32, ptr]
+    lib.tm_span_flags.argtypes = [ptr, ptr, i64]
+    lib.tm_ema.argtypes = [
+        ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr
+    ]  # fmt: skip
+    for fn in (lib.tm_runs_minmax, lib.tm_cols_minmax, lib.tm_quantize, lib.tm_quantize_rows,
+               lib.tm_dequantize, lib.tm_scale):  # fmt: skip
         fn.restype = None
+    lib.tm_span_flags.restype = i32
+    lib.tm_ema.restype = i64
     return lib
 
 
@@ -139,11 +153,11 @@ def available() -> bool:
 
 
 class _Plan:
-    """How one tensor meets the kernels: the codes' dense strides, the parameter index of
-    each code (``(i // inner) % mid``) and, when the input is not dense in that order,
-    the strided view the kernels read it through."""
+    """How one tensor meets the kernels: the codes' dense strides; the parameter index of
+    each code, ``(i // inner) % mid``, and its range group, ``parameter // gs``; and, when
+    the input is not dense in that order, the strided view the kernels read it through."""
 
-    __slots__ = ("codes_stride", "mid", "inner", "nd", "sizes", "strides")
+    __slots__ = ("codes_stride", "mid", "inner", "gs", "nd", "sizes", "strides")
 
     def __init__(self, shape: torch.Size, stride: tuple[int, ...], layout: GroupLayout,
                  logical: bool) -> None:  # fmt: skip
@@ -159,10 +173,31 @@ class _Plan:
         if all(stride[d] == codes_stride[d] for d in order):
             self.nd, self.sizes, self.strides = 0, None, None
         else:
-            self.nd = len(order)
-            self.sizes = (ctypes.c_int64 * self.nd)(*(shape[d] for d in order))
-            self.strides = (ctypes.c_int64 * self.nd)(*(stride[d] for d in order))
+            sizes, strides = _merged([shape[d] for d in order], [stride[d] for d in order])
+            self.nd = len(sizes)
+            self.sizes = (ctypes.c_int64 * self.nd)(*sizes)
+            self.strides = (ctypes.c_int64 * self.nd)(*strides)
         self.mid, self.inner = geometry(shape, order, layout, step)
+        self.gs = layout.group_size
+        if 1 < self.inner < _SHORT_RUN and self.mid > 1 and self.mid * self.inner <= _BLOCK:
+            # short runs of one parameter (a head's 64 features in a (B, N, H, D) layout):
+            # one parameter per element of a period of mid * inner elements instead, so
+            # that the kernels run long vector loops rather than a short loop per run
+            self.mid, self.inner, self.gs = self.mid * self.inner, 1, self.inner * self.gs
+
+
+def _merged(sizes: list[int], strides: list[int]) -> tuple[list[int], list[int]]:
+    """A strided view with neighbouring dims that step as one dim merged (q sliced from a
+    (B, N, 3, H, D) projection reads as N * B rows of H * D contiguous elements)."""
+    out_sizes, out_strides = [sizes[0]], [strides[0]]
+    for size, st in zip(sizes[1:], strides[1:]):
+        if out_strides[-1] == st * size:
+            out_sizes[-1] *= size
+            out_strides[-1] = st
+        else:
+            out_sizes.append(size)
+            out_strides.append(st)
+    return out_sizes, out_strides
 
 
 def _threads(numel: int) -> int:
@@ -210,28 +245,22 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     plan = _plan(x, layout, 8)
     mid, inner, view = plan.mid, plan.inner, (plan.nd, plan.sizes, plan.strides)
     n, threads = x.numel(), _threads(x.numel())
+    lo = torch.empty(layout.num_groups)
+    hi = torch.empty(layout.num_groups)
     if inner == 1:  # one parameter per element of a row: reduce columns
-        lo = torch.empty(mid)
-        hi = torch.empty(mid)
-        part = torch.empty(threads * 3 * mid)
         lib.tm_cols_minmax(
-            x.data_ptr(), DTYPES[x.dtype], *view, n // mid, mid, lo.data_ptr(), hi.data_ptr(),
-            part.data_ptr(), threads,
+            x.data_ptr(), DTYPES[x.dtype], *view, n // mid, mid, plan.gs,
+            lo.data_ptr(), hi.data_ptr(), threads,
         )  # fmt: skip
     else:
         length = inner
         if mid == 1:  # one group: split the tensor so that every thread reduces a share
             length = max(_BLOCK, -(-n // (8 * threads)))
-        runs = -(-n // length)
-        lo = torch.empty(runs)
-        hi = torch.empty(runs)
         lib.tm_runs_minmax(
-            x.data_ptr(), DTYPES[x.dtype], *view, n, length, runs, lo.data_ptr(), hi.data_ptr(),
-            threads,
+            x.data_ptr(), DTYPES[x.dtype], *view, n, length, mid, plan.gs,
+            lo.data_ptr(), hi.data_ptr(), threads,
         )  # fmt: skip
-        if runs != mid:  # several runs a parameter: torch's reductions keep NaN, as ours do
-            lo, hi = lo.view(-1, mid).amin(dim=0), hi.view(-1, mid).amax(dim=0)
-    return to_groups(lo, hi, layout)
+    return lo, hi
 
 
 def quantize_codes(
@@ -274,25 +303,64 @@ def _quantize(
     lib = load()
     assert lib is not None
     plan = _plan(x, layout, bits)
-    n, threads = x.numel(), _threads(x.numel())
+    n = x.numel()
     if bits == 8:
         out = torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
     else:
         out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
-    shift_m = per_param(shift, layout)
-    inv_m = per_param(scale.reciprocal(), layout)
-    part = lo = hi = None
-    if stats:  # scratch per thread: min, max and NaN flag of each parameter index
-        part = torch.empty(threads * 3 * plan.mid)
-        lo, hi = torch.empty(plan.mid), torch.empty(plan.mid)
+    shift, scale = _fp32(shift), _fp32(scale)
+    lo = hi = None
+    if stats:
+        lo, hi = torch.empty(layout.num_groups), torch.empty(layout.num_groups)
     lib.tm_quantize(
         x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n, plan.mid,
-        plan.inner, shift_m.data_ptr(), inv_m.data_ptr(), bits, seed is not None,
-        0 if seed is None else seed, out.data_ptr(), _ptr(part), _ptr(lo), _ptr(hi), threads,
+        plan.inner, plan.gs, shift.data_ptr(), scale.data_ptr(), bits,
+        seed is not None, 0 if seed is None else seed, out.data_ptr(), _ptr(lo), _ptr(hi),
+        _threads(n),
     )  # fmt: skip
-    if lo is None or hi is None:
-        return out, None, None
-    return (out, *to_groups(lo, hi, layout))
+    return out, lo, hi
+
+
+def rows_per_block(layout: GroupLayout, bits: int) -> int:
+    """Rows :func:`quantize_rows` reads per block: as many as fit, a whole number of
+    bytes of codes; 0 when rows are too long for a block (two passes serve them)."""
+    if layout.kind != "rows":
+        return 0
+    per = 8 // bits
+    unit = per // math.gcd(layout.channels, per)  # rows that fill whole bytes
+    return ROWS_BLOCK // (unit * layout.channels) * unit
+
+
+def quantize_rows(
+    x: torch.Tensor, layout: GroupLayout, bits: int, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token quantization with each row's own range in one pass: codes as
+    :func:`quantize_codes` writes them, and per row its min, max and step (the step NaN
+    where max - min is not finite). Needs :func:`rows_per_block` > 0."""
+    lib = load()
+    assert lib is not None
+    k = rows_per_block(layout, bits)
+    assert k > 0, "rows too long for one pass"
+    plan = _plan(x, layout, bits)
+    n, rows = x.numel(), layout.num_groups
+    if bits == 8:
+        out = torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
+    else:
+        out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
+    lo, hi, scale = torch.empty(rows), torch.empty(rows), torch.empty(rows)
+    lib.tm_quantize_rows(
+        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, rows,
+        layout.channels, k, bits, seed is not None, 0 if seed is None else seed,
+        out.data_ptr(), lo.data_ptr(), hi.data_ptr(), scale.data_ptr(), _threads(n),
+    )  # fmt: skip
+    return out, lo, hi, scale
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Per-group values as the kernels read them: fp32, contiguous, on the CPU."""
+    if t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu":
+        return t
+    return t.to("cpu", torch.float32).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -314,11 +382,55 @@ def dequantize_codes(
     assert lib is not None
     stride = codes.stride() if bits == 8 else _contiguous_stride(shape)
     plan = _cached_plan(shape, stride, layout, bits != 8)
-    mid, inner = plan.mid, plan.inner
     out = torch.empty_strided(shape, stride, dtype=dtype)
-    shift_m, scale_m = per_param(shift, layout), per_param(scale, layout)
+    shift, scale, n = _fp32(shift), _fp32(scale), out.numel()
     lib.tm_dequantize(
-        codes.data_ptr(), bits, out.numel(), mid, inner, shift_m.data_ptr(), scale_m.data_ptr(),
-        DTYPES[dtype], out.data_ptr(), _threads(out.numel()),
+        codes.data_ptr(), bits, n, plan.mid, plan.inner, plan.gs, shift.data_ptr(),
+        scale.data_ptr(), DTYPES[dtype], out.data_ptr(), _threads(n),
     )  # fmt: skip
     return out
+
+
+def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`reference.scale_of` for a CPU ``rng`` of shape ``(G,)``, bit for bit."""
+    lib = load()
+    assert lib is not None
+    rng = _fp32(rng)
+    scale = torch.empty(rng.shape)
+    lib.tm_scale(rng.data_ptr(), rng.numel(), bits, scale.data_ptr())
+    return scale
+
+
+def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
+    """:func:`reference.span_flags` for CPU ``lo`` and ``hi`` of shape ``(G,)``."""
+    lib = load()
+    assert lib is not None
+    lo, hi = _fp32(lo), _fp32(hi)
+    flags = lib.tm_span_flags(lo.data_ptr(), hi.data_ptr(), lo.numel())
+    return bool(flags & 1), bool(flags & 2)
+
+
+def ema_step(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    state: RangeState,
+    decay: float,
+    used: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> EmaStep:
+    """:func:`reference.ema_step` for CPU tensors of shape ``(G,)``, bit for bit, in one
+    call; the counts come back as Python ints (no device to wait for)."""
+    lib = load()
+    assert lib is not None
+    lo, hi, shift, rng = _fp32(lo), _fp32(hi), _fp32(state.shift), _fp32(state.range)
+    seen = state.seen.contiguous()
+    groups = lo.numel()
+    new_shift, new_range, marked = torch.empty(groups), torch.empty(groups), torch.empty(groups)
+    new_seen = torch.empty(groups, dtype=torch.bool)
+    used_shift, used_range = (None, None) if used is None else (_fp32(used[0]), _fp32(used[1]))
+    count = ctypes.c_int64()
+    clipped = lib.tm_ema(
+        lo.data_ptr(), hi.data_ptr(), shift.data_ptr(), rng.data_ptr(), seen.data_ptr(), groups,
+        decay, _ptr(used_shift), _ptr(used_range), new_shift.data_ptr(), new_range.data_ptr(),
+        new_seen.data_ptr(), marked.data_ptr(), ctypes.byref(count),
+    )  # fmt: skip
+    return EmaStep(new_shift, new_range, new_seen, marked, clipped, count.value == groups)

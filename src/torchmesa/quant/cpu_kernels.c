@@ -7,17 +7,23 @@
  * view (view_t) in the codes' order, so slices such as q, k, v cut from one projection are
  * served without a copy. Element i belongs to "mid" index
  *     m = (i / inner) % mid
- * and the caller gives one shift / reciprocal step per m (a head, a channel, a row or the
- * whole tensor), so the inner loops see either a constant (inner > 1) or a contiguous
- * array of parameters (inner == 1) and vectorize.
+ * and parameter m belongs to range group m / gs (gs > 1 only for channel groups: gs
+ * consecutive channels share a range). The caller gives one shift and step per group;
+ * the kernels expand them to one per m, so the inner loops see either a constant
+ * (inner > 1) or a contiguous array of parameters (inner == 1) and vectorize. Statistics
+ * come back per group as well, and the small per-group arithmetic around the kernels (the
+ * step of a range, range checks, Mesa's running estimate) is here too: done in torch it
+ * is a dozen tiny ops, and their fixed costs outweigh a kernel's on small tensors.
  *
  * Numerics match the reference bit for bit: fp32 arithmetic, (x - shift) * inv rounded
  * half to even, clamp to [0, levels], zero kept distinct in zero-minimum groups, and
  * code * scale + shift with one rounding (fmaf, as torch.addcmul computes it). Built with
  * -ffp-contract=off so that no other expression is contracted.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __F16C__
 #include <immintrin.h>
@@ -91,6 +97,10 @@ typedef struct {
 
 static inline void load_run(const void *x, int dtype, int64_t off, int64_t s, int64_t n,
                             float *buf) {
+    if (s == 1) { /* a contiguous run: the vectorized dense loads */
+        load(x, dtype, off, n, buf);
+        return;
+    }
     if (dtype == F32) {
         const float *p = (const float *)x + off;
         for (int64_t j = 0; j < n; j++) buf[j] = p[j * s];
@@ -147,10 +157,44 @@ static inline void span(const float *v, int64_t n, float *lo, float *hi, int *na
     *nan |= bad != 0.0f;
 }
 
-/* Per run r in [0, runs): min and max of elements [r*len, min((r+1)*len, n)). */
+/* Fold nr partial (min, max) pairs, pair r belonging to parameter r % mid, into the min
+ * and max of each group of gs parameters: ceil(mid / gs) of them. A NaN partial makes its
+ * group NaN, as torch's reductions do (no comparison replaces a NaN once it is there). */
+static void fold_groups(const float *lo_r, const float *hi_r, int64_t nr, int64_t mid,
+                        int64_t gs, float *lo_g, float *hi_g) {
+    int64_t groups = (mid + gs - 1) / gs;
+    for (int64_t g = 0; g < groups; g++) {
+        lo_g[g] = INFINITY;
+        hi_g[g] = -INFINITY;
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        int64_t g = (r % mid) / gs;
+        float a = lo_r[r], b = hi_r[r];
+        if (a != a || b != b) {
+            lo_g[g] = NAN;
+            hi_g[g] = NAN;
+        }
+        lo_g[g] = a < lo_g[g] ? a : lo_g[g];
+        hi_g[g] = b > hi_g[g] ? b : hi_g[g];
+    }
+}
+
+/* One value per parameter from one per group: v_m[m] = v_g[m / gs], or 1 / v_g[m / gs]
+ * with invert set (the reciprocal step a quantizer multiplies by). */
+static void expand(const float *v_g, int64_t mid, int64_t gs, int invert, float *v_m) {
+    for (int64_t m = 0; m < mid; m++) v_m[m] = invert ? 1.0f / v_g[m / gs] : v_g[m / gs];
+}
+
+/* Per group: min and max of n elements cut in runs of len, run r belonging to parameter
+ * r % mid and group (r % mid) / gs; written to lo_g / hi_g. One parameter spread over
+ * several runs (one head over the batch, or a whole tensor cut so that every thread has
+ * a share) is folded here too. */
 void tm_runs_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
-                    int64_t n, int64_t len, int64_t runs, float *lo, float *hi, int nthreads) {
+                    int64_t n, int64_t len, int64_t mid, int64_t gs, float *lo_g, float *hi_g,
+                    int nthreads) {
     view_t v = {nd, sz, st};
+    int64_t runs = (n + len - 1) / len;
+    float *lo = malloc((size_t)runs * 2 * sizeof(float)), *hi = lo + runs;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < runs; r++) {
         float buf[BLOCK];
@@ -165,6 +209,8 @@ void tm_runs_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
         lo[r] = nan ? NAN : a;
         hi[r] = nan ? NAN : b;
     }
+    fold_groups(lo, hi, runs, mid, gs, lo_g, hi_g);
+    free(lo);
 }
 
 /* Fold nr rows of cols floats (consecutive in u) into per-column min a, max b and NaN
@@ -220,14 +266,16 @@ static inline void part_fold(const float *part, int nt, int64_t cols, int64_t c,
     hi[c] = bad != 0.0f ? NAN : hc;
 }
 
-/* Per column c of a (rows, cols) matrix: min and max, written to lo/hi[cols]. Each thread
- * reduces a band of rows into its own slice of part (min, max and NaN flag: 3 * cols
- * floats a thread), reading as many whole rows at a time as fit in a block. */
+/* Per group of gs columns of a (rows, cols) matrix: min and max, written to lo_g / hi_g.
+ * Each thread reduces a band of rows into its own slice of partials (min, max and NaN
+ * flag: 3 * cols floats a thread), reading as many whole rows at a time as fit in a block. */
 void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
-                    int64_t rows, int64_t cols, float *lo, float *hi, float *part,
+                    int64_t rows, int64_t cols, int64_t gs, float *lo_g, float *hi_g,
                     int nthreads) {
     view_t v = {nd, sz, st};
     if (nthreads > rows) nthreads = rows > 0 ? (int)rows : 1;
+    float *part = malloc((size_t)(3 * nthreads + 2) * (size_t)cols * sizeof(float));
+    float *lo = part + (int64_t)3 * nthreads * cols, *hi = lo + cols;
 #pragma omp parallel num_threads(nthreads)
     {
         int t = 0, nt = 1;
@@ -259,6 +307,8 @@ void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const i
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < cols; c++) part_fold(part, nt, cols, c, lo, hi);
     }
+    fold_groups(lo, hi, cols, cols, gs, lo_g, hi_g);
+    free(part);
 }
 
 /* A uniform draw in [0, 1) with 24 bits, from a counter: the same (seed, i) gives the same
@@ -358,15 +408,24 @@ static inline void dequant_vec(const uint8_t *q, int64_t n, const float *s, cons
     for (int64_t k = 0; k < n; k++) out[k] = fmaf((float)q[k], s[k], h[k]);
 }
 
-/* Quantize n elements of x (dtype, read through view v) to codes of `bits` bits, packed.
- * With part set (delayed scaling: the ranges were known before the batch), the same pass
- * also reduces each parameter index's min and max into lo_out / hi_out (mid floats each,
- * NaN where the index saw a NaN); part is scratch of 3 * mid floats a thread (min, max,
- * NaN flag), filled and folded here. */
+/* Quantize n elements of x (dtype, read through view v) to codes of `bits` bits, packed,
+ * with per-group shift_g and step scale_g. With lo_g set (delayed scaling: the ranges were
+ * known before the batch), the same pass also reduces each group's min and max into
+ * lo_g / hi_g (NaN where the group saw a NaN), through per-thread partials (min, max, NaN
+ * flag of each parameter) filled and folded here. */
 void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
-                 int64_t n, int64_t mid, int64_t inner, const float *shift, const float *inv,
-                 int bits, int stochastic, uint32_t seed, uint8_t *out, float *part,
-                 float *lo_out, float *hi_out, int nthreads) {
+                 int64_t n, int64_t mid, int64_t inner, int64_t gs, const float *shift_g,
+                 const float *scale_g, int bits, int stochastic, uint32_t seed, uint8_t *out,
+                 float *lo_g, float *hi_g, int nthreads) {
+    float *shift = malloc((size_t)mid * 2 * sizeof(float)), *inv = shift + mid;
+    expand(shift_g, mid, gs, 0, shift);
+    expand(scale_g, mid, gs, 1, inv);
+    float *part = NULL, *lo_out = NULL, *hi_out = NULL;
+    if (lo_g) {
+        part = malloc((size_t)(3 * nthreads + 2) * (size_t)mid * sizeof(float));
+        lo_out = part + (int64_t)3 * nthreads * mid;
+        hi_out = lo_out + mid;
+    }
     view_t v = {nd, sz, st};
     float levels = (float)((1 << bits) - 1);
     /* statistics per channel fold whole rows at a time, so blocks then hold whole rows
@@ -423,11 +482,65 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
             for (int64_t c = 0; c < mid; c++) part_fold(part, nt, mid, c, lo_out, hi_out);
         }
     }
+    if (part) fold_groups(lo_out, hi_out, mid, mid, gs, lo_g, hi_g);
+    free(part);
+    free(shift);
 }
 
-/* Dequantize n codes (packed at `bits`) to dtype: code * scale + shift, in memory order. */
+/* Per-token quantization in one pass, each row with its own range (reference.scale_of of
+ * max - min, NaN where that is not finite): k rows at a time are read into a block, each
+ * row's min and max taken there and its codes written from them. k * cols fits a block
+ * and is a whole number of bytes of packed codes. Row r's range goes to lo[r] and hi[r]
+ * (NaN where the row holds a NaN), its step to scale[r]. */
+void tm_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                      int64_t rows, int64_t cols, int64_t k, int bits, int stochastic,
+                      uint32_t seed, uint8_t *out, float *lo, float *hi, float *scale,
+                      int nthreads) {
+    view_t v = {nd, sz, st};
+    float levels = (float)((1 << bits) - 1);
+    int64_t blocks = (rows + k - 1) / k;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        float buf[ROWS_BLOCK];
+        uint8_t tmp[ROWS_BLOCK];
+        int64_t r0 = b * k, nr = rows - r0 < k ? rows - r0 : k, i = r0 * cols;
+        load_view(x, dtype, v, i, nr * cols, buf);
+        uint8_t *q = bits == 8 ? out + i : tmp;
+        for (int64_t j = 0; j < nr; j++) {
+            const float *row = buf + j * cols;
+            float a = INFINITY, h = -INFINITY;
+            int nan = 0;
+            span(row, cols, &a, &h, &nan);
+            a = nan ? NAN : a;
+            h = nan ? NAN : h;
+            float r = h - a, s = r / levels;
+            s = s < FLT_MIN ? FLT_MIN : s;
+            s = r == 0.0f ? 1.0f : s;
+            s = isfinite(r) ? s : NAN;
+            lo[r0 + j] = a;
+            hi[r0 + j] = h;
+            scale[r0 + j] = s;
+            codes_const(row, cols, a, 1.0f / s, levels, stochastic, seed, i + j * cols,
+                        q + j * cols);
+        }
+        if (bits != 8) pack(tmp, nr * cols, bits, out + i / (8 / bits));
+    }
+}
+
+/* Dequantize n codes (packed at `bits`) to dtype: code * scale + shift, in memory order,
+ * with per-group shift_g and scale_g. */
 void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64_t inner,
-                   const float *shift, const float *scale, int dtype, void *out, int nthreads) {
+                   int64_t gs, const float *shift_g, const float *scale_g, int dtype, void *out,
+                   int nthreads) {
+    const float *shift = shift_g, *scale = scale_g;
+    float *params = NULL;
+    if (gs > 1) {
+        params = malloc((size_t)mid * 2 * sizeof(float));
+        expand(shift_g, mid, gs, 0, params);
+        expand(scale_g, mid, gs, 0, params + mid);
+        shift = params;
+        scale = params + mid;
+    }
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     int per = 8 / bits, mask = (1 << bits) - 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -451,4 +564,60 @@ void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64
         }
         store(out, dtype, i, m, buf);
     }
+    free(params);
+}
+
+/* Per-group arithmetic around the kernels: what quant/reference.py and
+ * quant/ranges.py compute with torch ops, on arrays of one value per group. */
+
+/* Step per group: range / levels, at least fp32's smallest normal number, 1 where the
+ * range is 0 and NaN where it is NaN (reference.scale_of). */
+void tm_scale(const float *rng, int64_t groups, int bits, float *scale) {
+    float levels = (float)((1 << bits) - 1);
+    for (int64_t g = 0; g < groups; g++) {
+        float s = rng[g] / levels;
+        s = s < FLT_MIN ? FLT_MIN : s;
+        scale[g] = rng[g] == 0.0f ? 1.0f : s;
+    }
+}
+
+/* Bit 0: some group's range hi - lo is not finite; bit 1: some group's range overflows
+ * fp32 although both its ends are finite (ranges.span_flags). */
+int tm_span_flags(const float *lo, const float *hi, int64_t groups) {
+    int flags = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        float r = hi[g] - lo[g];
+        if (!isfinite(r)) flags |= isfinite(lo[g]) && isfinite(hi[g]) ? 3 : 1;
+    }
+    return flags;
+}
+
+/* Mesa's running estimate moved by one batch (ranges.ema_step): per group, with w = decay
+ * once the group was seen finite and 0 before,
+ *     shift' = lo + w * (shift - lo),   range' = r + w * (range - r),   r = hi - lo,
+ * where the batch's range r is finite; elsewhere the estimate stays and marked is NaN.
+ * used_shift / used_range (NULL: the new estimate) are the ranges the batch was quantized
+ * with; groups with values outside them are counted in the return value, and *seen_count
+ * gets the groups seen finite so far. */
+int64_t tm_ema(const float *lo, const float *hi, const float *shift, const float *range,
+               const uint8_t *seen, int64_t groups, float decay, const float *used_shift,
+               const float *used_range, float *shift_out, float *range_out, uint8_t *seen_out,
+               float *marked, int64_t *seen_count) {
+    int64_t clipped = 0, count = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        float r = hi[g] - lo[g];
+        int finite = isfinite(r);
+        float w = seen[g] ? decay : 0.0f;
+        float s = finite ? lo[g] + w * (shift[g] - lo[g]) : shift[g];
+        float q = finite ? r + w * (range[g] - r) : range[g];
+        shift_out[g] = s;
+        range_out[g] = q;
+        marked[g] = finite ? q : NAN;
+        float us = used_shift ? used_shift[g] : s, ur = used_range ? used_range[g] : q;
+        clipped += finite && (lo[g] < us || r + (lo[g] - us) > ur);
+        seen_out[g] = seen[g] || finite;
+        count += seen_out[g];
+    }
+    *seen_count = count;
+    return clipped;
 }

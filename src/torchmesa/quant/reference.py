@@ -32,6 +32,7 @@ Functions here are pure: no module state, nothing about which op saved the tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,64 @@ def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
     normal number; 1 where the range is 0, NaN where it is NaN (see the module docstring)."""
     levels = (1 << bits) - 1
     return (rng / levels).clamp_min_(FP32_TINY).masked_fill_(rng == 0, 1.0)
+
+
+def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
+    """Whether some group's range ``hi - lo`` is not finite (a NaN or ±Inf in the batch),
+    and whether some group's range overflows fp32 although both its ends are finite
+    (values near fp32's limit, which fp32 arithmetic cannot quantize). A device sync."""
+    bad = ~torch.isfinite(hi - lo)
+    if not bool(bad.any()):  # the usual case: one check
+        return False, False
+    return True, bool((bad & torch.isfinite(lo) & torch.isfinite(hi)).any())
+
+
+class RangeState(NamedTuple):
+    """A running range estimate per group: ``shift`` (min), ``range`` (max - min) and
+    ``seen``, whether the group ever had a finite batch."""
+
+    shift: torch.Tensor
+    range: torch.Tensor
+    seen: torch.Tensor
+
+
+class EmaStep(NamedTuple):
+    """A running estimate moved by one batch (:func:`ema_step`)."""
+
+    shift: torch.Tensor
+    range: torch.Tensor
+    seen: torch.Tensor
+    marked: torch.Tensor  # range, NaN where this batch's range was not finite
+    clipped: torch.Tensor | int  # groups with values outside the ranges used
+    all_seen: bool | None  # every group seen finite; None: unknown without a device sync
+
+
+def ema_step(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    state: RangeState,
+    decay: float,
+    used: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> EmaStep:
+    """Mesa's running estimate moved by a batch with per-group ``lo`` and ``hi``.
+
+    Per group, with ``w = decay`` once the group was seen finite and 0 before (the first
+    finite batch initialises it): ``shift + (1 - w)·(lo - shift)`` written as
+    ``lo + w·(shift - lo)``, the same for the range; a group whose batch range is not
+    finite keeps its estimate and is marked NaN. Groups with values outside ``used`` (the
+    ranges the batch was quantized with; default: the new estimate) count as clipped.
+    Written as separate fp32 operations so that the fused path can match it bit for bit.
+    """
+    batch_range = hi - lo
+    finite = torch.isfinite(batch_range)
+    weight = state.seen.float().mul_(decay)
+    shift = torch.where(finite, lo + weight * (state.shift - lo), state.shift)
+    rng = torch.where(finite, batch_range + weight * (state.range - batch_range), state.range)
+    used_shift, used_range = (shift, rng) if used is None else used
+    outside = (lo < used_shift) | (batch_range + (lo - used_shift) > used_range)
+    clipped = (outside & finite).sum()
+    marked = rng.masked_fill(~finite, torch.nan)
+    return EmaStep(shift, rng, state.seen | finite, marked, clipped, None)
 
 
 def quantize_codes(
