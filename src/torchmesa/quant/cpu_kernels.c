@@ -162,13 +162,17 @@ static inline void span(const float *v, int64_t n, float *lo, float *hi, int *na
  * group NaN, as torch's reductions do (no comparison replaces a NaN once it is there). */
 static void fold_groups(const float *lo_r, const float *hi_r, int64_t nr, int64_t mid,
                         int64_t gs, float *lo_g, float *hi_g) {
+    if (nr == mid && gs == 1) { /* one pair per group already */
+        memcpy(lo_g, lo_r, (size_t)nr * sizeof(float));
+        memcpy(hi_g, hi_r, (size_t)nr * sizeof(float));
+        return;
+    }
     int64_t groups = (mid + gs - 1) / gs;
     for (int64_t g = 0; g < groups; g++) {
         lo_g[g] = INFINITY;
         hi_g[g] = -INFINITY;
     }
-    for (int64_t r = 0; r < nr; r++) {
-        int64_t g = (r % mid) / gs;
+    for (int64_t r = 0, m = 0, g = 0, k = 0; r < nr; r++) { /* m = r % mid, g = m / gs */
         float a = lo_r[r], b = hi_r[r];
         if (a != a || b != b) {
             lo_g[g] = NAN;
@@ -176,13 +180,22 @@ static void fold_groups(const float *lo_r, const float *hi_r, int64_t nr, int64_
         }
         lo_g[g] = a < lo_g[g] ? a : lo_g[g];
         hi_g[g] = b > hi_g[g] ? b : hi_g[g];
+        if (++m == mid) {
+            m = g = k = 0;
+        } else if (++k == gs) {
+            k = 0;
+            g++;
+        }
     }
 }
 
 /* One value per parameter from one per group: v_m[m] = v_g[m / gs], or 1 / v_g[m / gs]
  * with invert set (the reciprocal step a quantizer multiplies by). */
 static void expand(const float *v_g, int64_t mid, int64_t gs, int invert, float *v_m) {
-    for (int64_t m = 0; m < mid; m++) v_m[m] = invert ? 1.0f / v_g[m / gs] : v_g[m / gs];
+    for (int64_t g = 0, m = 0; m < mid; g++) {
+        float v = invert ? 1.0f / v_g[g] : v_g[g];
+        for (int64_t end = m + gs < mid ? m + gs : mid; m < end; m++) v_m[m] = v;
+    }
 }
 
 /* Per group: min and max of n elements cut in runs of len, run r belonging to parameter
