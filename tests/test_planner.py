@@ -17,7 +17,7 @@ def mlp():
     )
 
 
-X = torch.randn(128, 64)
+X = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))  # not import-order RNG
 
 
 def loss_fn(out):
@@ -56,10 +56,11 @@ def test_a_plan_fits_its_budget_and_tighter_budgets_cost_accuracy():
 
 def test_a_plan_beats_one_width_for_all_within_the_same_budget():
     model = mlp()
-    uniform = Config(bits=4, rounding="stochastic")
-    uniform_bytes, _ = measured(model, uniform)
-    torch.manual_seed(1)
-    uniform_errors = [measured(model, uniform)[1] for _ in range(3)]
+    uniform_bytes, _ = measured(model, Config(bits=4, rounding="stochastic"))
+    # three rounding-noise streams: the claim must hold against the luckiest of them
+    uniform_errors = [
+        measured(model, Config(bits=4, rounding="stochastic", seed=s))[1] for s in range(3)
+    ]
     budget = int(uniform_bytes * 1.15)  # room for some wider, some narrower
     p = torchmesa.plan(model, X, budget, loss_fn=loss_fn)
     assert p.stored_bytes <= budget
