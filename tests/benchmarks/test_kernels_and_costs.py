@@ -1,4 +1,4 @@
-"""The kernel benchmark runs end to end and reports hot and cold ratios to a copy."""
+"""The kernel benchmark and the step-cost breakdown run end to end and report every figure."""
 
 import json
 import subprocess
@@ -24,3 +24,21 @@ def test_kernel_benchmark_reports_every_ratio(tmp_path):
         for key in ("quantize", "delayed_quantize", "dequantize"):
             assert row[f"fused_{key}_vs_copy"] > 0 and row[f"fused_{key}_cold_vs_copy"] > 0
         assert row["copy_cold_ms"] > 0
+
+
+def test_step_costs_split_the_step_into_kernels_and_the_rest(tmp_path):
+    out = tmp_path / "costs.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "step_costs.py"), "--model", "tiny-vit",
+        "--warmup", "1", "--steps", "2", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "hooks outside the kernels" in done.stdout
+    report = json.loads(out.read_text())
+    kernels = report["kernel_seconds_per_step"]
+    assert kernels["tm_quantize"] > 0 and kernels["tm_dequantize"] > 0
+    assert kernels["tm_ema"] > 0  # delayed scaling moves the running estimate in C
+    hooks = report["hook_seconds_per_step"]
+    assert hooks["pack"] + hooks["unpack"] > sum(kernels.values())
+    assert report["outside_kernels_seconds_per_step"] > 0 and report["step_time_vs_exact"] > 0
