@@ -251,6 +251,22 @@ def test_per_token_quantization_with_own_ranges_is_the_references(shape, dtype):
             assert bool(back[~finite].isnan().all())  # a NaN row comes back NaN
 
 
+@pytest.mark.parametrize("granularity", [PerToken(), PerChannelGroup(group_size=4), PerHead()])
+def test_own_range_quantization_is_the_same_without_the_kernels(granularity, monkeypatch):
+    x = torch.randn(3, 4, 5, 33)
+    x[1, 2, 3, 4] = float("inf")
+    layout = reference.GroupLayout.of(x.shape, granularity)
+    fused, lo, hi = quant.quantize_dynamic(x, layout, bits=4)
+    monkeypatch.setattr(cpu, "supports", lambda t: False)  # what a GPU without Triton takes
+    monkeypatch.setattr(cpu, "supports_codes", lambda c, b: False)
+    plain, lo_ref, hi_ref = quant.quantize_dynamic(x, layout, bits=4)
+    assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
+    torch.testing.assert_close(fused.scale, plain.scale, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(
+        quant.dequantize(fused), quant.dequantize(plain), equal_nan=True, rtol=0, atol=0
+    )
+
+
 def test_per_token_rows_are_read_once_when_they_fit_a_block():
     layout = reference.GroupLayout.of((4, 4097), PerToken())
     assert cpu.rows_per_block(layout, 8) == 3 and cpu.rows_per_block(layout, 4) == 2
