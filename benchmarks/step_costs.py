@@ -23,33 +23,15 @@ from typing import Any
 
 import torch
 
-import torchmesa
 from torchmesa import engine
-from torchmesa.benchmark import Setup, batch_on, step
+from torchmesa.benchmark import Setup, batch_on, build, step
 from torchmesa.models import SPECS
 from torchmesa.quant import cpu
 
 
-class _TimedLibrary:
-    """The kernel library with each call's seconds added to ``spent[name]``."""
+def _timed(fn: Any, key: str, spent: dict[str, float]) -> Any:
+    """``fn`` with each call's seconds added to ``spent[key]``."""
 
-    def __init__(self, lib: Any, spent: dict[str, float]) -> None:
-        self._lib, self._spent = lib, spent
-
-    def __getattr__(self, name: str) -> Any:
-        fn = getattr(self._lib, name)
-
-        def timed(*args: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                self._spent[name] += time.perf_counter() - start
-
-        return timed
-
-
-def _timed_hook(fn: Any, key: str, spent: dict[str, float]) -> Any:
     def timed(*args: Any) -> Any:
         start = time.perf_counter()
         try:
@@ -60,22 +42,30 @@ def _timed_hook(fn: Any, key: str, spent: dict[str, float]) -> Any:
     return timed
 
 
+class _TimedLibrary:
+    """The kernel library with each function's seconds added to ``spent[name]``."""
+
+    def __init__(self, lib: Any, spent: dict[str, float]) -> None:
+        self._lib, self._spent = lib, spent
+
+    def __getattr__(self, name: str) -> Any:
+        return _timed(getattr(self._lib, name), name, self._spent)
+
+
 def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps: int) -> dict:
     if not cpu.available():
         raise SystemExit("step_costs.py times the fused CPU kernels; they are not available")
     setup, spec = Setup(), SPECS[model_name]
     batch = batch_on(spec, batch_size, setup)
-    torch.manual_seed(0)
-    exact = spec.build().train()
-    torch.manual_seed(0)
-    compressed = torchmesa.compress(spec.build().train(), torchmesa.Config(estimator=estimator))
+    exact = build(spec, "exact", setup)
+    compressed = build(spec, f"torchmesa-{estimator}", setup)  # bench.py's configurations
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (exact, compressed)}
     spent: dict[str, float] = collections.defaultdict(float)
     lib = cpu.load()
     pack, unpack = engine.Engine._pack, engine.Engine._unpack
     cpu._lib = _TimedLibrary(lib, spent)
-    engine.Engine._pack = _timed_hook(pack, "pack", spent)
-    engine.Engine._unpack = staticmethod(_timed_hook(unpack, "unpack", spent))
+    engine.Engine._pack = _timed(pack, "pack", spent)
+    engine.Engine._unpack = staticmethod(_timed(unpack, "unpack", spent))
     times: dict[str, list[float]] = {"exact": [], "torchmesa": []}
     try:
         for i in range(warmup + steps):

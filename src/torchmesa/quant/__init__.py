@@ -180,8 +180,7 @@ def quantize_dynamic(
     """Quantize ``x`` with each group's own range in this batch (shift = min, range =
     max - min, NaN where that is not finite) and return the per-group min and max beside
     it. Per-token groups on the CPU take one pass (each row is read once); others two."""
-    if bits not in BITS:
-        raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
+    _check_bits(bits)
     if cpu.supports(x) and cpu.rows_per_block(layout, bits) > 0:
         seed = _seed(rounding, generator, x.device)
         codes, lo, hi, scale = cpu.quantize_rows(x, layout, bits, seed)
@@ -191,6 +190,11 @@ def quantize_dynamic(
     rng = rng.masked_fill_(~torch.isfinite(rng), torch.nan)
     q = _quantize(x, layout, lo, rng, bits, rounding, generator, stats=False)[0]
     return q, lo, hi
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
 
 
 def _seed(rounding: str, generator: torch.Generator | None, device: torch.device) -> int | None:
@@ -211,8 +215,7 @@ def _quantize(
     generator: torch.Generator | None,
     stats: bool,
 ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
-    if bits not in BITS:
-        raise ValueError(f"quantize: bits must be one of {BITS}, got {bits!r}")
+    _check_bits(bits)
     fast = cpu if cpu.supports(x) else kernels if _fused(x) else None
     scale = cpu.scale_of(rng, bits) if fast is cpu else scale_of(rng, bits)
     if fast is not None:

@@ -304,10 +304,7 @@ def _quantize(
     assert lib is not None
     plan = _plan(x, layout, bits)
     n = x.numel()
-    if bits == 8:
-        out = torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
-    else:
-        out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
+    out = _codes_out(x, plan, bits)
     shift, scale = _fp32(shift), _fp32(scale)
     lo = hi = None
     if stats:
@@ -343,10 +340,7 @@ def quantize_rows(
     assert k > 0, "rows too long for one pass"
     plan = _plan(x, layout, bits)
     n, rows = x.numel(), layout.num_groups
-    if bits == 8:
-        out = torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
-    else:
-        out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
+    out = _codes_out(x, plan, bits)
     lo, hi, scale = torch.empty(rows), torch.empty(rows), torch.empty(rows)
     lib.tm_quantize_rows(
         x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, rows,
@@ -354,6 +348,14 @@ def quantize_rows(
         out.data_ptr(), lo.data_ptr(), hi.data_ptr(), scale.data_ptr(), _threads(n),
     )  # fmt: skip
     return out, lo, hi, scale
+
+
+def _codes_out(x: torch.Tensor, plan: _Plan, bits: int) -> torch.Tensor:
+    """Room for ``x``'s codes: 8-bit codes in ``x``'s shape with the plan's dense strides,
+    narrower ones packed flat."""
+    if bits == 8:
+        return torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
+    return torch.empty(-(-x.numel() * bits // 8), dtype=torch.uint8)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

@@ -500,6 +500,14 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
     free(shift);
 }
 
+/* The quantization step of a range: range / levels, at least fp32's smallest normal
+ * number, 1 where the range is 0 and NaN where it is NaN (reference.scale_of). */
+static inline float step_of(float r, float levels) {
+    float s = r / levels;
+    s = s < FLT_MIN ? FLT_MIN : s;
+    return r == 0.0f ? 1.0f : s;
+}
+
 /* Per-token quantization in one pass, each row with its own range (reference.scale_of of
  * max - min, NaN where that is not finite): k rows at a time are read into a block, each
  * row's min and max taken there and its codes written from them. k * cols fits a block
@@ -526,10 +534,7 @@ void tm_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const
             span(row, cols, &a, &h, &nan);
             a = nan ? NAN : a;
             h = nan ? NAN : h;
-            float r = h - a, s = r / levels;
-            s = s < FLT_MIN ? FLT_MIN : s;
-            s = r == 0.0f ? 1.0f : s;
-            s = isfinite(r) ? s : NAN;
+            float r = h - a, s = isfinite(r) ? step_of(r, levels) : NAN;
             lo[r0 + j] = a;
             hi[r0 + j] = h;
             scale[r0 + j] = s;
@@ -580,22 +585,17 @@ void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64
     free(params);
 }
 
-/* Per-group arithmetic around the kernels: what quant/reference.py and
- * quant/ranges.py compute with torch ops, on arrays of one value per group. */
+/* Per-group arithmetic around the kernels: what quant/reference.py computes with torch
+ * ops, on arrays of one value per group. */
 
-/* Step per group: range / levels, at least fp32's smallest normal number, 1 where the
- * range is 0 and NaN where it is NaN (reference.scale_of). */
+/* Step per group (reference.scale_of). */
 void tm_scale(const float *rng, int64_t groups, int bits, float *scale) {
     float levels = (float)((1 << bits) - 1);
-    for (int64_t g = 0; g < groups; g++) {
-        float s = rng[g] / levels;
-        s = s < FLT_MIN ? FLT_MIN : s;
-        scale[g] = rng[g] == 0.0f ? 1.0f : s;
-    }
+    for (int64_t g = 0; g < groups; g++) scale[g] = step_of(rng[g], levels);
 }
 
 /* Bit 0: some group's range hi - lo is not finite; bit 1: some group's range overflows
- * fp32 although both its ends are finite (ranges.span_flags). */
+ * fp32 although both its ends are finite (reference.span_flags). */
 int tm_span_flags(const float *lo, const float *hi, int64_t groups) {
     int flags = 0;
     for (int64_t g = 0; g < groups; g++) {
@@ -605,7 +605,7 @@ int tm_span_flags(const float *lo, const float *hi, int64_t groups) {
     return flags;
 }
 
-/* Mesa's running estimate moved by one batch (ranges.ema_step): per group, with w = decay
+/* Mesa's running estimate moved by one batch (reference.ema_step): per group, with w = decay
  * once the group was seen finite and 0 before,
  *     shift' = lo + w * (shift - lo),   range' = r + w * (range - r),   r = hi - lo,
  * where the batch's range r is finite; elsewhere the estimate stays and marked is NaN.
