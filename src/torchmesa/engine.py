@@ -425,7 +425,7 @@ class Engine:
         if q is None:
             return quant.quantize(t, layout, shift, rng, **quantize)
         if nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
-            q.scale = q.scale.masked_fill(torch.isnan(rng), torch.nan)
+            q.scale.masked_fill_(torch.isnan(rng), torch.nan)  # in place: q.job points to it
         return q
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:

@@ -214,6 +214,23 @@ def test_dispatch_serves_cpu_tensors():
         assert torch.equal(back, expect)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_prepared_dequantize_follows_its_record_changed_in_place(bits, dtype):
+    x = (torch.randn(5, 3, 67, 9) * 2).to(dtype).transpose(1, 2)
+    layout = reference.GroupLayout.of(x.shape, PerChannelGroup(group_size=2))
+    lo, hi = quant.group_minmax(x, layout)
+    shift = lo.to(torch.bfloat16)  # per-group values the kernels read as fp32 copies
+    q = quant.quantize(x, layout, shift, hi - shift.float(), bits=bits)
+    assert q.job is not None and q.shift.dtype == torch.float32
+    q.scale[1] = float("nan")  # what the engine does to a group this batch made non-finite
+    back = quant.dequantize(q)
+    plain = cpu.dequantize_codes(q.codes, x.shape, layout, shift, q.scale, bits, dtype)
+    assert back.dtype == dtype and back.shape == x.shape and back.stride() == plain.stride()
+    torch.testing.assert_close(back, plain, equal_nan=True, rtol=0, atol=0)
+    assert bool(back[..., 2:4].isnan().all()) and not bool(back[..., :2].isnan().any())
+
+
 ROWS = [(1, 1), (5, 7), (9, 1), (3, 384), (2, 4097), (3, 5, 333), (2, 16385)]  # last: 2 passes
 
 

@@ -59,7 +59,9 @@ class QuantizedTensor:
     """A low-bit copy of one saved activation: codes plus per-group shift and scale.
 
     8-bit codes keep the activation's shape and memory layout. Narrower codes are packed
-    densely (two 4-bit or four 2-bit codes per byte) in logical order, flat.
+    densely (two 4-bit or four 2-bit codes per byte) in logical order, flat. Codes the
+    fused CPU kernels wrote carry their dequantize call prepared (``job``); so the
+    tensors are changed in place only, never replaced.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class QuantizedTensor:
         self.codes, self.shift, self.scale = codes, shift, scale
         self.layout, self.dtype, self.bits = layout, dtype, bits
         self._shape = codes.shape if shape is None else shape
+        self.job: cpu.DequantizeJob | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -184,7 +187,7 @@ def quantize_dynamic(
     if cpu.supports(x) and cpu.rows_per_block(layout, bits) > 0:
         seed = _seed(rounding, generator, x.device)
         codes, lo, hi, scale = cpu.quantize_rows(x, layout, bits, seed)
-        return QuantizedTensor(codes, lo, scale, layout, x.dtype, bits, x.shape), lo, hi
+        return _cpu_record(codes, lo, scale, layout, x, bits), lo, hi
     lo, hi = group_minmax(x, layout)
     rng = hi - lo
     rng = rng.masked_fill_(~torch.isfinite(rng), torch.nan)
@@ -225,6 +228,8 @@ def _quantize(
             codes, lo, hi = fast.quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
         else:
             codes = fast.quantize_codes(x, layout, shift, scale, bits, seed)
+        if fast is cpu:
+            return _cpu_record(codes, shift, scale, layout, x, bits), lo, hi
         return QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
     lo = hi = None
     if stats:
@@ -236,8 +241,26 @@ def _quantize(
     return QuantizedTensor(packed, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
 
 
+def _cpu_record(
+    codes: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    layout: GroupLayout,
+    x: torch.Tensor,
+    bits: int,
+) -> QuantizedTensor:
+    """The record of codes the CPU kernels wrote, its dequantize call prepared now: in
+    backward, where every lookup runs on cold caches, it is one allocation and one call."""
+    q = QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape)
+    q.job = cpu.dequantize_job(codes, x.shape, layout, shift, scale, bits, x.dtype)
+    q.shift, q.scale = q.job.params  # the fp32 copies the job points to, if converted
+    return q
+
+
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
+    if q.job is not None:
+        return cpu.run_dequantize(q.job)
     if cpu.supports_codes(q.codes, q.bits):
         return cpu.dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
     if _fused(q.codes):

@@ -33,6 +33,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -369,6 +370,49 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class DequantizeJob(NamedTuple):
+    """One dequantize call prepared at pack time: everything but the output's address, so
+    that backward pays for one allocation and one C call, nothing else. It holds the
+    fp32 shift and scale it points to; the codes it points to live as long as the
+    record that holds the job."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    args: tuple  # tm_dequantize's arguments before the output
+    threads: int
+    params: tuple[torch.Tensor, torch.Tensor]  # kept alive: ``args`` points into them
+
+
+def dequantize_job(
+    codes: torch.Tensor,
+    shape: torch.Size,
+    layout: GroupLayout,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+) -> DequantizeJob:
+    """Prepare :func:`run_dequantize` for these codes (see :func:`dequantize_codes`)."""
+    stride = codes.stride() if bits == 8 else _contiguous_stride(shape)
+    plan = _cached_plan(shape, stride, layout, bits != 8)
+    shift, scale = _fp32(shift), _fp32(scale)
+    n = math.prod(shape)
+    args = (
+        codes.data_ptr(), bits, n, plan.mid, plan.inner, plan.gs, shift.data_ptr(),
+        scale.data_ptr(), DTYPES[dtype],
+    )  # fmt: skip
+    return DequantizeJob(shape, stride, dtype, args, _threads(n), (shift, scale))
+
+
+def run_dequantize(job: DequantizeJob) -> torch.Tensor:
+    """``code * scale + shift`` in fp32 for a prepared job, in its dtype and strides."""
+    assert _lib is not None
+    out = torch.empty_strided(job.shape, job.stride, dtype=job.dtype)
+    _lib.tm_dequantize(*job.args, out.data_ptr(), job.threads)
+    return out
+
+
 def dequantize_codes(
     codes: torch.Tensor,
     shape: torch.Size,
@@ -380,17 +424,8 @@ def dequantize_codes(
 ) -> torch.Tensor:
     """``code * scale + shift`` in fp32, returned in ``dtype`` with the codes' strides
     (8 bits) or contiguous (packed codes)."""
-    lib = load()
-    assert lib is not None
-    stride = codes.stride() if bits == 8 else _contiguous_stride(shape)
-    plan = _cached_plan(shape, stride, layout, bits != 8)
-    out = torch.empty_strided(shape, stride, dtype=dtype)
-    shift, scale, n = _fp32(shift), _fp32(scale), out.numel()
-    lib.tm_dequantize(
-        codes.data_ptr(), bits, n, plan.mid, plan.inner, plan.gs, shift.data_ptr(),
-        scale.data_ptr(), DTYPES[dtype], out.data_ptr(), _threads(n),
-    )  # fmt: skip
-    return out
+    assert load() is not None
+    return run_dequantize(dequantize_job(codes, shape, layout, shift, scale, bits, dtype))
 
 
 def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
