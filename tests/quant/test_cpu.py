@@ -268,6 +268,27 @@ def test_per_token_quantization_with_own_ranges_is_the_references(shape, dtype):
             assert bool(back[~finite].isnan().all())  # a NaN row comes back NaN
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,granularity", CASES)
+def test_quantization_with_own_ranges_is_the_references_in_every_layout(shape, granularity, dtype):
+    for x in _inputs(shape, dtype):
+        if x.numel() > 7:
+            flat = [int(i) for i in torch.unravel_index(torch.tensor(x.numel() - 2), shape)]
+            x[tuple(flat)] = float("nan")  # a group with a NaN
+            x[(0,) * x.dim()] = float("inf")  # and one with an Inf: its range is not finite
+        layout = reference.GroupLayout.of(x.shape, granularity)
+        for bits in (8, 4, 2):
+            q, lo, hi = quant.quantize_dynamic(x, layout, bits=bits)
+            lo_ref, hi_ref, scale_ref, codes_ref = _own_ranges(x, layout, bits)
+            for got, want in ((lo, lo_ref), (hi, hi_ref), (q.scale, scale_ref)):
+                torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+            finite = torch.isfinite(layout.broadcast(scale_ref, x.dim())).expand(x.shape)
+            assert torch.equal(q.unpacked_codes()[finite], codes_ref[finite])
+            back = quant.dequantize(q)
+            want = reference.dequantize_codes(codes_ref, layout, lo_ref, scale_ref, dtype)
+            torch.testing.assert_close(back, want, equal_nan=True, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("granularity", [PerToken(), PerChannelGroup(group_size=4), PerHead()])
 def test_own_range_quantization_is_the_same_without_the_kernels(granularity, monkeypatch):
     x = torch.randn(3, 4, 5, 33)

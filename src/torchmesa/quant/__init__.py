@@ -182,11 +182,12 @@ def quantize_dynamic(
 ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` with each group's own range in this batch (shift = min, range =
     max - min, NaN where that is not finite) and return the per-group min and max beside
-    it. Per-token groups on the CPU take one pass (each row is read once); others two."""
+    it. On the CPU it is one C call: per-token rows that fit a block are read once,
+    other layouts twice; elsewhere statistics, then codes."""
     _check_bits(bits)
-    if cpu.supports(x) and cpu.rows_per_block(layout, bits) > 0:
+    if cpu.supports(x):
         seed = _seed(rounding, generator, x.device)
-        codes, lo, hi, scale = cpu.quantize_rows(x, layout, bits, seed)
+        codes, lo, hi, scale = cpu.quantize_own_ranges(x, layout, bits, seed)
         return _cpu_record(codes, lo, scale, layout, x, bits), lo, hi
     lo, hi = group_minmax(x, layout)
     rng = hi - lo

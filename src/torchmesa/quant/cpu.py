@@ -101,10 +101,12 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     i64, i32, u32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
     view = [i32, ptr, ptr]  # a strided view: dims, sizes, strides (0, NULL, NULL: dense)
-    lib.tm_runs_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32]
-    lib.tm_cols_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, ptr, ptr, i32]
+    lib.tm_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32]
     lib.tm_quantize.argtypes = [
         ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32, i32, u32, ptr, ptr, ptr, i32
+    ]  # fmt: skip
+    lib.tm_quantize_own.argtypes = [
+        ptr, i32, *view, i64, i64, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
     ]  # fmt: skip
     lib.tm_quantize_rows.argtypes = [
         ptr, i32, *view, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
@@ -115,7 +117,7 @@ def _build() -> ctypes.CDLL:
     lib.tm_ema.argtypes = [
         ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr
     ]  # fmt: skip
-    for fn in (lib.tm_runs_minmax, lib.tm_cols_minmax, lib.tm_quantize, lib.tm_quantize_rows,
+    for fn in (lib.tm_minmax, lib.tm_quantize, lib.tm_quantize_own, lib.tm_quantize_rows,
                lib.tm_dequantize, lib.tm_scale):  # fmt: skip
         fn.restype = None
     lib.tm_span_flags.restype = i32
@@ -244,23 +246,13 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     lib = load()
     assert lib is not None
     plan = _plan(x, layout, 8)
-    mid, inner, view = plan.mid, plan.inner, (plan.nd, plan.sizes, plan.strides)
-    n, threads = x.numel(), _threads(x.numel())
+    n = x.numel()
     lo = torch.empty(layout.num_groups)
     hi = torch.empty(layout.num_groups)
-    if inner == 1:  # one parameter per element of a row: reduce columns
-        lib.tm_cols_minmax(
-            x.data_ptr(), DTYPES[x.dtype], *view, n // mid, mid, plan.gs,
-            lo.data_ptr(), hi.data_ptr(), threads,
-        )  # fmt: skip
-    else:
-        length = inner
-        if mid == 1:  # one group: split the tensor so that every thread reduces a share
-            length = max(_BLOCK, -(-n // (8 * threads)))
-        lib.tm_runs_minmax(
-            x.data_ptr(), DTYPES[x.dtype], *view, n, length, mid, plan.gs,
-            lo.data_ptr(), hi.data_ptr(), threads,
-        )  # fmt: skip
+    lib.tm_minmax(
+        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n, plan.mid,
+        plan.inner, plan.gs, lo.data_ptr(), hi.data_ptr(), _threads(n),
+    )  # fmt: skip
     return lo, hi
 
 
@@ -320,8 +312,9 @@ def _quantize(
 
 
 def rows_per_block(layout: GroupLayout, bits: int) -> int:
-    """Rows :func:`quantize_rows` reads per block: as many as fit, a whole number of
-    bytes of codes; 0 when rows are too long for a block (two passes serve them)."""
+    """Rows :func:`quantize_own_ranges` reads per block in one pass: as many as fit, a
+    whole number of bytes of codes; 0 when rows are too long for a block (or the layout
+    is not per token), and two passes serve them."""
     if layout.kind != "rows":
         return 0
     per = 8 // bits
@@ -329,25 +322,27 @@ def rows_per_block(layout: GroupLayout, bits: int) -> int:
     return ROWS_BLOCK // (unit * layout.channels) * unit
 
 
-def quantize_rows(
+def quantize_own_ranges(
     x: torch.Tensor, layout: GroupLayout, bits: int, seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token quantization with each row's own range in one pass: codes as
-    :func:`quantize_codes` writes them, and per row its min, max and step (the step NaN
-    where max - min is not finite). Needs :func:`rows_per_block` > 0."""
+    """Quantization with each group's own range in this batch, in one C call: codes as
+    :func:`quantize_codes` writes them, and per group its min, max and step (the step
+    NaN where max - min is not finite). Per-token rows that fit a block are read once
+    (:func:`rows_per_block`); other layouts are read twice, statistics then codes."""
     lib = load()
     assert lib is not None
-    k = rows_per_block(layout, bits)
-    assert k > 0, "rows too long for one pass"
     plan = _plan(x, layout, bits)
-    n, rows = x.numel(), layout.num_groups
+    n, groups = x.numel(), layout.num_groups
     out = _codes_out(x, plan, bits)
-    lo, hi, scale = torch.empty(rows), torch.empty(rows), torch.empty(rows)
-    lib.tm_quantize_rows(
-        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, rows,
-        layout.channels, k, bits, seed is not None, 0 if seed is None else seed,
-        out.data_ptr(), lo.data_ptr(), hi.data_ptr(), scale.data_ptr(), _threads(n),
-    )  # fmt: skip
+    lo, hi, scale = torch.empty(groups), torch.empty(groups), torch.empty(groups)
+    head = (x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides)
+    noise = (seed is not None, 0 if seed is None else seed, out.data_ptr())
+    stats = (lo.data_ptr(), hi.data_ptr(), scale.data_ptr(), _threads(n))
+    k = rows_per_block(layout, bits)
+    if k > 0:
+        lib.tm_quantize_rows(*head, groups, layout.channels, k, bits, *noise, *stats)
+    else:
+        lib.tm_quantize_own(*head, n, plan.mid, plan.inner, plan.gs, groups, bits, *noise, *stats)
     return out, lo, hi, scale
 
 

@@ -545,6 +545,40 @@ void tm_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const
     }
 }
 
+/* Per group min and max: one parameter per element of a row reduces columns, runs
+ * otherwise; a single group is cut so that every thread reduces a share. */
+void tm_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+               int64_t n, int64_t mid, int64_t inner, int64_t gs, float *lo_g, float *hi_g,
+               int nthreads) {
+    if (inner == 1) {
+        tm_cols_minmax(x, dtype, nd, sz, st, n / mid, mid, gs, lo_g, hi_g, nthreads);
+        return;
+    }
+    int64_t len = inner;
+    if (mid == 1) {
+        int64_t share = (n + 8 * (int64_t)nthreads - 1) / (8 * (int64_t)nthreads);
+        len = share > BLOCK ? share : BLOCK;
+    }
+    tm_runs_minmax(x, dtype, nd, sz, st, n, len, mid, gs, lo_g, hi_g, nthreads);
+}
+
+/* Quantization with each group's own range in this batch, in one call (two passes): the
+ * groups' min and max (lo_g, hi_g; NaN where a group holds NaN), their steps (scale_g:
+ * reference.scale_of of max - min, NaN where that is not finite), then the codes. */
+void tm_quantize_own(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                     int64_t n, int64_t mid, int64_t inner, int64_t gs, int64_t groups,
+                     int bits, int stochastic, uint32_t seed, uint8_t *out, float *lo_g,
+                     float *hi_g, float *scale_g, int nthreads) {
+    tm_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, hi_g, nthreads);
+    float levels = (float)((1 << bits) - 1);
+    for (int64_t g = 0; g < groups; g++) {
+        float r = hi_g[g] - lo_g[g];
+        scale_g[g] = isfinite(r) ? step_of(r, levels) : NAN;
+    }
+    tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, scale_g, bits, stochastic, seed,
+                out, NULL, NULL, nthreads);
+}
+
 /* Dequantize n codes (packed at `bits`) to dtype: code * scale + shift, in memory order,
  * with per-group shift_g and scale_g. */
 void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64_t inner,
