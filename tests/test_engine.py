@@ -522,13 +522,13 @@ def test_delayed_scaling_quantizes_with_the_previous_estimate(monkeypatch):
     model(first).sum().backward()  # a new site: the batch sets its own range first
     before = {s: engine.estimator.state(s) for s in engine.estimator._sites}
     used = []
-    real = torchmesa.quant.quantize_delayed
+    real = torchmesa.quant.delayed_step
 
-    def spy(t, layout, shift, rng, **kwargs):
-        used.append((shift, rng))
-        return real(t, layout, shift, rng, **kwargs)
+    def spy(t, layout, state, decay, **kwargs):
+        used.append((state.shift, state.range))
+        return real(t, layout, state, decay, **kwargs)
 
-    monkeypatch.setattr(torchmesa.quant, "quantize_delayed", spy)
+    monkeypatch.setattr(torchmesa.quant, "delayed_step", spy)
     x = torch.randn(128, 64)
     for m in (exact, model):
         m.zero_grad()

@@ -74,15 +74,16 @@ def test_prior_is_the_estimate_before_the_batch_once_every_group_was_seen():
     est.ranges(SITE, torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 2.0]))
     assert est.prior(SITE, shape, cpu) is None  # group 1 never finite: no range to use
     est.ranges(SITE, torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 2.0]))
-    shift, rng = est.prior(SITE, shape, cpu)
+    shift, rng, seen = est.prior(SITE, shape, cpu)
     assert torch.equal(shift, est.state(SITE)[0]) and torch.equal(rng, est.state(SITE)[1])
+    assert bool(seen.all())
     assert est.prior(SITE, torch.Size([3]), cpu) is None  # the tensor changed shape
 
 
 def test_delayed_clipping_is_counted_against_the_ranges_used():
     est = EMARange(0.9)
     est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
-    used = est.prior(SITE, torch.Size([2]), torch.device("cpu"))
+    used = est.prior(SITE, torch.Size([2]), torch.device("cpu"))[:2]
     # batch 2 lies inside the updated estimate for group 0 but outside the one it used
     est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.05, 1.0]), quantized_with=used)
     assert est.stats()[SITE].groups_clipped == 1

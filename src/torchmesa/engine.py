@@ -390,18 +390,22 @@ class Engine:
         generator = self._generator(t.device, config.seed) if stochastic else None
         quantize = {"bits": config.bits, "rounding": config.rounding, "generator": generator}
         running = layout.kind != "rows" and config.estimator != "dynamic"
-        q = prior = None
+        # finding out whether a range is not finite costs a GPU a device sync; fp16
+        # ranges never overflow, so there it is looked at only when asked to
+        flags = config.check_finite or t.dtype != torch.float16 or not t.is_cuda
+        q = prior = step = None
         if running and config.estimator == "delayed":
             prior = self.estimator.prior(site, (layout.num_groups,), t.device, forward.staged)
-        if prior is not None:  # delayed scaling: quantize and measure in one pass
-            q, lo, hi = quant.quantize_delayed(t, layout, *prior, **quantize)
-        elif not running:  # each group's own range (per-token ones always)
-            q, lo, hi = quant.quantize_dynamic(t, layout, **quantize)
+        if prior is not None:  # delayed scaling: quantize, measure and move in one pass
+            q, lo, hi, step, nonfinite, overflows = quant.delayed_step(
+                t, layout, prior, config.ema_decay, flags=flags, **quantize
+            )
         else:
-            lo, hi = quant.group_minmax(t, layout)
-        nonfinite = overflows = None  # unknown: finding out costs a GPU a device sync
-        if config.check_finite or t.dtype != torch.float16 or not t.is_cuda:
-            nonfinite, overflows = quant.span_flags(lo, hi)  # fp16 ranges never overflow
+            if not running:  # each group's own range (per-token ones always)
+                q, lo, hi = quant.quantize_dynamic(t, layout, **quantize)
+            else:
+                lo, hi = quant.group_minmax(t, layout)
+            nonfinite, overflows = quant.span_flags(lo, hi) if flags else (None, None)
         if config.check_finite and nonfinite:
             module = site[0] or self._root_label
             raise FloatingPointError(
@@ -416,17 +420,12 @@ class Engine:
                 "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
             )
             return _compact(t)
-        if not running:
-            assert q is not None
+        if step is not None:
+            self.estimator.record(site, step, forward.staged)
+        if q is not None:
             return q
-        shift, rng = self.estimator.ranges(
-            site, lo, hi, forward.staged, config.ema_decay, quantized_with=prior
-        )
-        if q is None:
-            return quant.quantize(t, layout, shift, rng, **quantize)
-        if nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
-            q.scale.masked_fill_(torch.isnan(rng), torch.nan)  # in place: q.job points to it
-        return q
+        shift, rng = self.estimator.ranges(site, lo, hi, forward.staged, config.ema_decay)
+        return quant.quantize(t, layout, shift, rng, **quantize)
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""

@@ -89,6 +89,18 @@ class EMARange:
         step = quant.ema_step(
             lo, hi, old.state, self.decay if decay is None else decay, quantized_with
         )
+        self._stage(site, old, step, staged)
+        return step.shift, step.marked
+
+    def record(self, site: Site, step: quant.EmaStep, staged: dict | None = None) -> None:
+        """Keep ``step``, the estimate :meth:`prior` gave moved by a batch elsewhere (one
+        delayed-scaling call, :func:`torchmesa.quant.delayed_step`), as in :meth:`ranges`."""
+        old = self._matching(site, step.shift.shape, step.shift.device, staged)
+        if old is None:
+            raise KeyError(f"EMARange.record: site {site!r} has no estimate of that shape")
+        self._stage(site, old, step, staged)
+
+    def _stage(self, site: Site, old: _Running, step: quant.EmaStep, staged: dict | None) -> None:
         new = _Running(
             quant.RangeState(step.shift, step.range, step.seen),
             old.clipped + step.clipped,
@@ -96,14 +108,13 @@ class EMARange:
             True if old.all_seen else step.all_seen,  # seen groups stay seen
         )
         (self._sites if staged is None else staged)[site] = new
-        return step.shift, step.marked
 
     def prior(
         self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The site's ``(shift, range)`` before this batch, for delayed scaling; None if
-        the site is new, changed shape, or has a group never seen finite (then the batch
-        must set its own range first)."""
+    ) -> quant.RangeState | None:
+        """The site's estimate before this batch, for delayed scaling; None if the site
+        is new, changed shape, or has a group never seen finite (then the batch must set
+        its own range first)."""
         running = self._matching(site, lo_shape, device, staged)
         if running is None or running.updates == 0:
             return None
@@ -111,7 +122,7 @@ class EMARange:
             running.all_seen = bool(running.state.seen.all())
         if not running.all_seen:
             return None
-        return running.state.shift, running.state.range
+        return running.state
 
     def _matching(
         self, site: Site, shape: torch.Size, device: torch.device, staged: dict | None

@@ -10,6 +10,8 @@ forward and backward.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from torchmesa.quant import cpu
@@ -30,12 +32,14 @@ from torchmesa.quant.reference import (
 __all__ = [
     "BITS",
     "FLOAT_DTYPES",
+    "DelayedStep",
     "EmaStep",
     "GroupLayout",
     "RangeState",
     "PackedMask",
     "QuantizedTensor",
     "QuantizedView",
+    "delayed_step",
     "dequantize",
     "dequantize_view",
     "ema_step",
@@ -170,6 +174,49 @@ def quantize_delayed(
     q, lo, hi = _quantize(x, layout, shift, rng, bits, rounding, generator, stats=True)
     assert lo is not None and hi is not None
     return q, lo, hi
+
+
+class DelayedStep(NamedTuple):
+    """One delayed-scaling step (:func:`delayed_step`)."""
+
+    q: QuantizedTensor
+    lo: torch.Tensor  # the batch's own per-group min and max
+    hi: torch.Tensor
+    step: EmaStep  # the estimate moved by the batch
+    nonfinite: bool | None  # some group's range is not finite; None: not looked at
+    overflows: bool | None  # some range overflows fp32 with finite ends; None: not looked at
+
+
+def delayed_step(
+    x: torch.Tensor,
+    layout: GroupLayout,
+    state: RangeState,
+    decay: float,
+    *,
+    bits: int,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    flags: bool = True,
+) -> DelayedStep:
+    """Delayed scaling's whole step: quantize ``x`` with the running estimate ``state``
+    from before the batch (every group seen), measure the batch in the same pass, and move
+    the estimate by it (:func:`ema_step`, clipping counted against ``state``). A group the
+    batch made non-finite dequantizes to NaN. ``flags=False`` skips :func:`span_flags`
+    off the CPU, where it costs a device sync. One C call on the CPU."""
+    _check_bits(bits)
+    if cpu.supports(x) and _on_cpu(state.shift):
+        seed = _seed(rounding, generator, x.device)
+        d = cpu.quantize_delayed_step(x, layout, state, decay, bits, seed)
+        q = _cpu_record(d.codes, state.shift, d.scale, layout, x, bits)
+        return DelayedStep(q, d.lo, d.hi, d.step, d.nonfinite, d.overflows)
+    q, lo, hi = quantize_delayed(
+        x, layout, state.shift, state.range, bits=bits, rounding=rounding, generator=generator
+    )
+    nonfinite, overflows = span_flags(lo, hi) if flags else (None, None)
+    step = ema_step(lo, hi, state, decay, used=(state.shift, state.range))
+    if nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
+        q.scale.masked_fill_(torch.isnan(step.marked), torch.nan)
+    return DelayedStep(q, lo, hi, step, nonfinite, overflows)
 
 
 def quantize_dynamic(

@@ -668,3 +668,26 @@ int64_t tm_ema(const float *lo, const float *hi, const float *shift, const float
     *seen_count = count;
     return clipped;
 }
+
+/* One delayed-scaling step in one call: codes under the running estimate (shift, range)
+ * from before the batch, the batch's own min and max in the same pass, the span flags
+ * (tm_span_flags, into info[1]) and the estimate moved by the batch (tm_ema, counted
+ * against the ranges used; groups seen into info[0]). A group this batch made non-finite
+ * gets a NaN step, so it dequantizes to NaN. Returns the groups clipped. */
+int64_t tm_quantize_delayed(const void *x, int dtype, int nd, const int64_t *sz,
+                            const int64_t *st, int64_t n, int64_t mid, int64_t inner,
+                            int64_t gs, int64_t groups, int bits, int stochastic, uint32_t seed,
+                            uint8_t *out, const float *shift, const float *range,
+                            const uint8_t *seen, float decay, float *scale, float *lo, float *hi,
+                            float *shift_out, float *range_out, uint8_t *seen_out, float *marked,
+                            int64_t *info, int nthreads) {
+    tm_scale(range, groups, bits, scale);
+    tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, shift, scale, bits, stochastic, seed,
+                out, lo, hi, nthreads);
+    info[1] = tm_span_flags(lo, hi, groups);
+    int64_t clipped = tm_ema(lo, hi, shift, range, seen, groups, decay, shift, range, shift_out,
+                             range_out, seen_out, marked, info);
+    if (info[1])
+        for (int64_t g = 0; g < groups; g++) scale[g] = isnan(marked[g]) ? NAN : scale[g];
+    return clipped;
+}
