@@ -522,13 +522,14 @@ def test_delayed_scaling_quantizes_with_the_previous_estimate(monkeypatch):
     model(first).sum().backward()  # a new site: the batch sets its own range first
     before = {s: engine.estimator.state(s) for s in engine.estimator._sites}
     used = []
-    real = torchmesa.quant.delayed_step
+    real = torchmesa.quant.running_step
 
-    def spy(t, layout, state, decay, **kwargs):
+    def spy(t, layout, state, decay, *, delayed, **kwargs):
+        assert delayed  # every site was seen: each batch quantizes with the estimate
         used.append((state.shift, state.range))
-        return real(t, layout, state, decay, **kwargs)
+        return real(t, layout, state, decay, delayed=delayed, **kwargs)
 
-    monkeypatch.setattr(torchmesa.quant, "delayed_step", spy)
+    monkeypatch.setattr(torchmesa.quant, "running_step", spy)
     x = torch.randn(128, 64)
     for m in (exact, model):
         m.zero_grad()

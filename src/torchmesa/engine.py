@@ -393,18 +393,20 @@ class Engine:
         # finding out whether a range is not finite costs a GPU a device sync; fp16
         # ranges never overflow, so there it is looked at only when asked to
         flags = config.check_finite or t.dtype != torch.float16 or not t.is_cuda
-        q = prior = step = None
-        if running and config.estimator == "delayed":
-            prior = self.estimator.prior(site, (layout.num_groups,), t.device, forward.staged)
-        if prior is not None:  # delayed scaling: quantize, measure and move in one pass
-            q, lo, hi, step, nonfinite, overflows = quant.delayed_step(
-                t, layout, prior, config.ema_decay, flags=flags, **quantize
+        step = None
+        if running:  # a running estimate, moved by the batch in the same call
+            groups, staged = (layout.num_groups,), forward.staged
+            state = None
+            if config.estimator == "delayed":
+                state = self.estimator.prior(site, groups, t.device, staged)
+            delayed = state is not None  # else Mesa's EMA: a new site sets its range first
+            if state is None:
+                state = self.estimator.current(site, groups, t.device, staged)
+            q, lo, hi, step, nonfinite, overflows = quant.running_step(
+                t, layout, state, config.ema_decay, delayed=delayed, flags=flags, **quantize
             )
-        else:
-            if not running:  # each group's own range (per-token ones always)
-                q, lo, hi = quant.quantize_dynamic(t, layout, **quantize)
-            else:
-                lo, hi = quant.group_minmax(t, layout)
+        else:  # each group's own range (per-token ones always)
+            q, lo, hi = quant.quantize_dynamic(t, layout, **quantize)
             nonfinite, overflows = quant.span_flags(lo, hi) if flags else (None, None)
         if config.check_finite and nonfinite:
             module = site[0] or self._root_label
@@ -422,10 +424,7 @@ class Engine:
             return _compact(t)
         if step is not None:
             self.estimator.record(site, step, forward.staged)
-        if q is not None:
-            return q
-        shift, rng = self.estimator.ranges(site, lo, hi, forward.staged, config.ema_decay)
-        return quant.quantize(t, layout, shift, rng, **quantize)
+        return q
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""

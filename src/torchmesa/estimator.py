@@ -92,13 +92,21 @@ class EMARange:
         self._stage(site, old, step, staged)
         return step.shift, step.marked
 
+    def current(
+        self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
+    ) -> quant.RangeState:
+        """The site's estimate to move by this batch: its latest, or a fresh one (every
+        group unseen) when the site is new or its tensor changed shape."""
+        running = self._matching(site, lo_shape, device, staged)
+        if running is None:
+            return _Running.fresh(torch.empty(lo_shape, device=device)).state
+        return running.state
+
     def record(self, site: Site, step: quant.EmaStep, staged: dict | None = None) -> None:
-        """Keep ``step``, the estimate :meth:`prior` gave moved by a batch elsewhere (one
-        delayed-scaling call, :func:`torchmesa.quant.delayed_step`), as in :meth:`ranges`."""
+        """Keep ``step``, the estimate :meth:`current` or :meth:`prior` gave moved by a
+        batch elsewhere (:func:`torchmesa.quant.running_step`), as :meth:`ranges` does."""
         old = self._matching(site, step.shift.shape, step.shift.device, staged)
-        if old is None:
-            raise KeyError(f"EMARange.record: site {site!r} has no estimate of that shape")
-        self._stage(site, old, step, staged)
+        self._stage(site, _Running.fresh(step.shift) if old is None else old, step, staged)
 
     def _stage(self, site: Site, old: _Running, step: quant.EmaStep, staged: dict | None) -> None:
         new = _Running(

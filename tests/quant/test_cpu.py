@@ -384,7 +384,7 @@ def test_delayed_dispatch_matches_on_the_reference_path():
     assert torch.equal(q.codes, expect)
 
 
-DELAYED = [
+RUNNING = [
     ((3, 5, 4096 * 2 + 7), PerTensor()),
     ((2, 3, 17, 31), PerHead()),
     ((64, 11, 10), PerChannelGroup(group_size=4)),
@@ -392,40 +392,45 @@ DELAYED = [
 ]
 
 
+@pytest.mark.parametrize("delayed", [True, False], ids=["delayed", "ema"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,granularity", DELAYED)
+@pytest.mark.parametrize("shape,granularity", RUNNING)
 @pytest.mark.parametrize("fault", ["none", "nan", "inf", "overflow"])
-def test_a_delayed_step_in_one_call_is_the_step_made_of_parts(
-    shape, granularity, dtype, bits, fault, monkeypatch
+def test_a_running_step_in_one_call_is_the_step_made_of_parts(
+    shape, granularity, dtype, bits, delayed, fault, monkeypatch
 ):
     before = (torch.randn(shape) * 2).to(dtype)
+    faulty = fault != "none" and not (fault == "overflow" and dtype == torch.float16)
     for x in _inputs(shape, dtype):
         layout = reference.GroupLayout.of(x.shape, granularity)
         lo, hi = reference.group_minmax(before, layout)
-        state = quant.RangeState(lo, hi - lo, torch.ones(lo.shape, dtype=torch.bool))
-        if fault != "none" and not (fault == "overflow" and dtype == torch.float16):
+        seen = torch.ones(lo.shape, dtype=torch.bool)
+        if not delayed:
+            seen[0] = False  # Mesa's EMA: a group never seen takes the batch's range
+        state = quant.RangeState(lo, hi - lo, seen)
+        if faulty:
             x[(0,) * x.dim()] = {"nan": float("nan"), "inf": float("inf"), "overflow": 3e38}[fault]
             if fault == "overflow":
                 x[(1,) + (0,) * (x.dim() - 1)] = -3e38  # the same group
-        fused = quant.delayed_step(x, layout, state, 0.9, bits=bits)
+        fused = quant.running_step(x, layout, state, 0.9, delayed=delayed, bits=bits)
         with monkeypatch.context() as m:  # the same step from its parts, in torch ops
             m.setattr(quant, "_on_cpu", lambda t: False)
-            parts = quant.delayed_step(x, layout, state, 0.9, bits=bits)
+            parts = quant.running_step(x, layout, state, 0.9, delayed=delayed, bits=bits)
         assert fused.q.job is not None and parts.q.job is not None
         assert torch.equal(fused.q.codes, parts.q.codes)
         for got, want in (
-            (fused.q.scale, parts.q.scale), (fused.lo, parts.lo), (fused.hi, parts.hi),
+            (fused.q.shift, parts.q.shift), (fused.q.scale, parts.q.scale),
+            (fused.lo, parts.lo), (fused.hi, parts.hi),
             (fused.step.shift, parts.step.shift), (fused.step.range, parts.step.range),
             (fused.step.marked, parts.step.marked),
         ):  # fmt: skip
             torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
         assert torch.equal(fused.step.seen, parts.step.seen)
-        assert int(fused.step.clipped) == int(parts.step.clipped) and fused.step.all_seen
+        assert int(fused.step.clipped) == int(parts.step.clipped)
+        assert fused.step.all_seen == bool(fused.step.seen.all())
         assert (fused.nonfinite, fused.overflows) == (parts.nonfinite, parts.overflows)
-        assert fused.nonfinite == (
-            fault != "none" and not (fault == "overflow" and dtype == torch.float16)
-        )
+        assert fused.nonfinite == faulty
         assert fused.overflows == (fault == "overflow" and dtype != torch.float16)
         torch.testing.assert_close(
             quant.dequantize(fused.q), quant.dequantize(parts.q), equal_nan=True, rtol=0, atol=0

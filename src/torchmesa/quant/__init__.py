@@ -32,14 +32,12 @@ from torchmesa.quant.reference import (
 __all__ = [
     "BITS",
     "FLOAT_DTYPES",
-    "DelayedStep",
     "EmaStep",
     "GroupLayout",
     "RangeState",
     "PackedMask",
     "QuantizedTensor",
     "QuantizedView",
-    "delayed_step",
     "dequantize",
     "dequantize_view",
     "ema_step",
@@ -50,6 +48,8 @@ __all__ = [
     "quantize",
     "quantize_delayed",
     "quantize_dynamic",
+    "running_step",
+    "RunningStep",
     "span_flags",
     "unpack_mask",
 ]
@@ -176,8 +176,8 @@ def quantize_delayed(
     return q, lo, hi
 
 
-class DelayedStep(NamedTuple):
-    """One delayed-scaling step (:func:`delayed_step`)."""
+class RunningStep(NamedTuple):
+    """One step of a running range estimate (:func:`running_step`)."""
 
     q: QuantizedTensor
     lo: torch.Tensor  # the batch's own per-group min and max
@@ -187,36 +187,43 @@ class DelayedStep(NamedTuple):
     overflows: bool | None  # some range overflows fp32 with finite ends; None: not looked at
 
 
-def delayed_step(
+def running_step(
     x: torch.Tensor,
     layout: GroupLayout,
     state: RangeState,
     decay: float,
     *,
+    delayed: bool = False,
     bits: int,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     flags: bool = True,
-) -> DelayedStep:
-    """Delayed scaling's whole step: quantize ``x`` with the running estimate ``state``
-    from before the batch (every group seen), measure the batch in the same pass, and move
-    the estimate by it (:func:`ema_step`, clipping counted against ``state``). A group the
-    batch made non-finite dequantizes to NaN. ``flags=False`` skips :func:`span_flags`
-    off the CPU, where it costs a device sync. One C call on the CPU."""
+) -> RunningStep:
+    """Quantize ``x`` with a running range estimate and move the estimate by the batch
+    (:func:`ema_step`). Mesa's EMA quantizes with the estimate the batch moved, clipping
+    counted against it. ``delayed=True`` quantizes with ``state`` itself (every group
+    seen), measuring the batch in the same pass, clipping counted against ``state``. A
+    group the batch made non-finite dequantizes to NaN. ``flags=False`` skips
+    :func:`span_flags` off the CPU, where it costs a device sync. One C call on the CPU."""
     _check_bits(bits)
     if cpu.supports(x) and _on_cpu(state.shift):
         seed = _seed(rounding, generator, x.device)
-        d = cpu.quantize_delayed_step(x, layout, state, decay, bits, seed)
-        q = _cpu_record(d.codes, state.shift, d.scale, layout, x, bits)
-        return DelayedStep(q, d.lo, d.hi, d.step, d.nonfinite, d.overflows)
-    q, lo, hi = quantize_delayed(
-        x, layout, state.shift, state.range, bits=bits, rounding=rounding, generator=generator
-    )
+        r = cpu.quantize_running(x, layout, state, decay, bits, seed, delayed)
+        shift = state.shift if delayed else r.step.shift
+        q = _cpu_record(r.codes, shift, r.scale, layout, x, bits)
+        return RunningStep(q, r.lo, r.hi, r.step, r.nonfinite, r.overflows)
+    opts = {"bits": bits, "rounding": rounding, "generator": generator}
+    if delayed:
+        q, lo, hi = quantize_delayed(x, layout, state.shift, state.range, **opts)
+    else:
+        lo, hi = group_minmax(x, layout)
     nonfinite, overflows = span_flags(lo, hi) if flags else (None, None)
-    step = ema_step(lo, hi, state, decay, used=(state.shift, state.range))
-    if nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
+    step = ema_step(lo, hi, state, decay, used=(state.shift, state.range) if delayed else None)
+    if not delayed:
+        q = quantize(x, layout, step.shift, step.marked, **opts)
+    elif nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
         q.scale.masked_fill_(torch.isnan(step.marked), torch.nan)
-    return DelayedStep(q, lo, hi, step, nonfinite, overflows)
+    return RunningStep(q, lo, hi, step, nonfinite, overflows)
 
 
 def quantize_dynamic(

@@ -108,10 +108,12 @@ def _build() -> ctypes.CDLL:
     lib.tm_quantize_own.argtypes = [
         ptr, i32, *view, i64, i64, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
     ]  # fmt: skip
-    lib.tm_quantize_delayed.argtypes = [
-        ptr, i32, *view, i64, i64, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr,
-        ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32,
-    ]  # fmt: skip
+    for fn in (lib.tm_quantize_delayed, lib.tm_quantize_ema):
+        fn.argtypes = [
+            ptr, i32, *view, i64, i64, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr,
+            ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32,
+        ]  # fmt: skip
+        fn.restype = i64
     lib.tm_quantize_rows.argtypes = [
         ptr, i32, *view, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
     ]  # fmt: skip
@@ -126,7 +128,6 @@ def _build() -> ctypes.CDLL:
         fn.restype = None
     lib.tm_span_flags.restype = i32
     lib.tm_ema.restype = i64
-    lib.tm_quantize_delayed.restype = i64
     return lib
 
 
@@ -316,11 +317,11 @@ def _quantize(
     return out, lo, hi
 
 
-class DelayedStep(NamedTuple):
-    """What :func:`quantize_delayed_step` returns."""
+class RunningStep(NamedTuple):
+    """What :func:`quantize_running` returns."""
 
     codes: torch.Tensor
-    scale: torch.Tensor  # steps from the prior ranges; NaN where this batch was not finite
+    scale: torch.Tensor  # the steps the codes were written with; NaN: a non-finite group
     lo: torch.Tensor
     hi: torch.Tensor
     step: EmaStep
@@ -328,30 +329,35 @@ class DelayedStep(NamedTuple):
     overflows: bool
 
 
-def quantize_delayed_step(
+def quantize_running(
     x: torch.Tensor,
     layout: GroupLayout,
     state: RangeState,
     decay: float,
     bits: int,
     seed: int | None = None,
-) -> DelayedStep:
-    """A whole delayed-scaling step in one C call: :func:`quantize_codes_and_minmax` under
-    the estimate ``state`` (every group seen), :func:`span_flags` of the batch, and
-    :func:`ema_step` with the estimate as the ranges used."""
+    delayed: bool = False,
+) -> RunningStep:
+    """One step of a running range estimate in one C call: the batch's min and max,
+    :func:`span_flags`, :func:`ema_step` and the codes. Mesa's EMA (``delayed=False``)
+    quantizes with the estimate the batch moved (two passes); delayed scaling quantizes
+    with ``state`` (every group seen) while the same pass measures the batch, and counts
+    clipping against ``state``. The shift the codes were written with is ``step.shift``,
+    or ``state.shift`` when delayed."""
     lib = load()
     assert lib is not None
     plan = _plan(x, layout, bits)
     n, groups = x.numel(), layout.num_groups
     out = _codes_out(x, plan, bits)
     shift, rng, seen = _fp32(state.shift), _fp32(state.range), state.seen.contiguous()
-    # the step and the new estimate outlive the call (in the record, in the estimator),
+    # the steps and the new estimate outlive the call (in the record, in the estimator),
     # each in its own storage; lo, hi and marked share one
     scale, new_shift, new_range = torch.empty(groups), torch.empty(groups), torch.empty(groups)
     lo, hi, marked = torch.empty(3, groups).unbind()
     new_seen = torch.empty(groups, dtype=torch.bool)
     info = (ctypes.c_int64 * 2)()
-    clipped = lib.tm_quantize_delayed(
+    kernel = lib.tm_quantize_delayed if delayed else lib.tm_quantize_ema
+    clipped = kernel(
         x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n, plan.mid,
         plan.inner, plan.gs, groups, bits, seed is not None, 0 if seed is None else seed,
         out.data_ptr(), shift.data_ptr(), rng.data_ptr(), seen.data_ptr(), decay,
@@ -359,7 +365,7 @@ def quantize_delayed_step(
         new_range.data_ptr(), new_seen.data_ptr(), marked.data_ptr(), info, _threads(n),
     )  # fmt: skip
     step = EmaStep(new_shift, new_range, new_seen, marked, clipped, info[0] == groups)
-    return DelayedStep(out, scale, lo, hi, step, bool(info[1] & 1), bool(info[1] & 2))
+    return RunningStep(out, scale, lo, hi, step, bool(info[1] & 1), bool(info[1] & 2))
 
 
 def rows_per_block(layout: GroupLayout, bits: int) -> int:

@@ -691,3 +691,23 @@ int64_t tm_quantize_delayed(const void *x, int dtype, int nd, const int64_t *sz,
         for (int64_t g = 0; g < groups; g++) scale[g] = isnan(marked[g]) ? NAN : scale[g];
     return clipped;
 }
+
+/* One step of Mesa's running estimate in one call (two passes): the batch's min and max,
+ * the span flags (info[1]), the estimate moved by the batch (tm_ema, clipping counted
+ * against the new estimate; groups seen into info[0]), its steps (NaN for groups the
+ * batch made non-finite) and the codes under it. Returns the groups clipped. */
+int64_t tm_quantize_ema(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                        int64_t n, int64_t mid, int64_t inner, int64_t gs, int64_t groups,
+                        int bits, int stochastic, uint32_t seed, uint8_t *out, const float *shift,
+                        const float *range, const uint8_t *seen, float decay, float *scale,
+                        float *lo, float *hi, float *shift_out, float *range_out,
+                        uint8_t *seen_out, float *marked, int64_t *info, int nthreads) {
+    tm_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo, hi, nthreads);
+    info[1] = tm_span_flags(lo, hi, groups);
+    int64_t clipped = tm_ema(lo, hi, shift, range, seen, groups, decay, NULL, NULL, shift_out,
+                             range_out, seen_out, marked, info);
+    tm_scale(marked, groups, bits, scale);
+    tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, shift_out, scale, bits, stochastic,
+                seed, out, NULL, NULL, nthreads);
+    return clipped;
+}
