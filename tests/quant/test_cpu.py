@@ -435,3 +435,37 @@ def test_a_running_step_in_one_call_is_the_step_made_of_parts(
         torch.testing.assert_close(
             quant.dequantize(fused.q), quant.dequantize(parts.q), equal_nan=True, rtol=0, atol=0
         )
+
+
+def _two_level_cases(dtype):
+    mask = (torch.rand(3, 4099) > 0.3).to(dtype) * 1.25  # across blocks
+    late = mask.clone()
+    late[-1, -1] = 0.5  # ruled out by the last element only
+    leading_zeros = mask.clone()
+    leading_zeros.view(-1)[:5000] = 0  # c is set in the second block
+    nan = mask.clone()
+    nan[2, 7] = float("nan")
+    return {
+        "mask": mask,
+        "strided mask": torch.empty(3, 4099, 2, dtype=dtype)[..., 1].copy_(mask),
+        "late": late,
+        "leading zeros": leading_zeros,
+        "nan": nan,
+        "no zero": torch.full((5, 7), 2.0, dtype=dtype),
+        "all zero": torch.zeros(5, 7, dtype=dtype),
+        "negative": (torch.rand(5, 7) > 0.5).to(dtype) * -2.0,
+        "activations": torch.randn(6, 197).to(dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_level_detection_in_c_is_the_torch_one(dtype, monkeypatch):
+    for name, x in _two_level_cases(dtype).items():
+        fused = quant.two_level_value(x)
+        with monkeypatch.context() as m:
+            m.setattr(cpu, "supports", lambda t: False)
+            plain = quant.two_level_value(x)
+        assert (fused is None) == (plain is None), name
+        assert (fused is None) == (name not in ("mask", "strided mask", "leading zeros")), name
+        if fused is not None:
+            assert fused.dtype == plain.dtype == dtype and torch.equal(fused, plain), name

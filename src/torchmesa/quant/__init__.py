@@ -384,7 +384,11 @@ def pack_mask(mask: torch.Tensor) -> PackedMask:
 
 
 def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
-    """The ``c`` if every entry of ``x`` is 0 or one value ``c > 0``, else None (one pass)."""
+    """The ``c`` if every entry of ``x`` is 0 or one value ``c > 0`` and both occur, else
+    None: one read on the CPU, which usually stops at the first nonzero element."""
+    if cpu.supports(x):
+        c = cpu.two_level_value(x)
+        return None if c is None else torch.tensor(c, dtype=x.dtype)
     lo, hi = torch.aminmax(x)
     if not (bool(lo == 0) and bool(hi > 0)):
         return None

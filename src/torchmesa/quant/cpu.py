@@ -54,6 +54,7 @@ ROWS_BLOCK = 4 * _BLOCK  # elements of whole rows a block holds (cpu_kernels.c)
 MAX_DIMS = 8  # dims longer than 1 that a strided view may have (cpu_kernels.c)
 _PARALLEL_MIN = 1 << 16
 _SHORT_RUN = 256  # runs of one parameter shorter than this are spread per element
+_ONE_GROUP = GroupLayout("tensor", 1)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -119,6 +120,8 @@ def _build() -> ctypes.CDLL:
     ]  # fmt: skip
     lib.tm_dequantize.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i32, ptr, i32]
     lib.tm_scale.argtypes = [ptr, i64, i32, ptr]
+    lib.tm_two_level.argtypes = [ptr, i32, *view, i64]
+    lib.tm_two_level.restype = ctypes.c_float
     lib.tm_span_flags.argtypes = [ptr, ptr, i64]
     lib.tm_ema.argtypes = [
         ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr
@@ -478,6 +481,17 @@ def dequantize_codes(
     (8 bits) or contiguous (packed codes)."""
     assert load() is not None
     return run_dequantize(dequantize_job(codes, shape, layout, shift, scale, bits, dtype))
+
+
+def two_level_value(x: torch.Tensor) -> float | None:
+    """:func:`quant.two_level_value` as a float, in one read that usually stops at once."""
+    lib = load()
+    assert lib is not None
+    plan = _plan(x, _ONE_GROUP, 8)
+    c = lib.tm_two_level(
+        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, x.numel()
+    )  # fmt: skip
+    return None if c < 0 else c
 
 
 def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:

@@ -711,3 +711,33 @@ int64_t tm_quantize_ema(const void *x, int dtype, int nd, const int64_t *sz, con
                 seed, out, NULL, NULL, nthreads);
     return clipped;
 }
+
+/* The value c when every element is 0 or one value c > 0 and both occur (a dropout mask
+ * {0, 1/(1-p)}), else -1; NaN rules it out. The first nonzero element sets c, so a
+ * tensor that is no such mask is usually ruled out at once. */
+float tm_two_level(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                   int64_t n) {
+    view_t v = {nd, sz, st};
+    float c = 0.0f, buf[BLOCK];
+    int zero = 0;
+    for (int64_t i = 0; i < n; i += BLOCK) {
+        int64_t m = n - i < BLOCK ? n - i : BLOCK, k = 0;
+        load_view(x, dtype, v, i, m, buf);
+        for (; c == 0.0f && k < m; k++) {
+            if (buf[k] == 0.0f) {
+                zero = 1;
+            } else {
+                if (!(buf[k] > 0.0f)) return -1.0f;
+                c = buf[k];
+            }
+        }
+        int bad = 0, z = 0;
+        for (; k < m; k++) {
+            bad |= (buf[k] != 0.0f) & (buf[k] != c);
+            z |= buf[k] == 0.0f;
+        }
+        if (bad) return -1.0f;
+        zero |= z;
+    }
+    return zero && c > 0.0f ? c : -1.0f;
+}
