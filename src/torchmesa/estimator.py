@@ -53,9 +53,10 @@ class _Running:
     all_seen: bool | None
 
     @staticmethod
-    def fresh(lo: torch.Tensor) -> _Running:
-        zeros = torch.zeros_like(lo)
-        seen = torch.zeros_like(lo, dtype=torch.bool)
+    def fresh(shape: torch.Size, device: torch.device) -> _Running:
+        """An estimate no batch has moved: every group unseen."""
+        zeros = torch.zeros(shape, dtype=torch.float32, device=device)  # as group_minmax
+        seen = torch.zeros(shape, dtype=torch.bool, device=device)
         return _Running(quant.RangeState(zeros, zeros, seen), 0, 0, False)
 
 
@@ -85,7 +86,7 @@ class EMARange:
         old = self._matching(site, lo.shape, lo.device, staged)
         if old is None:
             # a new site, or one whose tensor changed shape (dynamic control flow): restart
-            old = _Running.fresh(lo)
+            old = _Running.fresh(lo.shape, lo.device)
         step = quant.ema_step(
             lo, hi, old.state, self.decay if decay is None else decay, quantized_with
         )
@@ -99,14 +100,16 @@ class EMARange:
         group unseen) when the site is new or its tensor changed shape."""
         running = self._matching(site, lo_shape, device, staged)
         if running is None:
-            return _Running.fresh(torch.empty(lo_shape, device=device)).state
+            return _Running.fresh(lo_shape, device).state
         return running.state
 
     def record(self, site: Site, step: quant.EmaStep, staged: dict | None = None) -> None:
         """Keep ``step``, the estimate :meth:`current` or :meth:`prior` gave moved by a
         batch elsewhere (:func:`torchmesa.quant.running_step`), as :meth:`ranges` does."""
         old = self._matching(site, step.shift.shape, step.shift.device, staged)
-        self._stage(site, _Running.fresh(step.shift) if old is None else old, step, staged)
+        if old is None:
+            old = _Running.fresh(step.shift.shape, step.shift.device)
+        self._stage(site, old, step, staged)
 
     def _stage(self, site: Site, old: _Running, step: quant.EmaStep, staged: dict | None) -> None:
         new = _Running(

@@ -508,6 +508,13 @@ static inline float step_of(float r, float levels) {
     return r == 0.0f ? 1.0f : s;
 }
 
+/* The step of a batch's own range [lo, hi]: NaN where hi - lo is not finite (a NaN or
+ * Inf in the group), so that the group dequantizes to NaN. */
+static inline float own_step(float lo, float hi, float levels) {
+    float r = hi - lo;
+    return isfinite(r) ? step_of(r, levels) : NAN;
+}
+
 /* Per-token quantization in one pass, each row with its own range (reference.scale_of of
  * max - min, NaN where that is not finite): k rows at a time are read into a block, each
  * row's min and max taken there and its codes written from them. k * cols fits a block
@@ -534,7 +541,7 @@ void tm_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const
             span(row, cols, &a, &h, &nan);
             a = nan ? NAN : a;
             h = nan ? NAN : h;
-            float r = h - a, s = isfinite(r) ? step_of(r, levels) : NAN;
+            float s = own_step(a, h, levels);
             lo[r0 + j] = a;
             hi[r0 + j] = h;
             scale[r0 + j] = s;
@@ -571,10 +578,7 @@ void tm_quantize_own(const void *x, int dtype, int nd, const int64_t *sz, const 
                      float *hi_g, float *scale_g, int nthreads) {
     tm_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, hi_g, nthreads);
     float levels = (float)((1 << bits) - 1);
-    for (int64_t g = 0; g < groups; g++) {
-        float r = hi_g[g] - lo_g[g];
-        scale_g[g] = isfinite(r) ? step_of(r, levels) : NAN;
-    }
+    for (int64_t g = 0; g < groups; g++) scale_g[g] = own_step(lo_g[g], hi_g[g], levels);
     tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, scale_g, bits, stochastic, seed,
                 out, NULL, NULL, nthreads);
 }
