@@ -5,7 +5,8 @@ The floor (DESIGN.md): quantize reads the activation and writes one byte per ele
 dequantize the reverse, so each should cost about what a copy costs. Target: within 2x.
 Measured twice: hot (one tensor again and again: it stays in cache) and cold (each call
 on the next of copies that together fill 1 GiB, as a training step meets its
-activations: from memory), each against a copy measured the same way.
+activations: from memory), each against a copy measured the same way, in the same
+rounds: each ratio is the median of ratios taken within one round.
 
     python benchmarks/kernels.py                 # CPU: reference vs fused C kernels
     python benchmarks/kernels.py --device cuda   # GPU: reference vs Triton kernels
@@ -14,6 +15,7 @@ activations: from memory), each against a copy measured the same way.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import platform
@@ -21,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,19 +40,50 @@ SHAPES = {
 TARGET = 2.0
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after two warm-ups."""
-    times = []
-    for i in range(repeats + 2):
+def side_by_side(fns: dict[str, Any], device: str, repeats: int, warm: bool) -> dict[str, float]:
+    """Each function's median time as a ratio to the first's (the copy), measured in
+    rounds: every round times each function once, in turn, and the ratio is taken within
+    the round, so that a machine that speeds up or slows down moves both sides alike.
+    With ``warm``, each timed call follows an untimed one of the same function."""
+
+    def once(fn) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    for fn in fns.values():  # first calls pay one-time costs
+        fn()
+        fn()
+    base, *_ = fns
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        times = {}
+        for name, fn in fns.items():
+            if warm:
+                fn()
+            times[name] = once(fn)
+        for name, t in times.items():
+            per_round[name].append(t / times[base] if name != base else t)
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def steady_allocator() -> bool:
+    """Serve every buffer here from glibc's heap and never hand it back, so that no call
+    pays page faults for fresh memory while another reuses warm pages: left to itself,
+    glibc maps some 10 MB outputs anew and not others, which moved a copy's time (and
+    every ratio to it) by 2x between runs. Returns whether it applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(
+            libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def reference_quantize(x, layout):
@@ -77,31 +111,30 @@ def measure(device: str, repeats: int, cold_bytes: int) -> list[dict]:
             codes, lo, scale = reference_quantize(x, layout)
             q = fused_quantize(x, layout)
             prior = (lo, scale * 255)  # a running estimate: this batch's own ranges
-            copy = timed(lambda: x.clone(), device, repeats)
+            copy = lambda: x.clone()  # noqa: E731
+            fused = {
+                "copy": copy,
+                "fused_quantize": lambda: fused_quantize(x, layout),
+                "fused_delayed_quantize": lambda: delayed_quantize(x, layout, *prior),
+                "fused_dequantize": lambda: quant.dequantize(q),
+            }
+            plain = {  # its own rounds: its temporaries would evict the fused calls' data
+                "copy": copy,
+                "ref_quantize": lambda: reference_quantize(x, layout),
+                "ref_dequantize": lambda: reference.dequantize_codes(
+                    codes, layout, lo, scale, dtype
+                ),
+            }
+            hot = side_by_side(fused, device, repeats, warm=True)
+            ref = side_by_side(plain, device, repeats, warm=True)
+            ref.pop("copy")
             row = {
                 "tensor": name,
                 "dtype": str(dtype).removeprefix("torch."),
                 "mbytes": x.numel() * x.element_size() / 2**20,
-                "copy_ms": copy * 1e3,
-                "ref_quantize_vs_copy": timed(
-                    lambda: reference_quantize(x, layout), device, repeats
-                )
-                / copy,
-                "ref_dequantize_vs_copy": timed(
-                    lambda: reference.dequantize_codes(codes, layout, lo, scale, dtype),
-                    device,
-                    repeats,
-                )
-                / copy,
-                "fused_quantize_vs_copy": timed(lambda: fused_quantize(x, layout), device, repeats)
-                / copy,
-                "fused_delayed_quantize_vs_copy": timed(
-                    lambda: delayed_quantize(x, layout, *prior), device, repeats
-                )
-                / copy,
-                "fused_dequantize_vs_copy": timed(lambda: quant.dequantize(q), device, repeats)
-                / copy,
+                "copy_ms": hot.pop("copy") * 1e3,
             }
+            row |= {f"{key}_vs_copy": ratio for key, ratio in (ref | hot).items()}
             rows.append(row | cold(x, layout, prior, device, repeats, cold_bytes))
     return rows
 
@@ -117,16 +150,19 @@ def cold(x, layout, prior, device: str, repeats: int, cold_bytes: int) -> dict:
         it = iter(range(1 << 62))
         return lambda: fn(items[next(it) % len(items)])
 
-    copy = timed(cycling(torch.clone, xs), device, repeats)
-    ratios = {
-        "fused_quantize_cold_vs_copy": cycling(lambda t: fused_quantize(t, layout), xs),
-        "fused_delayed_quantize_cold_vs_copy": cycling(
-            lambda t: delayed_quantize(t, layout, *prior), xs
-        ),
-        "fused_dequantize_cold_vs_copy": cycling(quant.dequantize, qs),
-    }
-    return {"copy_cold_ms": copy * 1e3} | {
-        key: timed(fn, device, repeats) / copy for key, fn in ratios.items()
+    cold = side_by_side(
+        {
+            "copy": cycling(torch.clone, xs),
+            "fused_quantize": cycling(lambda t: fused_quantize(t, layout), xs),
+            "fused_delayed_quantize": cycling(lambda t: delayed_quantize(t, layout, *prior), xs),
+            "fused_dequantize": cycling(quant.dequantize, qs),
+        },
+        device,
+        repeats,
+        warm=False,
+    )
+    return {"copy_cold_ms": cold.pop("copy") * 1e3} | {
+        f"{key}_cold_vs_copy": ratio for key, ratio in cold.items()
     }
 
 
@@ -167,6 +203,7 @@ def main() -> None:
     fused = "C kernels" if args.device == "cpu" and cpu.available() else "Triton"
     if args.device == "cpu" and not cpu.available():
         fused = "none (reference)"
+    steady = args.device == "cpu" and steady_allocator()
     rows = measure(args.device, args.repeats, args.cold_mib << 20)
     print(table(rows))
     out = args.out or Path(__file__).parent / "results" / f"kernels-{args.device}.json"
@@ -178,6 +215,7 @@ def main() -> None:
         "command": " ".join(["benchmarks/kernels.py", *sys.argv[1:]]),
         "fused_path": fused,
         "cpu_kernel_build_seconds": cpu.BUILD_SECONDS,
+        "steady_allocator": steady,
         "definitions": "quantize: each group's own min/max + codes (one pass per token, two "
         "otherwise); delayed: codes from ranges known before, with the batch's min/max in the "
         "same pass; dequantize: codes to the saved dtype; each a median over repeats, as a "

@@ -3,7 +3,9 @@
 Trains one model exact and compressed, steps interleaved, and times inside the compressed
 steps every call into the fused CPU kernels and every pack (forward) and unpack (backward)
 hook. What the hooks spend outside the kernels is the Python around them. The timers add a
-little of their own, so the step ratio here reads slightly above bench.py's.
+little of their own, so the step ratio here reads slightly above bench.py's. A third copy
+of the model runs the engine with every saved tensor kept as it is ("hooks only"): what
+the module and saved-tensor hooks cost before anything is stored.
 
     python benchmarks/step_costs.py                      # DeiT-S, batch 8, delayed scaling
     python benchmarks/step_costs.py --model deit-b --estimator dynamic
@@ -52,6 +54,11 @@ class _TimedLibrary:
         return _timed(getattr(self._lib, name), name, self._spent)
 
 
+def _kept(self: engine.Engine, t: torch.Tensor, *args: Any) -> torch.Tensor:
+    """The engine's store for the hooks-only model: every saved tensor as it is."""
+    return t
+
+
 def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps: int) -> dict:
     if not cpu.available():
         raise SystemExit("step_costs.py times the fused CPU kernels; they are not available")
@@ -59,29 +66,37 @@ def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps
     batch = batch_on(spec, batch_size, setup)
     exact = build(spec, "exact", setup)
     compressed = build(spec, f"torchmesa-{estimator}", setup)  # bench.py's configurations
-    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (exact, compressed)}
+    hooks_only = build(spec, f"torchmesa-{estimator}", setup)
+    models = {"exact": exact, "torchmesa": compressed, "hooks only": hooks_only}
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models.values()}
     spent: dict[str, float] = collections.defaultdict(float)
     lib = cpu.load()
-    pack, unpack = engine.Engine._pack, engine.Engine._unpack
+    pack, unpack, store = engine.Engine._pack, engine.Engine._unpack, engine.Engine._store
+    timed_pack = _timed(pack, "pack", spent)
+    timed_unpack = staticmethod(_timed(unpack, "unpack", spent))
     cpu._lib = _TimedLibrary(lib, spent)
-    engine.Engine._pack = _timed(pack, "pack", spent)
-    engine.Engine._unpack = staticmethod(_timed(unpack, "unpack", spent))
-    times: dict[str, list[float]] = {"exact": [], "torchmesa": []}
+    times: dict[str, list[float]] = {name: [] for name in models}
     try:
         for i in range(warmup + steps):
             if i == warmup:
                 spent.clear()
-            for name, model in (("exact", exact), ("torchmesa", compressed)):
+            for name, model in models.items():
+                keep = name == "hooks only"  # its saved tensors stay as they are, untimed
+                engine.Engine._pack = pack if keep else timed_pack
+                engine.Engine._unpack = staticmethod(unpack) if keep else timed_unpack
+                engine.Engine._store = _kept if keep else store
                 start = time.perf_counter()
                 step(spec, model, opts[model], batch, setup)
                 times[name].append(time.perf_counter() - start)
     finally:
         cpu._lib = lib
-        engine.Engine._pack, engine.Engine._unpack = pack, staticmethod(unpack)
+        engine.Engine._pack, engine.Engine._store = pack, store
+        engine.Engine._unpack = staticmethod(unpack)
     per_step = {k: v / steps for k, v in spent.items()}
     kernels = {k: v for k, v in per_step.items() if k.startswith("tm_")}
     exact_s = statistics.median(times["exact"][warmup:])
     compressed_s = statistics.median(times["torchmesa"][warmup:])
+    hooks_s = statistics.median(times["hooks only"][warmup:])
     hooks = per_step.get("pack", 0.0) + per_step.get("unpack", 0.0)
     return {
         "model": model_name,
@@ -90,6 +105,8 @@ def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps
         "exact_step_seconds": exact_s,
         "torchmesa_step_seconds": compressed_s,
         "step_time_vs_exact": compressed_s / exact_s,
+        "hooks_only_step_seconds": hooks_s,
+        "hooks_only_vs_exact": hooks_s / exact_s,
         "kernel_seconds_per_step": kernels,
         "hook_seconds_per_step": {
             "pack": per_step.get("pack", 0.0),
@@ -104,7 +121,8 @@ def table(r: dict) -> str:
     lines = [
         f"{r['model']} batch {r['batch']}, estimator {r['estimator']}: exact step "
         f"{r['exact_step_seconds'] * ms:.0f} ms, torchmesa {r['torchmesa_step_seconds'] * ms:.0f}"
-        f" ms ({r['step_time_vs_exact']:.3f}x, with timers)",
+        f" ms ({r['step_time_vs_exact']:.3f}x, with timers); hooks only (nothing stored) "
+        f"{r['hooks_only_step_seconds'] * ms:.0f} ms ({r['hooks_only_vs_exact']:.3f}x)",
         f"{'per step':34} {'ms':>7}",
     ]
     for name, seconds in sorted(r["kernel_seconds_per_step"].items(), key=lambda kv: -kv[1]):
@@ -138,8 +156,9 @@ def main() -> None:
         "command": " ".join(["benchmarks/step_costs.py", *sys.argv[1:]]),
         "definitions": "seconds per compressed step (mean over the timed steps): each fused "
         "CPU kernel's calls; the pack (forward) and unpack (backward) hooks in all; the hooks "
-        "outside the kernels (Python and small torch ops). Step times: medians, exact and "
-        "compressed interleaved, timers on",
+        "outside the kernels (Python and small torch ops). Step times: medians, exact, "
+        "compressed and hooks only (the engine keeping every saved tensor as it is) "
+        "interleaved, timers on in the compressed steps",
         **result,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")

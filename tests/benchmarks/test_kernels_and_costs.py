@@ -1,11 +1,44 @@
 """The kernel benchmark and the step-cost breakdown run end to end and report every figure."""
 
+import importlib.util
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kernels_module():
+    spec = importlib.util.spec_from_file_location(
+        "kernels_bench", ROOT / "benchmarks" / "kernels.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_side_by_side_reports_ratios_to_the_first_function(monkeypatch):
+    kernels = _kernels_module()
+    clock = [0.0]
+    slow = [1.0]  # the machine's speed, moved between rounds
+
+    def work(seconds, base=False):
+        def fn():
+            if base:
+                slow[0] = 3.0 if slow[0] == 1.0 else 1.0
+            clock[0] += seconds * slow[0]
+
+        return fn
+
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    fns = {"copy": work(0.002, base=True), "twice": work(0.004), "half": work(0.001)}
+    out = kernels.side_by_side(fns, "cpu", 5, warm=False)
+    assert out["twice"] == pytest.approx(2.0) and out["half"] == pytest.approx(0.5)
+    assert out["copy"] == pytest.approx(0.006)  # the base in seconds: the median round's
 
 
 def test_kernel_benchmark_reports_every_ratio(tmp_path):
@@ -20,6 +53,8 @@ def test_kernel_benchmark_reports_every_ratio(tmp_path):
     report = json.loads(out.read_text())
     assert report["command"].endswith("--cold-mib 32 --out " + str(out))
     assert len(report["rows"]) == 6  # three DeiT-S tensors, fp32 and bf16
+    if platform.libc_ver()[0] == "glibc":
+        assert report["steady_allocator"] is True
     for row in report["rows"]:
         for key in ("quantize", "delayed_quantize", "dequantize"):
             assert row[f"fused_{key}_vs_copy"] > 0 and row[f"fused_{key}_cold_vs_copy"] > 0
@@ -43,3 +78,5 @@ def test_step_costs_split_the_step_into_kernels_and_the_rest(tmp_path):
     hooks = report["hook_seconds_per_step"]
     assert hooks["pack"] + hooks["unpack"] > sum(kernels.values())
     assert report["outside_kernels_seconds_per_step"] > 0 and report["step_time_vs_exact"] > 0
+    assert report["hooks_only_step_seconds"] > 0 and report["hooks_only_vs_exact"] > 0
+    assert "hooks only (nothing stored)" in done.stdout

@@ -306,6 +306,8 @@ def test_own_range_quantization_is_the_same_without_the_kernels(granularity, mon
 
 
 def test_per_token_rows_are_read_once_when_they_fit_a_block():
+    short = reference.GroupLayout.of((64, 384), PerToken())
+    assert cpu.rows_per_block(short, 8) == 10  # a small block: a bf16 one converted fits L1
     layout = reference.GroupLayout.of((4, 4097), PerToken())
     assert cpu.rows_per_block(layout, 8) == 3 and cpu.rows_per_block(layout, 4) == 2
     assert cpu.rows_per_block(reference.GroupLayout.of((2, 16385), PerToken()), 8) == 0
