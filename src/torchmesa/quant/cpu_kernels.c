@@ -350,10 +350,9 @@ static inline float uniform(uint32_t seed, uint32_t i) {
 /* Clamp a rounded value to [0, levels] (NaN lands on 0: such groups dequantize to NaN
  * anyway) and keep it off code 0 where y > 0 in a zero-minimum group. Branch-free. */
 static inline uint8_t code_of(float r, float y, float levels, float zero_min) {
-    r = r > 0.0f ? r : 0.0f;
-    r = r < levels ? r : levels;
-    float lift = y > 0.0f ? zero_min : 0.0f;
+    float lift = y > 0.0f ? zero_min : 0.0f; /* 0 or 1, below levels: one max serves both */
     r = r > lift ? r : lift;
+    r = r < levels ? r : levels;
     return (uint8_t)(int)r;
 }
 
@@ -375,20 +374,21 @@ static inline void codes_const(const float *restrict v, int64_t n, float sh, flo
     }
 }
 
-/* The same, with one shift / inv per element (the "mid" index is the innermost one). */
+/* The same, with one shift / inv per element (the "mid" index is the innermost one) and
+ * its zero-minimum flag zm (1 where the shift is 0, else 0). */
 static inline void codes_vec(const float *restrict v, int64_t n, const float *restrict sh,
-                             const float *restrict inv, float levels, int stochastic,
-                             uint32_t seed, int64_t i0, uint8_t *restrict q) {
+                             const float *restrict inv, const float *restrict zm, float levels,
+                             int stochastic, uint32_t seed, int64_t i0, uint8_t *restrict q) {
     if (stochastic) {
         for (int64_t k = 0; k < n; k++) {
             float y = (v[k] - sh[k]) * inv[k];
             float r = floorf(y + uniform(seed, (uint32_t)(i0 + k)));
-            q[k] = code_of(r, y, levels, sh[k] == 0.0f ? 1.0f : 0.0f);
+            q[k] = code_of(r, y, levels, zm[k]);
         }
     } else {
         for (int64_t k = 0; k < n; k++) {
             float y = (v[k] - sh[k]) * inv[k];
-            q[k] = code_of(rintf(y), y, levels, sh[k] == 0.0f ? 1.0f : 0.0f);
+            q[k] = code_of(rintf(y), y, levels, zm[k]);
         }
     }
 }
@@ -443,9 +443,10 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
                  int64_t n, int64_t mid, int64_t inner, int64_t gs, const float *shift_g,
                  const float *scale_g, int bits, int stochastic, uint32_t seed, uint8_t *out,
                  float *lo_g, float *hi_g, int nthreads) {
-    float *shift = malloc((size_t)mid * 2 * sizeof(float)), *inv = shift + mid;
+    float *shift = malloc((size_t)mid * 3 * sizeof(float)), *inv = shift + mid, *zm = inv + mid;
     expand(shift_g, mid, gs, 0, shift);
     expand(scale_g, mid, gs, 1, inv);
+    for (int64_t m = 0; m < mid; m++) zm[m] = shift[m] == 0.0f ? 1.0f : 0.0f;
     float *part = NULL, *lo_out = NULL, *hi_out = NULL;
     if (lo_g) {
         part = malloc((size_t)(3 * nthreads + 2) * (size_t)mid * sizeof(float));
@@ -494,7 +495,7 @@ void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int6
                         nan[mi] = bad ? 1.0f : nan[mi];
                     }
                 } else {
-                    codes_vec(buf + k, len, shift + mi, inv + mi, levels, stochastic, seed,
+                    codes_vec(buf + k, len, shift + mi, inv + mi, zm + mi, levels, stochastic, seed,
                               i + k, q + k);
                     if (part && !row_blocks)
                         fold_rows(buf + k, 1, len, lo + mi, hi + mi, nan + mi);
