@@ -166,6 +166,30 @@ def cold(x, layout, prior, device: str, repeats: int, cold_bytes: int) -> dict:
     }
 
 
+def measure_masks(device: str, repeats: int) -> list[dict]:
+    """1-bit masks, packed and unpacked (a dropout mask on attention probabilities, as
+    the CPU's dropout saves it, and a bool mask), against a copy of the mask, hot."""
+    rows = []
+    keep = torch.rand(8, 6, 197, 197, device=device) > 0.1
+    masks = {"dropout mask (8, 6, 197, 197)": keep.float() / 0.9, "bool (8, 6, 197, 197)": keep}
+    for name, x in masks.items():
+        value = None if x.dtype == torch.bool else quant.two_level_value(x)
+
+        def pack(x=x, value=value):
+            return quant.pack_mask(x) if value is None else quant.pack_two_level(x, value)
+
+        packed = pack()
+        plain = {"copy": lambda x=x: x.clone(), "pack": pack,
+                 "unpack": lambda p=packed: quant.unpack_mask(p)}  # fmt: skip
+        got = side_by_side(plain, device, repeats, warm=True)
+        rows.append({
+            "tensor": name, "dtype": str(x.dtype).removeprefix("torch."),
+            "copy_ms": got.pop("copy") * 1e3,
+            **{f"{key}_vs_copy": ratio for key, ratio in got.items()},
+        })  # fmt: skip
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'tensor':31} {'dtype':8} {'MiB':>5} {'copy ms':>7}  {'quantize / copy':>28}  "
     head += f"{'dequantize / copy':>17}  {'cold: copy ms':>13} {'quant':>5} {'delay':>5} "
@@ -206,6 +230,10 @@ def main() -> None:
     steady = args.device == "cpu" and steady_allocator()
     rows = measure(args.device, args.repeats, args.cold_mib << 20)
     print(table(rows))
+    masks = measure_masks(args.device, args.repeats)
+    for m in masks:
+        print(f"{m['tensor']:31} {m['dtype']:8} copy {m['copy_ms']:.2f} ms, 1-bit pack "
+              f"{m['pack_vs_copy']:.2f}x, unpack {m['unpack_vs_copy']:.2f}x of a copy")  # fmt: skip
     out = args.out or Path(__file__).parent / "results" / f"kernels-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -223,6 +251,7 @@ def main() -> None:
         f"{args.cold_mib} MiB, against a copy measured the same way",
         "target": f"fused quantize and dequantize each <= {TARGET}x a copy",
         "rows": rows,
+        "masks": masks,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

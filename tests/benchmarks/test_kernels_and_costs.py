@@ -59,6 +59,8 @@ def test_kernel_benchmark_reports_every_ratio(tmp_path):
         for key in ("quantize", "delayed_quantize", "dequantize"):
             assert row[f"fused_{key}_vs_copy"] > 0 and row[f"fused_{key}_cold_vs_copy"] > 0
         assert row["copy_cold_ms"] > 0
+    assert [m["dtype"] for m in report["masks"]] == ["float32", "bool"]
+    assert all(m["pack_vs_copy"] > 0 and m["unpack_vs_copy"] > 0 for m in report["masks"])
 
 
 def test_step_costs_split_the_step_into_kernels_and_the_rest(tmp_path):

@@ -471,3 +471,38 @@ def test_two_level_detection_in_c_is_the_torch_one(dtype, monkeypatch):
         assert (fused is None) == (name not in ("mask", "strided mask", "leading zeros")), name
         if fused is not None:
             assert fused.dtype == plain.dtype == dtype and torch.equal(fused, plain), name
+
+
+MASK_SIZES = [(1,), (7,), (8,), (9,), (4097,), (3, 5, 4096 * 2 + 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, *DTYPES])
+@pytest.mark.parametrize("shape", MASK_SIZES)
+def test_masks_pack_to_the_references_bits_and_back(shape, dtype):
+    keep = torch.rand(shape) > 0.3
+    value = 1.0 if dtype == torch.bool else 1 / 0.7
+    x = keep if dtype == torch.bool else keep.to(dtype) * torch.tensor(value, dtype=dtype)
+    for view in _layouts(x):
+        expected = reference.pack_bits((view != 0).contiguous().view(torch.uint8), 1)
+        if dtype == torch.bool:
+            packed = quant.pack_mask(view)
+        else:
+            packed = quant.pack_two_level(view, torch.tensor(value, dtype=dtype))
+        assert torch.equal(packed.bits, expected)
+        out = quant.unpack_mask(packed)
+        assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, view)
+
+
+def test_mask_packing_is_the_same_without_the_kernels(monkeypatch):
+    x = (torch.rand(3, 4099) > 0.5).float() * 2.0
+    fused = quant.pack_two_level(x, torch.tensor(2.0))
+    monkeypatch.setattr(cpu, "supports_mask", lambda t: False)
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    plain = quant.pack_two_level(x, torch.tensor(2.0))
+    assert torch.equal(fused.bits, plain.bits)
+    assert torch.equal(quant.unpack_mask(plain), x)  # the reference's unpacking
+
+
+def test_nonzero_bits_read_nan_and_negative_zero_as_torch_compares_them():
+    x = torch.tensor([0.0, -0.0, float("nan"), -1.0, 1e-45, 0.0, 3.0, float("inf"), 0.0])
+    assert torch.equal(cpu.pack_nonzero(x), reference.pack_bits((x != 0).view(torch.uint8), 1))

@@ -380,6 +380,8 @@ def dequantize_view(v: QuantizedView) -> torch.Tensor:
 
 def pack_mask(mask: torch.Tensor) -> PackedMask:
     """Pack a bool tensor to 1 bit per element."""
+    if cpu.supports_mask(mask):
+        return PackedMask(cpu.pack_nonzero(mask), mask.shape)
     return PackedMask(pack_bits(mask.view(torch.uint8), 1), mask.shape)
 
 
@@ -397,11 +399,17 @@ def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
 
 def pack_two_level(x: torch.Tensor, value: torch.Tensor) -> PackedMask:
     """Pack a tensor of zeros and ``value`` to 1 bit per element, losslessly."""
+    if cpu.supports_mask(x):
+        return PackedMask(cpu.pack_nonzero(x), x.shape, value)
     return PackedMask(pack_bits((x != 0).view(torch.uint8), 1), x.shape, value)
 
 
 def unpack_mask(packed: PackedMask) -> torch.Tensor:
     """The tensor :func:`pack_mask` or :func:`pack_two_level` was given, contiguous."""
+    dtype = torch.bool if packed.value is None else packed.value.dtype
+    if packed.bits.device.type == "cpu" and dtype in cpu.MASK_DTYPES and cpu.available():
+        value = 1.0 if packed.value is None else float(packed.value)
+        return cpu.unpack_nonzero(packed.bits, packed.shape, dtype, value)
     numel = 1
     for size in packed.shape:
         numel *= size

@@ -49,6 +49,7 @@ if platform.machine() in ("x86_64", "AMD64"):
     # -march=native the flag changes nothing.
     FLAGS.append("-mprefer-vector-width=512")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MASK_DTYPES = {**DTYPES, torch.bool: 3}  # what 1-bit packing reads and writes
 _BLOCK = 4096  # the kernels' work unit (cpu_kernels.c)
 ROWS_BLOCK = 4 * _BLOCK  # elements of whole rows a block holds (cpu_kernels.c)
 MAX_DIMS = 8  # dims longer than 1 that a strided view may have (cpu_kernels.c)
@@ -123,11 +124,14 @@ def _build() -> ctypes.CDLL:
     lib.tm_two_level.argtypes = [ptr, i32, *view, i64]
     lib.tm_two_level.restype = ctypes.c_float
     lib.tm_span_flags.argtypes = [ptr, ptr, i64]
+    lib.tm_pack_nonzero.argtypes = [ptr, i32, *view, i64, ptr, i32]
+    lib.tm_unpack_nonzero.argtypes = [ptr, i64, i32, ctypes.c_float, ptr, i32]
     lib.tm_ema.argtypes = [
         ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr
     ]  # fmt: skip
     for fn in (lib.tm_minmax, lib.tm_quantize, lib.tm_quantize_own, lib.tm_quantize_rows,
-               lib.tm_dequantize, lib.tm_scale):  # fmt: skip
+               lib.tm_dequantize, lib.tm_scale, lib.tm_pack_nonzero,
+               lib.tm_unpack_nonzero):  # fmt: skip
         fn.restype = None
     lib.tm_span_flags.restype = i32
     lib.tm_ema.restype = i64
@@ -483,6 +487,41 @@ def dequantize_codes(
     (8 bits) or contiguous (packed codes)."""
     assert load() is not None
     return run_dequantize(dequantize_job(codes, shape, layout, shift, scale, bits, dtype))
+
+
+def supports_mask(x: torch.Tensor) -> bool:
+    """Whether the fused path packs ``x`` to bits: a CPU tensor of a float dtype or bool,
+    with at most ``MAX_DIMS`` dims longer than 1, any strides."""
+    if x.device.type != "cpu" or x.dtype not in MASK_DTYPES or x.numel() == 0:
+        return False
+    return sum(n != 1 for n in x.shape) <= MAX_DIMS and available()
+
+
+def pack_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """``reference.pack_bits((x != 0).view(torch.uint8), 1)`` in one read of ``x``: one
+    bit per element in ``x``'s logical order, first element lowest."""
+    assert _lib is not None
+    plan = _plan(x, _ONE_GROUP, 1)
+    n = x.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    _lib.tm_pack_nonzero(
+        x.data_ptr(), MASK_DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n,
+        out.data_ptr(), _threads(n),
+    )  # fmt: skip
+    return out
+
+
+def unpack_nonzero(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                   value: float) -> torch.Tensor:  # fmt: skip
+    """The inverse of :func:`pack_nonzero`, contiguous: ``value`` where a bit is set and 0
+    elsewhere (True and False for bool)."""
+    assert _lib is not None
+    out = torch.empty(shape, dtype=dtype)
+    n = out.numel()
+    _lib.tm_unpack_nonzero(
+        bits.data_ptr(), n, MASK_DTYPES[dtype], value, out.data_ptr(), _threads(n)
+    )  # fmt: skip
+    return out
 
 
 def two_level_value(x: torch.Tensor) -> float | None:

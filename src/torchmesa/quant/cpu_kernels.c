@@ -32,7 +32,7 @@
 #include <omp.h>
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2, U8 = 3 }; /* U8: bool, each byte 0 or 1 */
 #define BLOCK 4096 /* elements per work unit; a multiple of every codes-per-byte */
 #define ROWS_BLOCK (4 * BLOCK) /* per-channel statistics: four whole rows up to BLOCK wide */
 
@@ -57,6 +57,9 @@ static inline void load(const void *x, int dtype, int64_t i0, int64_t n, float *
     } else if (dtype == BF16) {
         const uint16_t *p = (const uint16_t *)x + i0;
         for (int64_t k = 0; k < n; k++) buf[k] = bf16_to_f32(p[k]);
+    } else if (dtype == U8) {
+        const uint8_t *p = (const uint8_t *)x + i0;
+        for (int64_t k = 0; k < n; k++) buf[k] = (float)p[k];
     } else {
         const _Float16 *p = (const _Float16 *)x + i0;
         int64_t k = 0;
@@ -107,6 +110,9 @@ static inline void load_run(const void *x, int dtype, int64_t off, int64_t s, in
     } else if (dtype == BF16) {
         const uint16_t *p = (const uint16_t *)x + off;
         for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_f32(p[j * s]);
+    } else if (dtype == U8) {
+        const uint8_t *p = (const uint8_t *)x + off;
+        for (int64_t j = 0; j < n; j++) buf[j] = (float)p[j * s];
     } else {
         const _Float16 *p = (const _Float16 *)x + off;
         for (int64_t j = 0; j < n; j++) buf[j] = (float)p[j * s];
@@ -759,4 +765,86 @@ float tm_two_level(const void *x, int dtype, int nd, const int64_t *sz, const in
         zero |= z;
     }
     return zero && c > 0.0f ? c : -1.0f;
+}
+
+/* One bit per element of x (read through its view), set where the element is not 0, the
+ * first element in the lowest bit of the first byte; the last byte's spare bits are 0
+ * (reference.pack_bits of x != 0). Blocks hold whole bytes, so threads never share one. */
+void tm_pack_nonzero(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+                     int64_t n, uint8_t *out, int nthreads) {
+    view_t v = {nd, sz, st};
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        float block[BLOCK];
+        int64_t i = blk * BLOCK, m = n - i < BLOCK ? n - i : BLOCK;
+        uint8_t *o = out + i / 8;
+        int64_t full = m / 8;
+        if (v.nd == 0 && dtype == U8) {
+            /* dense bools (each byte 0 or 1): eight at a time, the multiply moving byte k's
+             * bit to bit 56 + k without carries (no two partial products share a bit) */
+            const uint8_t *p = (const uint8_t *)x + i;
+            for (int64_t j = 0; j < full; j++) {
+                uint64_t w;
+                memcpy(&w, p + 8 * j, 8);
+                o[j] = (uint8_t)((w * 0x0102040810204080ull) >> 56);
+            }
+            if (m % 8) {
+                uint8_t b = 0;
+                for (int k = 0; k < m % 8; k++) b |= (uint8_t)((p[8 * full + k] != 0) << k);
+                o[full] = b;
+            }
+            continue;
+        }
+        const float *buf = view_block(x, dtype, v, i, m, block);
+        for (int64_t j = 0; j < full; j++) {
+            const float *e = buf + 8 * j;
+            uint8_t b = 0;
+            for (int k = 0; k < 8; k++) b |= (uint8_t)((e[k] != 0.0f) << k);
+            o[j] = b;
+        }
+        if (m % 8) {
+            uint8_t b = 0;
+            for (int k = 0; k < m % 8; k++) b |= (uint8_t)((buf[8 * full + k] != 0.0f) << k);
+            o[full] = b;
+        }
+    }
+}
+
+/* The inverse: n elements of dtype, `value` where the bit is set and 0 where not (U8: 1
+ * and 0, a bool tensor), dense. Each byte expands to eight elements through a table. */
+void tm_unpack_nonzero(const uint8_t *bits, int64_t n, int dtype, float value, void *out,
+                       int nthreads) {
+    size_t es = dtype == F32 ? 4 : dtype == U8 ? 1 : 2;
+    uint8_t one[4], zero[4] = {0, 0, 0, 0};
+    if (dtype == F32) {
+        memcpy(one, &value, 4);
+    } else if (dtype == BF16) {
+        uint16_t h = f32_to_bf16(value);
+        memcpy(one, &h, 2);
+    } else if (dtype == F16) {
+        _Float16 h = (_Float16)value;
+        memcpy(one, &h, 2);
+    } else {
+        one[0] = 1;
+    }
+    uint8_t *table = malloc(256 * 8 * es); /* byte b -> its eight elements */
+    for (int b = 0; b < 256; b++)
+        for (int k = 0; k < 8; k++)
+            memcpy(table + ((size_t)b * 8 + (size_t)k) * es, (b >> k) & 1 ? one : zero, es);
+    int64_t full = n / 8;
+    uint8_t *o = out;
+    /* a constant size for each width, so that every copy is a single move */
+#define EXPAND(W)                                                                          \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                     \
+    for (int64_t j = 0; j < full; j++) memcpy(o + j * 8 * (W), table + bits[j] * 8 * (W), 8 * (W))
+    if (es == 4)
+        EXPAND(4);
+    else if (es == 2)
+        EXPAND(2);
+    else
+        EXPAND(1);
+#undef EXPAND
+    if (n % 8) memcpy(o + full * 8 * es, table + bits[full] * 8 * es, (size_t)(n % 8) * es);
+    free(table);
 }
