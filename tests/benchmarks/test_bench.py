@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchmesa
-from torchmesa.benchmark import CONFIGS, MESA_REPORTED, Setup, mesa_table, table
+from torchmesa.benchmark import CONFIGS, MESA_REPORTED, Setup, default_batch, mesa_table, table
 from torchmesa.models import SPECS, CheckpointedSequential, checkpoint_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,3 +143,10 @@ def test_setup_measures_the_cpu_as_design_defines():
     grown = setup.in_use() - before
     assert 8 * 2**20 <= grown < 9 * 2**20  # what the tensor holds, not pages that were free
     del held
+
+
+def test_a_model_named_alone_gets_a_batch_this_machine_runs():
+    assert default_batch("deit-s", "quick") == 8  # the preset's own
+    assert default_batch("hf-gpt2", "quick") == 1  # not in quick: the full preset's
+    assert default_batch("deit-b", "mesa") == 128
+    assert default_batch("tiny-vit", "quick") == 8  # in no preset
