@@ -1,4 +1,5 @@
-"""Fused CPU path: group statistics, quantize and dequantize, one pass each, in C.
+"""Fused CPU path: group statistics, quantize and dequantize, one pass each, in C; and
+1-bit masks (dropout and bool masks) packed and unpacked in one pass each.
 
 Why C through ``ctypes`` and not Inductor or a C++ extension (measured on this project's
 2-core machine, torch 2.13): the eager reference makes 6-9 passes per saved tensor. A

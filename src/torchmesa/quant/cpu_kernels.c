@@ -15,6 +15,9 @@
  * step of a range, range checks, Mesa's running estimate) is here too: done in torch it
  * is a dozen tiny ops, and their fixed costs outweigh a kernel's on small tensors.
  *
+ * Masks (a dropout mask {0, c}, a bool mask) are packed to one bit per element and back
+ * (tm_pack_nonzero, tm_unpack_nonzero), bit for bit reference.pack_bits of x != 0.
+ *
  * Numerics match the reference bit for bit: fp32 arithmetic, (x - shift) * inv rounded
  * half to even, clamp to [0, levels], zero kept distinct in zero-minimum groups, and
  * code * scale + shift with one rounding (fmaf, as torch.addcmul computes it). Built with
