@@ -18,13 +18,22 @@ from distributed import batches, make_model  # noqa: E402
 STEPS = 4
 
 
+# what libstdc++ prints when the C++ runtime under gloo aborts a rank (a std::thread left
+# joinable): once in about 20 launches on the 2-core CI machine, never a wrong result
+_RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def torchrun(engine: str, out: Path) -> list[dict]:
+    """Launch the example on 2 ranks. A launch that a rank's C++ runtime aborted is tried
+    once more; any other failure, and a second abort, fail the test."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(ROOT / "examples" / "distributed.py"), "--engine", engine, "--steps", str(STEPS),
         "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if done.returncode != 0 and _RUNTIME_ABORT in done.stderr:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{engine}: 2 ranks" in done.stdout
     return [torch.load(out / f"{engine}-rank{r}.pt") for r in range(2)]
