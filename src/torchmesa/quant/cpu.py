@@ -223,12 +223,17 @@ def _threads(numel: int) -> int:
     return 1 if numel < _PARALLEL_MIN else torch.get_num_threads()
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Whether the fused path serves ``x``: a CPU tensor of fp32/bf16/fp16 with at most
-    ``MAX_DIMS`` dims longer than 1, any strides."""
-    if x.device.type != "cpu" or x.dtype not in DTYPES or x.numel() == 0:
+def _serves(x: torch.Tensor, dtypes: dict[torch.dtype, int]) -> bool:
+    """A non-empty CPU tensor of one of ``dtypes`` with at most ``MAX_DIMS`` dims longer
+    than 1 (any strides), and the kernels loaded."""
+    if x.device.type != "cpu" or x.dtype not in dtypes or x.numel() == 0:
         return False
     return sum(n != 1 for n in x.shape) <= MAX_DIMS and available()
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the fused path quantizes ``x``: fp32/bf16/fp16 (see :func:`_serves`)."""
+    return _serves(x, DTYPES)
 
 
 def _plan(x: torch.Tensor, layout: GroupLayout, bits: int) -> _Plan:
@@ -491,11 +496,9 @@ def dequantize_codes(
 
 
 def supports_mask(x: torch.Tensor) -> bool:
-    """Whether the fused path packs ``x`` to bits: a CPU tensor of a float dtype or bool,
-    with at most ``MAX_DIMS`` dims longer than 1, any strides."""
-    if x.device.type != "cpu" or x.dtype not in MASK_DTYPES or x.numel() == 0:
-        return False
-    return sum(n != 1 for n in x.shape) <= MAX_DIMS and available()
+    """Whether the fused path packs ``x`` to bits: a float dtype or bool (see
+    :func:`_serves`)."""
+    return _serves(x, MASK_DTYPES)
 
 
 def pack_nonzero(x: torch.Tensor) -> torch.Tensor:
