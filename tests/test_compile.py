@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import grad_cosines
 from torch import nn
 
@@ -38,3 +39,64 @@ def test_track_under_compile_shows_compression(order):
     exact(x).square().mean().backward()
     assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999
     assert t.held_bytes == 0
+
+
+class FusedQKVAttention(nn.Module):
+    """timm's and nanoGPT's attention: q, k, v are strided slices of one projection."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd) from strided slices
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TransposedKeyAttention(FusedQKVAttention):
+    """Attention written out by hand: the matmul saves the transposed key."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5  # (B, H, T, T)
+        y = scores.softmax(-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def strided_model(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "channels-last":
+        net = nn.Sequential(
+            nn.Conv2d(8, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 8, 3, padding=1)
+        )
+        net = net.to(memory_format=torch.channels_last)
+        x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
+        return net, x
+    attention = FusedQKVAttention() if kind == "fused-qkv" else TransposedKeyAttention()
+    return nn.Sequential(attention, nn.Linear(64, 10)), torch.randn(8, 64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["compress-then-compile", "compile-then-compress"])
+@pytest.mark.parametrize("kind", ["fused-qkv", "transposed-key", "channels-last"])
+def test_compiled_backward_gets_saved_strides(kind, order):
+    """Engine rule 10: a compiled backward checks each saved tensor's strides."""
+    torch._dynamo.reset()
+    model, x = strided_model(kind)
+    exact = copy.deepcopy(model)
+    if order == "compress-then-compile":
+        compiled = torch.compile(torchmesa.compress(model))
+    else:
+        compiled = torch.compile(model)
+        torchmesa.compress(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo notes the graph break at torchmesa's hooks
+        with torchmesa.track() as t:
+            y = compiled(x)
+            y.square().mean().backward()
+    assert t.compressed_tensors > 0 and t.held_bytes == 0
+    torch.compile(exact)(x).square().mean().backward()
+    assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999

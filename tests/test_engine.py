@@ -541,3 +541,32 @@ def test_delayed_scaling_quantizes_with_the_previous_estimate(monkeypatch):
         assert not torch.equal(engine.estimator.state(site)[1], rng)
     cosines = grad_cosines(exact, model)
     assert min(cos for cos, _ in cosines.values()) > 0.999, cosines
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 5, 3, 4, 6).permute(2, 0, 3, 1, 4)[1],  # a q/k/v slice
+        lambda: torch.randn(7, 1, 5).expand(7, 3, 5),  # a broadcast dim
+        lambda: torch.randn(6, 9)[:, 2:7].t(),  # transposed, offset
+        lambda: torch.randn(0, 4, 3).transpose(0, 2),  # no elements
+    ],
+)
+def test_laid_out_copies_values_with_the_saved_strides(make):
+    from torchmesa.engine import _laid_out, _same_strides
+
+    saved = make()
+    out = _laid_out(saved.contiguous(), saved.stride())
+    assert _same_strides(out, saved.stride()) and out.shape == saved.shape
+    assert torch.equal(out, saved)
+    assert out.untyped_storage().nbytes() <= saved.untyped_storage().nbytes()
+
+
+def test_eager_backward_restores_strided_saves_densely():
+    """Rule 10: outside a compiled backward a strided save comes back dense, no larger."""
+    from torchmesa.engine import Engine, _Strided
+
+    q = torch.randn(2, 8, 3, 4, 16).permute(2, 0, 3, 1, 4)[0]  # (2, 4, 8, 16), strided
+    record = _Strided(q.contiguous(), q.stride())
+    restored = Engine._unpack(record)
+    assert restored.is_contiguous() and torch.equal(restored, q)

@@ -41,6 +41,11 @@ NOTE [ Engine rules ]
      whose finite values span more than fp32 can hold (|x| near 3.4e38: fp32 or bf16)
      cannot be quantized in fp32 arithmetic and stays exact, with a one-time warning.
   9. Pack runs under ``no_grad``: nothing it computes joins the graph.
+ 10. A compiled backward asserts the size and strides of each saved tensor it reads
+     (Inductor's ``assert_size_stride``), while a restored copy is laid out densely. So a
+     saved tensor that is not contiguous (the q/k/v slices of a fused projection, a
+     transposed key, a channels-last map) keeps its strides beside its record, and a
+     compiled backward gets it back with those strides; an eager one gets the dense copy.
 """
 
 from __future__ import annotations
@@ -299,10 +304,17 @@ class Engine:
                 stored = self._store(t, site, is_norm, forward, config)
         for tracker in active_trackers():
             tracker.record(t, stored, site[0] or self._root_label)
+        if stored is not t and not t.is_contiguous():
+            return _Strided(stored, t.stride())
         return stored
 
     @staticmethod
     def _unpack(stored: Any) -> torch.Tensor:
+        if isinstance(stored, _Strided):
+            restored = Engine._unpack(stored.stored)
+            if _in_compiled_backward() and not _same_strides(restored, stored.stride):
+                return _laid_out(restored, stored.stride)
+            return restored
         if isinstance(stored, quant.QuantizedTensor):
             return quant.dequantize(stored)
         if isinstance(stored, quant.QuantizedView):
@@ -438,6 +450,40 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class _Strided:
+    """A record of a non-contiguous saved tensor, with the tensor's strides (Rule 10)."""
+
+    __slots__ = ("stored", "stride")
+
+    def __init__(self, stored: Any, stride: tuple[int, ...]) -> None:
+        self.stored, self.stride = stored, stride
+
+
+def _in_compiled_backward() -> bool:
+    """Whether the autograd node reading a saved tensor now is a compiled graph's."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    node = current() if current is not None else None
+    return node is not None and node.name() == "CompiledFunctionBackward"
+
+
+def _same_strides(t: torch.Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether ``t`` has ``stride`` in every dim of more than one element (a compiled
+    graph's stride check ignores the others)."""
+    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
+
+
+def _laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """A copy of ``t`` with ``stride``, in a fresh buffer just large enough for it."""
+    if t.numel() == 0:
+        return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, stride))
+    out = t.new_empty(span).as_strided(t.shape, stride)
+    # a broadcast dim (stride 0) is one element in memory: write it once, not n times
+    once = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride))
+    out[once].copy_(t[once])
+    return out
 
 
 def _frozen_weight_copy(t: torch.Tensor, forward: _Forward) -> bool:
