@@ -12,6 +12,15 @@ from torch import nn
 import torchmesa
 
 
+def compile_in_order(model: nn.Module, order: str) -> nn.Module:
+    """The compiled model, compressed before or after ``torch.compile`` wrapped it."""
+    if order == "compress-then-compile":
+        return torch.compile(torchmesa.compress(model))
+    compiled = torch.compile(model)
+    torchmesa.compress(model)
+    return compiled
+
+
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
@@ -22,11 +31,7 @@ def mlp():
 def test_track_under_compile_shows_compression(order):
     model = mlp()
     exact = copy.deepcopy(model)
-    if order == "compress-then-compile":
-        compiled = torch.compile(torchmesa.compress(model))
-    else:
-        compiled = torch.compile(model)
-        torchmesa.compress(model)
+    compiled = compile_in_order(model, order)
     x = torch.randn(128, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Dynamo notes the graph break at torchmesa's hooks
@@ -87,11 +92,7 @@ def test_compiled_backward_gets_saved_strides(kind, order):
     torch._dynamo.reset()
     model, x = strided_model(kind)
     exact = copy.deepcopy(model)
-    if order == "compress-then-compile":
-        compiled = torch.compile(torchmesa.compress(model))
-    else:
-        compiled = torch.compile(model)
-        torchmesa.compress(model)
+    compiled = compile_in_order(model, order)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Dynamo notes the graph break at torchmesa's hooks
         with torchmesa.track() as t:
