@@ -17,9 +17,9 @@ pytest.importorskip("matplotlib")
 SCRIPT = shutil.which("torchmesa", path=str(Path(sys.executable).parent))
 
 
-def cli(*args, cwd=None, timeout=300):
+def cli(*args, cwd=None, timeout=300, env=None):
     assert SCRIPT, "the torchmesa console script is not installed next to this Python"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=timeout)  # fmt: skip
 
@@ -122,3 +122,22 @@ def test_bench_runs_the_suite(tmp_path):
     assert "max batch" in done.stdout
     rows = json.loads(out.read_text())["rows"]  # the suite's arguments reached it
     assert [r["config"] for r in rows] == ["exact", "torchmesa-dynamic"]
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "install"),
+    [
+        ("matplotlib", ("profile", "tiny-vit", "--batch-size", "2", "--plot", "x.png"), "cli"),
+        ("sklearn", ("demo", "--steps", "1", "--plot", "none", "--no-progress"), "demo"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_the_install(tmp_path, missing, args, install):
+    """A package shadowed by one that fails to import stands in for it not being installed."""
+    (tmp_path / missing).mkdir()
+    (tmp_path / missing / "__init__.py").write_text(f"raise ImportError('no {missing}')\n")
+    done = cli(*args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("torchmesa:")]
+    assert len(lines) == 1 and f"pip install 'torchmesa[{install}]'" in lines[0], done.stderr
+    assert not (tmp_path / "x.png").exists()

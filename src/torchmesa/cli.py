@@ -27,6 +27,7 @@ from torch import nn
 
 import torchmesa
 from torchmesa import demo
+from torchmesa.extras import MissingExtra
 from torchmesa.models import SPECS
 
 HF_MODELS = ("gpt2", "bert", "vit")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except CliError as err:
+    except (CliError, MissingExtra) as err:
         print(f"torchmesa: {err}", file=sys.stderr)
         return 1
 

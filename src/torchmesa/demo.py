@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchmesa
+from torchmesa.extras import MissingExtra, pyplot
 from torchmesa.models import TinyViT
 
 
@@ -32,7 +33,7 @@ def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as err:
-        raise SystemExit(
+        raise MissingExtra(
             "the demo needs scikit-learn for its data: pip install 'torchmesa[demo]'"
         ) from err
     data = sk_load_digits()
@@ -227,13 +228,7 @@ def table(report: dict) -> str:
 
 def plot(report: dict, path: str) -> str:
     """Loss curves of both models and their saved activations, as a PNG at ``path``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("plots need matplotlib: pip install 'torchmesa[cli]'") from err
+    plt = pyplot()
     curves, every = report["curves"], report["curves"]["every_steps"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100,
                                       gridspec_kw={"width_ratios": [2, 1]})  # fmt: skip

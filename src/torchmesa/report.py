@@ -21,6 +21,7 @@ from torch import nn
 
 from torchmesa.api import compress, decompress, engine_of, is_compressed
 from torchmesa.config import Config
+from torchmesa.extras import pyplot
 from torchmesa.policy import Policy, Rule
 from torchmesa.track import OUTSIDE, track
 
@@ -102,15 +103,9 @@ class Report:
         """A bar chart of the largest modules, exact vs stored, written as a PNG.
 
         Raises:
-            ImportError: matplotlib is not installed (``pip install 'torchmesa[cli]'``).
+            MissingExtra: matplotlib is not installed (``pip install 'torchmesa[cli]'``).
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as err:
-            raise ImportError("plots need matplotlib: pip install 'torchmesa[cli]'") from err
+        plt = pyplot()
         rows = list(self.modules[:limit])[::-1]
         fig, ax = plt.subplots(figsize=(10, 1.5 + 0.32 * len(rows)), dpi=100)
         y = range(len(rows))
