@@ -128,7 +128,7 @@ def test_bench_runs_the_suite(tmp_path):
     ("missing", "args", "install"),
     [
         ("matplotlib", ("profile", "tiny-vit", "--batch-size", "2", "--plot", "x.png"), "cli"),
-        ("sklearn", ("demo", "--steps", "1", "--plot", "none", "--no-progress"), "demo"),
+        ("sklearn", ("demo", "--steps", "1", "--plot", "none", "--no-progress"), "cli"),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_the_install(tmp_path, missing, args, install):

@@ -34,7 +34,7 @@ def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as err:
         raise MissingExtra(
-            "the demo needs scikit-learn for its data: pip install 'torchmesa[demo]'"
+            "the demo needs scikit-learn for its data: pip install 'torchmesa[cli]'"
         ) from err
     data = sk_load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
