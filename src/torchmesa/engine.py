@@ -64,7 +64,7 @@ from torchmesa import quant
 from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerHead
 from torchmesa.estimator import EMARange, Site
 from torchmesa.policy import Policy
-from torchmesa.tensors import is_dense, is_parameter_like, storage_nbytes, storage_ptr
+from torchmesa.tensors import is_dense, is_parameter_like, span, storage_nbytes, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
 _METADATA_BYTES_PER_GROUP = 8
@@ -100,7 +100,7 @@ class _Forward:
     def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
         """A view of an earlier quantized dense tensor that holds all of ``t`` (Rule 7)."""
         first = t.storage_offset()
-        last = first + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        last = first + span(t.shape, t.stride()) - 1
         for ref, base in self.dense_bases.get(storage_ptr(t), ()):
             src = ref()
             if src is None or src.dtype != t.dtype or src._version != t._version:
@@ -478,8 +478,7 @@ def _laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     """A copy of ``t`` with ``stride``, in a fresh buffer just large enough for it."""
     if t.numel() == 0:
         return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, stride))
-    out = t.new_empty(span).as_strided(t.shape, stride)
+    out = t.new_empty(span(t.shape, stride)).as_strided(t.shape, stride)
     # a broadcast dim (stride 0) is one element in memory: write it once, not n times
     once = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride))
     out[once].copy_(t[once])

@@ -42,6 +42,12 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def span(shape: torch.Size, stride: tuple[int, ...]) -> int:
+    """Storage elements from a view's first element to its last, both included (a view
+    with elements: its numel is at least 1)."""
+    return 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+
+
 def storage_ptr(t: torch.Tensor) -> int:
     """Address of ``t``'s storage (0 for tensors without one)."""
     try:
