@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchmesa
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
-from torchmesa.demo import load_digits
-from torchmesa.models import Decoder, TinyViT
+from torchmesa.apps.datasets import VOCAB, ByteBatches, load_digits, stdlib_text
+from torchmesa.apps.models import Decoder, TinyViT
 
 SETTINGS: dict[str, torchmesa.Config | None] = {
     "exact": None,

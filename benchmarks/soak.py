@@ -34,8 +34,8 @@ import torch.nn.functional as F
 import torchmesa
 from torchmesa import quant
 from torchmesa.api import engine_of
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
-from torchmesa.models import Decoder
+from torchmesa.apps.datasets import VOCAB, ByteBatches, stdlib_text
+from torchmesa.apps.models import Decoder
 
 # Same reason as in bench.py: with glibc's moving mmap threshold, freed activations stay in
 # the heap and the resident set measures fragmentation instead of memory in use.

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from torchmesa import engine
-from torchmesa.benchmark import Setup, batch_on, build, step
-from torchmesa.models import SPECS
+from torchmesa.apps.benchmark import Setup, batch_on, build, step
+from torchmesa.apps.models import SPECS
 from torchmesa.quant import cpu
 
 

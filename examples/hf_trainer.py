@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import torchmesa
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
+from torchmesa.apps.datasets import VOCAB, ByteBatches, stdlib_text
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import torchmesa
-from torchmesa.demo import load_digits
-from torchmesa.models import TinyViT
+from torchmesa.apps.datasets import load_digits
+from torchmesa.apps.models import TinyViT
 
 
 class DigitsViT(pl.LightningModule):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import torchmesa
-from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
-from torchmesa.models import Decoder
+from torchmesa.apps.datasets import VOCAB, ByteBatches, stdlib_text
+from torchmesa.apps.models import Decoder
 
 
 def main() -> None:

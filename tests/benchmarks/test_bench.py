@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import torchmesa
-from torchmesa.benchmark import CONFIGS, MESA_REPORTED, Setup, default_batch, mesa_table, table
-from torchmesa.models import SPECS, CheckpointedSequential, checkpoint_blocks
+from torchmesa.apps.benchmark import CONFIGS, MESA_REPORTED, Setup, default_batch, mesa_table, table
+from torchmesa.apps.models import SPECS, CheckpointedSequential, checkpoint_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import torchmesa
-from torchmesa.models import SPECS, Spec
+from torchmesa.apps.models import SPECS, Spec
 from torchmesa.quant import cpu
 
 CONFIGS = {  # name: (checkpoint each block, compression)
@@ -189,7 +189,7 @@ def worker(model_name: str, config: str, batch_size: int, steps: int, setup: Set
 
 def peak_in_subprocess(model_name: str, config: str, batch_size: int, setup: Setup) -> dict:
     cmd = [
-        sys.executable, "-m", "torchmesa.benchmark", "--device", setup.device,
+        sys.executable, "-m", "torchmesa.apps.benchmark", "--device", setup.device,
         "--precision", setup.precision, "--worker", model_name, config, str(batch_size),
     ]  # fmt: skip
     env = {**os.environ, **PEAK_ENV}

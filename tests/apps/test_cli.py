@@ -47,7 +47,7 @@ def test_profile_table_and_plot(tmp_path):
     import torch
 
     import torchmesa
-    from torchmesa.models import SPECS
+    from torchmesa.apps.models import SPECS
 
     torch.manual_seed(0)
     rows = len(torchmesa.report(SPECS["tiny-vit"].build(), torch.randn(2, 3, 32, 32)).modules)

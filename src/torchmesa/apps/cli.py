@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 import torchmesa
-from torchmesa import demo
+from torchmesa.apps import demo
+from torchmesa.apps.models import SPECS
 from torchmesa.extras import MissingExtra
-from torchmesa.models import SPECS
 
 HF_MODELS = ("gpt2", "bert", "vit")
 
@@ -232,7 +232,7 @@ def _from_factory(spec: str, args: argparse.Namespace) -> tuple[nn.Module, Any, 
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from torchmesa import benchmark
+    from torchmesa.apps import benchmark
 
     extra = [a for a in args.extra if a != "--"]
     benchmark.main(["--out", args.out, *extra])

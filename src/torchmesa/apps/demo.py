@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,25 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchmesa
-from torchmesa.extras import MissingExtra, pyplot
-from torchmesa.models import TinyViT
-
-
-def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's 8x8 digits as ``(N, 1, 8, 8)`` in [0, 1]: a fixed 80/20 split."""
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError as err:
-        raise MissingExtra(
-            "the demo needs scikit-learn for its data: pip install 'torchmesa[cli]'"
-        ) from err
-    data = sk_load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(y))
-    train, test = order[:cut], order[cut:]
-    return x[train], y[train], x[test], y[test]
+from torchmesa.apps.datasets import load_digits
+from torchmesa.apps.models import TinyViT
+from torchmesa.extras import pyplot
 
 
 @dataclass
@@ -87,8 +70,8 @@ def vision_task(epochs: int, batch_size: int, seed: int) -> Task:
 
 def text_task(steps: int, batch_size: int, seed: int) -> Task:
     """A character-level decoder on the standard library's own source, ``steps`` steps."""
-    from torchmesa.datasets import VOCAB, ByteBatches, stdlib_text
-    from torchmesa.models import Decoder
+    from torchmesa.apps.datasets import VOCAB, ByteBatches, stdlib_text
+    from torchmesa.apps.models import Decoder
 
     text = stdlib_text()
     data = ByteBatches(text, 64, seed=seed)
@@ -249,14 +232,3 @@ def plot(report: dict, path: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m torchmesa.demo``: the same as ``torchmesa demo``."""
-    from torchmesa.cli import main as cli_main
-
-    raise SystemExit(cli_main(["demo", *(argv if argv is not None else sys.argv[1:])]))
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torchmesa.datasets import ByteBatches, stdlib_text
+from torchmesa.apps.datasets import ByteBatches, stdlib_text
 
 
 def test_stdlib_text_is_python_source():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from torchmesa.extras import MissingExtra
+
 STDLIB_FILES = (
     "argparse.py",
     "dataclasses.py",
@@ -70,3 +72,20 @@ class ByteBatches:
         starts = torch.randint(0, len(data) - self.seq - 1, (batch,), generator=self.generator)
         windows = torch.stack([data[s : s + self.seq + 1] for s in starts.tolist()])
         return windows[:, :-1], windows[:, 1:]
+
+
+def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's 8x8 digits as ``(N, 1, 8, 8)`` in [0, 1]: a fixed 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as err:
+        raise MissingExtra(
+            "the demo needs scikit-learn for its data: pip install 'torchmesa[cli]'"
+        ) from err
+    data = sk_load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.8 * len(y))
+    train, test = order[:cut], order[cut:]
+    return x[train], y[train], x[test], y[test]

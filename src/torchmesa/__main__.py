@@ -1,0 +1,5 @@
+"""``python -m torchmesa ...``: the ``torchmesa`` command."""
+
+from torchmesa.apps.cli import main
+
+raise SystemExit(main())
