@@ -10,9 +10,12 @@ channel groups for the rest).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-ESTIMATORS = ("ema", "dynamic", "delayed")
-ROUNDINGS = ("nearest", "stochastic")
+Estimator = Literal["dynamic", "ema", "delayed"]
+Rounding = Literal["nearest", "stochastic"]
+ESTIMATORS: tuple[Estimator, ...] = ("ema", "dynamic", "delayed")
+ROUNDINGS: tuple[Rounding, ...] = get_args(Rounding)
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -113,12 +116,12 @@ class Config:
     """
 
     bits: int = 8
-    estimator: str = "dynamic"
+    estimator: Estimator = "dynamic"
     ema_decay: float = 0.9
     groups: Granularity = PerChannelGroup(group_size=1)
     head_wise: bool = True
     norm_groups: Granularity = PerToken()
-    rounding: str = "nearest"
+    rounding: Rounding = "nearest"
     min_numel: int = 1024
     seed: int = 0
     check_finite: bool = False

@@ -401,7 +401,7 @@ class Engine:
         stochastic = config.rounding == "stochastic"
         generator = self._generator(t.device, config.seed) if stochastic else None
         quantize = {"bits": config.bits, "rounding": config.rounding, "generator": generator}
-        running = layout.kind != "rows" and config.estimator != "dynamic"
+        running = layout.kind != "per_token" and config.estimator != "dynamic"
         # finding out whether a range is not finite costs a GPU a device sync; fp16
         # ranges never overflow, so there it is looked at only when asked to
         flags = config.check_finite or t.dtype != torch.float16 or not t.is_cuda

@@ -17,10 +17,10 @@ import torch
 from torchmesa.quant import cpu
 from torchmesa.quant import reference as ref
 from torchmesa.quant import triton as kernels
+from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.reference import (
     FLOAT_DTYPES,
     EmaStep,
-    GroupLayout,
     RangeState,
     dequantize_codes,
     pack_bits,

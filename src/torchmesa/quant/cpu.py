@@ -38,8 +38,9 @@ from typing import NamedTuple
 
 import torch
 
+from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.params import geometry
-from torchmesa.quant.reference import EmaStep, GroupLayout, RangeState
+from torchmesa.quant.reference import EmaStep, RangeState
 from torchmesa.tensors import is_dense
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -56,7 +57,7 @@ ROWS_BLOCK = 4 * _BLOCK  # elements of whole rows a block holds (cpu_kernels.c)
 MAX_DIMS = 8  # dims longer than 1 that a strided view may have (cpu_kernels.c)
 _PARALLEL_MIN = 1 << 16
 _SHORT_RUN = 256  # runs of one parameter shorter than this are spread per element
-_ONE_GROUP = GroupLayout("tensor", 1)
+_ONE_GROUP = GroupLayout("per_tensor", 1)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -237,7 +238,7 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def _plan(x: torch.Tensor, layout: GroupLayout, bits: int) -> _Plan:
-    return _cached_plan(x.shape, x.stride(), layout, bits != 8 or layout.kind == "rows")
+    return _cached_plan(x.shape, x.stride(), layout, bits != 8 or layout.kind == "per_token")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -386,7 +387,7 @@ def rows_per_block(layout: GroupLayout, bits: int) -> int:
     whole number of bytes of codes; 0 when rows are too long for a block (or the layout
     is not per token), and two passes serve them. Rows that fit a small block take one
     (a bf16 block converted to fp32 then stays in L1: 8-12% faster), longer ones a large."""
-    if layout.kind != "rows":
+    if layout.kind != "per_token":
         return 0
     per = 8 // bits
     unit = per // math.gcd(layout.channels, per)  # rows that fill whole bytes

@@ -12,18 +12,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torchmesa.quant.reference import GroupLayout
+from torchmesa.quant.layout import GroupLayout
 
 
 def geometry(
     shape: torch.Size, order: list[int], layout: GroupLayout, numel: int
 ) -> tuple[int, int]:
     """``(mid, inner)`` for codes laid out densely in ``order`` (outermost dim first)."""
-    if layout.kind == "tensor":
+    if layout.kind == "per_tensor":
         return 1, max(numel, 1)
-    if layout.kind == "rows":
+    if layout.kind == "per_token":
         return layout.num_groups, layout.channels
-    axis = 1 if layout.kind == "axis1" else len(shape) - 1
+    axis = 1 if layout.kind == "per_head" else len(shape) - 1
     if shape[axis] == 1:
         return 1, max(numel, 1)
     inner = 1
@@ -42,7 +42,9 @@ def logical_geometry(shape: torch.Size, layout: GroupLayout) -> tuple[int, int]:
 
 def per_param(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Per-group values ``(G,)`` as one value per parameter index, fp32 and contiguous."""
-    if layout.kind == "last" and layout.group_size > 1:  # expand: cheaper than repeat_interleave
+    if (
+        layout.kind == "per_channel_group" and layout.group_size > 1
+    ):  # expand: cheaper than repeat_interleave
         values = values.view(-1, 1).expand(-1, layout.group_size).reshape(-1)
         return values[: layout.channels].float().contiguous()
     return values.float().contiguous()
@@ -52,7 +54,7 @@ def to_groups(
     lo: torch.Tensor, hi: torch.Tensor, layout: GroupLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-parameter (per-channel) min and max reduced to per-group ``(G,)``; NaN stays."""
-    if layout.kind == "last" and layout.group_size > 1:
+    if layout.kind == "per_channel_group" and layout.group_size > 1:
         pad = layout.num_groups * layout.group_size - layout.channels
         lo = F.pad(lo, (0, pad), value=float("inf")).view(layout.num_groups, -1).amin(dim=1)
         hi = F.pad(hi, (0, pad), value=float("-inf")).view(layout.num_groups, -1).amax(dim=1)

@@ -31,72 +31,15 @@ Functions here are pure: no module state, nothing about which op saved the tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from torchmesa.config import Granularity, PerChannelGroup, PerHead, PerTensor, PerToken
+from torchmesa.quant.layout import GroupLayout
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Channel groups are merged until their metadata (shift and scale, 8 bytes a group) is at
-# most 1/64 of the 8-bit codes: a (8, 8192) activation would otherwise carry as many
-# bytes of metadata as of codes.
-ELEMENTS_PER_GROUP_MIN = 512
 FP32_TINY = torch.finfo(torch.float32).tiny
-
-
-@dataclass(frozen=True)
-class GroupLayout:
-    """How one tensor's elements map to range groups.
-
-    ``kind`` is ``"tensor"`` (one group), ``"axis1"`` (one group per index of dim 1),
-    ``"last"`` (contiguous groups of ``group_size`` along the last dim of ``channels``) or
-    ``"rows"`` (one group per row of the last dim; ``leading`` is the shape before it).
-    """
-
-    kind: str
-    num_groups: int
-    channels: int = 1
-    group_size: int = 1
-    leading: tuple[int, ...] = ()
-
-    @staticmethod
-    def of(shape: torch.Size | tuple[int, ...], granularity: Granularity) -> GroupLayout:
-        """The layout of a tensor of ``shape`` under ``granularity``; falls back to one
-        group when the tensor has no dim for the granularity to act on."""
-        if isinstance(granularity, PerToken) and len(shape) >= 2 and shape[-1] > 0:
-            leading = tuple(shape[:-1])
-            rows = 1
-            for n in leading:
-                rows *= n
-            return GroupLayout("rows", rows, shape[-1], leading=leading)
-        if isinstance(granularity, PerHead) and len(shape) >= 2:
-            return GroupLayout("axis1", shape[1])
-        if isinstance(granularity, PerChannelGroup) and len(shape) >= 1 and shape[-1] > 0:
-            channels = shape[-1]
-            numel = 1
-            for n in shape:
-                numel *= n
-            max_groups = max(1, numel // ELEMENTS_PER_GROUP_MIN)
-            size = max(granularity.group_size_for(channels), -(-channels // max_groups))
-            return GroupLayout("last", -(-channels // size), channels, size)
-        if isinstance(granularity, (PerTensor, PerHead, PerChannelGroup, PerToken)):
-            return GroupLayout("tensor", 1)
-        raise TypeError(f"unknown granularity {granularity!r}")
-
-    def broadcast(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Per-group ``values`` of shape ``(G,)`` shaped to broadcast against the tensor."""
-        if self.kind == "axis1":
-            return values.view((1, self.num_groups) + (1,) * (ndim - 2))
-        if self.kind == "rows":
-            return values.view(self.leading + (1,))
-        if self.kind == "last":
-            if self.group_size == 1:
-                return values
-            return values.repeat_interleave(self.group_size)[: self.channels]
-        return values.view((1,) * ndim) if ndim else values.view(())
 
 
 def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,12 +49,12 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     run along the memory order where it allows. ``aminmax`` with a ``dim`` is 4-6x slower
     than ``amin`` plus ``amax`` on the CPU (torch 2.13), so only the whole-tensor case uses it.
     """
-    if layout.kind == "tensor":
+    if layout.kind == "per_tensor":
         lo, hi = torch.aminmax(x)
         return lo.float().view(1), hi.float().view(1)
-    if layout.kind == "rows":
+    if layout.kind == "per_token":
         return x.amin(dim=-1).float().reshape(-1), x.amax(dim=-1).float().reshape(-1)
-    if layout.kind == "axis1":
+    if layout.kind == "per_head":
         if x.is_contiguous():
             v = x.view(x.shape[0], x.shape[1], -1)  # (B, H, rest)
             return v.amin(dim=-1).amin(dim=0).float(), v.amax(dim=-1).amax(dim=0).float()

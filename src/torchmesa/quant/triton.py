@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.params import logical_geometry, per_param, to_groups
-from torchmesa.quant.reference import GroupLayout
 
 try:
     import triton
