@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             opt.step()
             losses.append(loss.item())
             del loss
-        sites.add(engine.estimator.num_sites())
+        sites.add(engine.ranges.num_sites())
         rows.append(
             {
                 "step": i,

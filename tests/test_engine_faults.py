@@ -62,15 +62,15 @@ def test_a_forward_that_raises_leaves_every_estimate_as_it_was():
     model = torchmesa.compress(MaybeRaise(), Config(estimator="ema"))
     engine = engine_of(model)
     step(model, torch.randn(32, 64))
-    before = dict(engine.estimator._sites)
+    before = dict(engine.ranges._sites)
     stats = torchmesa.clip_stats(model)
     with pytest.raises(RuntimeError, match="simulated"):
         model(torch.randn(32, 64) * 100, True)
     assert no_hooks_left(model)
-    assert engine.estimator._sites == before  # the same state objects, not updated copies
+    assert engine.ranges._sites == before  # the same state objects, not updated copies
     assert torchmesa.clip_stats(model) == stats
     step(model, torch.randn(32, 64))  # and the next step moves them as usual
-    assert all(engine.estimator._sites[s] is not before[s] for s in before)
+    assert all(engine.ranges._sites[s] is not before[s] for s in before)
 
 
 class RaiseInBackward(torch.autograd.Function):
@@ -345,7 +345,7 @@ def test_a_thousand_steps_hold_nothing_more_than_the_first():
         assert t.held_bytes == 0
         if i in (99, 999):
             gc.collect()
-            marks[i] = (held_after_forward, len(gc.get_objects()), len(engine.estimator._sites))
+            marks[i] = (held_after_forward, len(gc.get_objects()), len(engine.ranges._sites))
     assert live_records() == [] and no_hooks_left(model)
     (held_a, objects_a, sites_a), (held_b, objects_b, sites_b) = marks[99], marks[999]
     assert held_a == held_b > 0

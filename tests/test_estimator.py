@@ -5,9 +5,24 @@ import pytest
 import torch
 
 from torchmesa import quant
-from torchmesa.estimator import EMARange
+from torchmesa.estimator import RangeStore
 
 SITE = ("block.fc1", 0, 0)
+
+
+class EMARange(RangeStore):
+    """A store moved the way the ``"ema"`` estimator moves it: the site's current
+    estimate, stepped by the batch's ``lo``/``hi`` (quant.ema_step), recorded."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+
+    def ranges(self, site, lo, hi, decay=None, quantized_with=None):
+        state = self.current(site, lo.shape, lo.device)
+        step = quant.ema_step(lo, hi, state, self.decay if decay is None else decay, quantized_with)
+        self.record(site, step)
+        return step.shift, step.marked
 
 
 @pytest.fixture(autouse=True, params=["c", "torch"])

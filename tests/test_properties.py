@@ -137,4 +137,4 @@ def test_nothing_compressed_outlives_its_step():
     assert live == []
     engine = torchmesa.api.engine_of(model)
     assert engine._stack() == []
-    assert len(engine.estimator._sites) == 3  # one per saving site, not one per step
+    assert len(engine.ranges._sites) == 3  # one per saving site, not one per step

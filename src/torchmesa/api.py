@@ -97,7 +97,7 @@ def clip_stats(model: nn.Module) -> dict[tuple[str, int, int], SiteStats]:
     engine = _ROOTS.get(model)
     if engine is None:
         raise ValueError(f"this {type(model).__name__} is not compressed")
-    return engine.estimator.stats()
+    return engine.ranges.stats()
 
 
 def engine_of(model: nn.Module) -> Engine:

@@ -1,5 +1,11 @@
-"""Mesa's running (EMA) range estimates per site and group. (Each batch's own ranges,
-for ``estimator="dynamic"`` and per-token groups, need no state: quant.quantize_dynamic.)
+"""Range estimators: where each group's quantization range comes from.
+
+Three estimators share one interface (:class:`RangeEstimator`), looked up by the
+config's name in :data:`ESTIMATORS`, so no caller branches on the names:
+``"dynamic"`` takes each batch's own ranges (no state; per-token groups always do),
+``"ema"`` is Mesa's running estimate, ``"delayed"`` quantizes with the running estimate
+from before the batch. The running ones keep their state per site in a
+:class:`RangeStore`.
 
 A *site* is where a tensor is saved: (module path, call of that module within the
 forward, ordinal of the save within that call). It is stable across steps, so a running
@@ -22,10 +28,12 @@ raises (an out-of-memory batch a trainer skips) leaves every estimate as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 
 from torchmesa import quant
+from torchmesa.config import Estimator
 
 Site = tuple[str, int, int]
 
@@ -60,38 +68,12 @@ class _Running:
         return _Running(quant.RangeState(zeros, zeros, seen), 0, 0, False)
 
 
-class EMARange:
-    """Mesa's running estimate with decay ``decay`` (λ), initialised from the first batch."""
+class RangeStore:
+    """The running estimates of one compressed model, per site: what ``"ema"`` and
+    ``"delayed"`` move, staged per forward and committed when it returns."""
 
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
+    def __init__(self) -> None:
         self._sites: dict[Site, _Running] = {}
-
-    def ranges(
-        self,
-        site: Site,
-        lo: torch.Tensor,
-        hi: torch.Tensor,
-        staged: dict | None = None,
-        decay: float | None = None,
-        quantized_with: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move the site's estimate by this batch and return ``(shift, range)``.
-
-        The new estimate goes to ``staged`` (see :meth:`commit`) when given, else it is
-        kept at once. ``decay`` overrides the estimator's λ for this site. Clipping is
-        counted against the new estimate, or against ``quantized_with`` when the batch
-        was quantized with other ranges (delayed scaling: the estimate before it).
-        """
-        old = self._matching(site, lo.shape, lo.device, staged)
-        if old is None:
-            # a new site, or one whose tensor changed shape (dynamic control flow): restart
-            old = _Running.fresh(lo.shape, lo.device)
-        step = quant.ema_step(
-            lo, hi, old.state, self.decay if decay is None else decay, quantized_with
-        )
-        self._stage(site, old, step, staged)
-        return step.shift, step.marked
 
     def current(
         self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
@@ -105,7 +87,7 @@ class EMARange:
 
     def record(self, site: Site, step: quant.EmaStep, staged: dict | None = None) -> None:
         """Keep ``step``, the estimate :meth:`current` or :meth:`prior` gave moved by a
-        batch elsewhere (:func:`torchmesa.quant.running_step`), as :meth:`ranges` does."""
+        batch (:func:`torchmesa.quant.running_step`), in ``staged`` if given, else at once."""
         old = self._matching(site, step.shift.shape, step.shift.device, staged)
         if old is None:
             old = _Running.fresh(step.shift.shape, step.shift.device)
@@ -169,3 +151,92 @@ class EMARange:
         """The current ``(shift, range)`` of a site, or None if it was never seen."""
         s = self._sites.get(site)
         return None if s is None else (s.state.shift, s.state.range)
+
+
+class Estimate(NamedTuple):
+    """A quantized batch and what its ranges showed."""
+
+    q: quant.QuantizedTensor
+    nonfinite: bool | None  # some group's range is not finite; None: not looked at
+    overflows: bool | None  # some range overflows fp32 with finite ends; None: not looked at
+    step: quant.EmaStep | None  # the running estimate moved by the batch, to keep
+
+
+class Quantizing(NamedTuple):
+    """One tensor to quantize: where it was saved and how."""
+
+    site: Site
+    layout: quant.GroupLayout
+    bits: int
+    rounding: str
+    generator: torch.Generator | None
+    decay: float
+    flags: bool  # look at the ranges' finiteness (off: fp16 on a GPU, see the format)
+
+
+class RangeEstimator(Protocol):
+    """Quantizes a tensor with ranges it chooses; a running estimator reads ``store``
+    (and this forward's ``staged`` estimates) and returns the moved estimate to keep."""
+
+    def quantize(
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+    ) -> Estimate: ...
+
+
+class OwnRanges:
+    """``"dynamic"``: each group's own range in this batch; nothing is ever clipped."""
+
+    def quantize(
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+    ) -> Estimate:
+        q, lo, hi = quant.quantize_dynamic(
+            t, job.layout, bits=job.bits, rounding=job.rounding, generator=job.generator
+        )
+        nonfinite, overflows = quant.span_flags(lo, hi) if job.flags else (None, None)
+        return Estimate(q, nonfinite, overflows, None)
+
+
+class MovingRanges:
+    """``"ema"``: Mesa's running estimate, moved by the batch before it quantizes it; a
+    new site (or one whose tensor changed shape) starts from the batch's own ranges."""
+
+    def quantize(
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+    ) -> Estimate:
+        state = store.current(job.site, (job.layout.num_groups,), t.device, staged)
+        return _running(t, job, state, delayed=False)
+
+
+class DelayedRanges:
+    """``"delayed"``: quantize with the estimate from before the batch, measuring the
+    batch in the same pass; until every group was seen finite, as ``"ema"``."""
+
+    def quantize(
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+    ) -> Estimate:
+        state = store.prior(job.site, (job.layout.num_groups,), t.device, staged)
+        if state is None:
+            return MovingRanges().quantize(t, job, store, staged)
+        return _running(t, job, state, delayed=True)
+
+
+def _running(t: torch.Tensor, job: Quantizing, state: quant.RangeState, delayed: bool) -> Estimate:
+    r = quant.running_step(
+        t,
+        job.layout,
+        state,
+        job.decay,
+        delayed=delayed,
+        bits=job.bits,
+        rounding=job.rounding,
+        generator=job.generator,
+        flags=job.flags,
+    )
+    return Estimate(r.q, r.nonfinite, r.overflows, r.step)
+
+
+ESTIMATORS: dict[Estimator, RangeEstimator] = {
+    "dynamic": OwnRanges(),
+    "ema": MovingRanges(),
+    "delayed": DelayedRanges(),
+}

@@ -42,9 +42,8 @@ def logical_geometry(shape: torch.Size, layout: GroupLayout) -> tuple[int, int]:
 
 def per_param(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Per-group values ``(G,)`` as one value per parameter index, fp32 and contiguous."""
-    if (
-        layout.kind == "per_channel_group" and layout.group_size > 1
-    ):  # expand: cheaper than repeat_interleave
+    if layout.kind == "per_channel_group" and layout.group_size > 1:
+        # expand: cheaper than repeat_interleave
         values = values.view(-1, 1).expand(-1, layout.group_size).reshape(-1)
         return values[: layout.channels].float().contiguous()
     return values.float().contiguous()

@@ -1,0 +1,166 @@
+"""Decide: how one saved tensor is kept, from the tensor and where it was saved.
+
+:func:`decide` is a pure function: it reads the tensor (metadata, and for a float tensor
+without history its values, rule 4) and the config of the module that saved it, and
+returns a *decision*: keep it exact, pack it to a 1-bit mask, or quantize it with a group
+layout. It changes nothing and remembers nothing; the engine hands the decision to the
+storage format registered for its type (:mod:`torchmesa.formats`).
+
+NOTE [ Engine rules ]
+  1. Scope. Hooks are active while a module of the compressed tree runs, from the
+     outermost one entered (the root, or a child called directly, as Lightning's
+     ``training_step`` calls ``self.net``), when that module is in training mode with
+     grad enabled, and not inside a backward pass (checkpoint recomputes forward there).
+  2. Innermost pair wins. If another saved-tensor hooks pair (non-reentrant checkpoint,
+     ``save_on_cpu``) is already active when the root starts, its rule applies to the
+     whole call and we step aside, with a one-time warning. ``track()``'s pair is ours.
+  3. Parameters and buffers (by storage), their views and AMP copies, and leaf tensors
+     that require grad are returned as they are and not counted as activations. A frozen
+     parameter's autocast copy carries no autograd history, so under autocast a saved
+     tensor without history shaped like a frozen parameter (or its transpose) counts as
+     that copy (LoRA's base weights): a false match only keeps a tensor exact.
+  4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so is a
+     float tensor with no autograd history whose entries are all 0 or one value (the
+     CPU's dropout mask ``{0, 1/(1-p)}``), with that value beside it.
+  5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
+     module's config: per token inside normalization layers, head-wise when they have 4+
+     dims, channel groups otherwise; per-token ranges are always the batch's own. Others
+     stay exact: integers, fp64, small ones; sparse, nested, complex, quantized and float8
+     tensors and tensor subclasses (warned once per kind). An exact tensor that is a small view
+     of a larger storage (the CLS token of a hidden state) is kept as a compact copy,
+     so it does not hold the whole storage alive.
+  6. Only what saves memory is stored: a tensor whose storage is smaller than its
+     compressed copy (an expanded mask, say) stays exact.
+  7. A tensor saved twice in one forward (same storage, view and version) is stored once,
+     and only while the first tensor is alive: a freed address may be reused. A view
+     that lies inside an earlier quantized dense tensor of the same storage and version
+     (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a
+     view of that copy, at no cost.
+  8. Non-finite groups dequantize to NaN (see quant.reference); estimates skip them.
+     With ``Config(check_finite=True)`` they raise instead, naming the module. A tensor
+     whose finite values span more than fp32 can hold (|x| near 3.4e38: fp32 or bf16)
+     cannot be quantized in fp32 arithmetic and stays exact, with a one-time warning.
+  9. Pack runs under ``no_grad``: nothing it computes joins the graph.
+ 10. A compiled backward asserts the size and strides of each saved tensor it reads
+     (Inductor's ``assert_size_stride``), while a restored copy is laid out densely. So a
+     saved tensor that is not contiguous (the q/k/v slices of a fused projection, a
+     transposed key, a channels-last map) keeps its strides in its record, and a
+     compiled backward gets it back with those strides; an eager one gets the dense copy.
+
+Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7 and
+9 are the engine's; rule 8 is the quantizing format's (it needs the ranges); rule 10 is
+every record's (:class:`torchmesa.formats.Record`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from torchmesa import quant
+from torchmesa.config import Config, Estimator, Granularity, PerHead, Rounding
+from torchmesa.tensors import is_parameter_like, storage_nbytes
+
+METADATA_BYTES_PER_GROUP = 8  # a group's shift and scale, fp32 each
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Keep the tensor as it is (a compact copy if it views a larger storage, rule 5).
+
+    ``unsupported`` names a kind of tensor never compressed (a subclass, ``"sparse"``,
+    ``"float8"``...), which the engine warns about once; ``""`` for the ordinary cases.
+    """
+
+    unsupported: str = ""
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Pack to 1 bit per element, losslessly: a bool tensor (``value`` None), or a float
+    tensor whose entries are all 0 or ``value`` (rule 4)."""
+
+    value: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Store low-bit codes with one range per group of ``layout`` (rule 5).
+
+    ``estimator`` is the config's, except for per-token layouts, whose ranges are always
+    the batch's own (``"dynamic"``).
+    """
+
+    layout: quant.GroupLayout
+    bits: int
+    rounding: Rounding
+    estimator: Estimator
+
+
+Decision = Exact | Mask | Quantize
+EXACT = Exact()
+
+
+def is_activation(
+    t: torch.Tensor, param_storages: set[int], frozen_shapes: set[tuple[int, ...]]
+) -> bool:
+    """Rule 3: False for parameters and buffers, their views and AMP copies, leaves that
+    require grad, and (``frozen_shapes`` non-empty only under autocast) history-free
+    tensors shaped like a frozen parameter or its transpose."""
+    if is_parameter_like(t, param_storages):
+        return False
+    if frozen_shapes and t.grad_fn is None and not t.requires_grad:
+        return tuple(t.shape) not in frozen_shapes
+    return True
+
+
+def decide(t: torch.Tensor, config: Config, in_norm: bool) -> Decision:
+    """How to keep activation ``t``, saved by a module with ``config`` (a normalization
+    layer when ``in_norm``): rules 4 to 6."""
+    if type(t) is not torch.Tensor:
+        return Exact(type(t).__name__)
+    unusual = unusual_layout(t)
+    if unusual:
+        return Exact(unusual)
+    numel = t.numel()
+    if numel == 0 or numel < config.min_numel:
+        return EXACT
+    if t.dtype == torch.bool:
+        return Mask() if storage_nbytes(t) > -(-numel // 8) else EXACT
+    if t.dtype not in quant.FLOAT_DTYPES:
+        return EXACT
+    layout = quant.GroupLayout.of(t.shape, granularity(t, config, in_norm))
+    packed = numel * config.bits // 8 + METADATA_BYTES_PER_GROUP * layout.num_groups
+    if storage_nbytes(t) <= packed:
+        return EXACT
+    if t.grad_fn is None and not t.requires_grad:  # a dropout mask, perhaps
+        value = quant.two_level_value(t)
+        if value is not None:
+            return Mask(value)
+    estimator = "dynamic" if layout.kind == "per_token" else config.estimator
+    return Quantize(layout, config.bits, config.rounding, estimator)
+
+
+def granularity(t: torch.Tensor, config: Config, in_norm: bool) -> Granularity:
+    """Per token inside normalization layers, head-wise for 4+ dims, else channel groups."""
+    if in_norm:
+        return config.norm_groups
+    if config.head_wise and t.dim() >= 4:
+        return PerHead()
+    return config.groups
+
+
+def unusual_layout(t: torch.Tensor) -> str:
+    """A name for layouts never compressed, or ``""``."""
+    if t.is_nested:
+        return "nested"
+    if t.layout != torch.strided:
+        return "sparse"
+    if t.is_complex():
+        return "complex"
+    if t.is_quantized:
+        return "quantized"
+    if t.is_floating_point() and t.element_size() == 1:
+        return "float8"
+    return ""

@@ -1,0 +1,32 @@
+"""Store / restore: one storage format per kind of decision, in one registry.
+
+:mod:`torchmesa.decide` says how a saved tensor is kept; :data:`FORMATS` maps the type
+of that decision to the format that keeps it, the way a config type maps to its handler.
+A format's ``pack`` returns the tensor itself (kept exact) or a :class:`Record`, which
+knows how to restore itself. Adding a way to store a tensor is one decision type, one
+format class registered here, and its tests.
+"""
+
+from __future__ import annotations
+
+from torchmesa.formats.affine import AffineFormat, QuantizedRecord, ViewRecord
+from torchmesa.formats.base import Format, Record, Session
+from torchmesa.formats.exact import ExactFormat
+from torchmesa.formats.mask import MaskFormat, MaskRecord
+
+__all__ = [
+    "FORMATS",
+    "AffineFormat",
+    "ExactFormat",
+    "Format",
+    "MaskFormat",
+    "MaskRecord",
+    "QuantizedRecord",
+    "Record",
+    "Session",
+    "ViewRecord",
+]
+
+FORMATS: dict[type, Format] = {
+    fmt.decision: fmt for fmt in (ExactFormat(), MaskFormat(), AffineFormat())
+}

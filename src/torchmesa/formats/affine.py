@@ -1,0 +1,92 @@
+"""Affine codes: Mesa's low-bit quantization, one shift and scale per group (rules 5, 7, 8)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from torchmesa import quant
+from torchmesa.config import Config
+from torchmesa.decide import Quantize
+from torchmesa.estimator import ESTIMATORS, Quantizing, Site
+from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.exact import compact
+
+
+class QuantizedRecord(Record):
+    """Codes with their per-group shift and scale."""
+
+    __slots__ = ("q",)
+
+    def __init__(self, q: quant.QuantizedTensor, stride: tuple[int, ...] | None) -> None:
+        super().__init__(stride)
+        self.q = q
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes
+
+    def restore(self) -> torch.Tensor:
+        return quant.dequantize(self.q)
+
+
+class ViewRecord(Record):
+    """A view inside a tensor quantized earlier in the same forward: no codes of its own."""
+
+    __slots__ = ("view",)
+
+    nbytes = 0
+
+    def __init__(self, view: quant.QuantizedView, stride: tuple[int, ...] | None) -> None:
+        super().__init__(stride)
+        self.view = view
+
+    def restore(self) -> torch.Tensor:
+        return quant.dequantize_view(self.view)
+
+
+class AffineFormat:
+    """Quantizes a :class:`~torchmesa.decide.Quantize` decision with its estimator's
+    ranges; a view of an earlier quantized tensor costs nothing (rule 7)."""
+
+    decision: ClassVar[type] = Quantize
+
+    def pack(
+        self, t: torch.Tensor, decision: Quantize, config: Config, site: Site, session: Session
+    ) -> torch.Tensor | Record:
+        view = session.covering_base(t)
+        if view is not None:
+            return ViewRecord(view, saved_stride(t))
+        stochastic = decision.rounding == "stochastic"
+        generator = session.generator(t.device, config.seed) if stochastic else None
+        # finding out whether a range is not finite costs a GPU a device sync; fp16
+        # ranges never overflow, so there it is looked at only when asked to
+        flags = config.check_finite or t.dtype != torch.float16 or not t.is_cuda
+        job = Quantizing(
+            site,
+            decision.layout,
+            decision.bits,
+            decision.rounding,
+            generator,
+            config.ema_decay,
+            flags,
+        )
+        est = ESTIMATORS[decision.estimator].quantize(t, job, session.ranges, session.staged)
+        if config.check_finite and est.nonfinite:
+            raise FloatingPointError(
+                f"torchmesa: an activation saved in module {session.module_name(site)!r} "
+                f"(shape {tuple(t.shape)}, {t.dtype}) holds NaN or Inf; the forward pass "
+                "produced it (Config.check_finite=True)"
+            )
+        if est.overflows:
+            session.warn_once(
+                "overflow",
+                "torchmesa: a saved activation holds values near the fp32 limit (|x| > "
+                "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
+            )
+            return compact(t)
+        if est.step is not None:
+            session.ranges.record(site, est.step, session.staged)
+        session.add_base(t, est.q)
+        return QuantizedRecord(est.q, saved_stride(t))

@@ -1,0 +1,95 @@
+"""What every storage format shares: the record autograd holds, and the contract."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from torchmesa import quant
+from torchmesa.config import Config
+from torchmesa.estimator import RangeStore, Site
+from torchmesa.tensors import span
+
+
+class Record:
+    """One saved tensor in a compressed form: what autograd holds between forward and
+    backward. ``stride`` is the saved tensor's own when it was not contiguous (rule 10),
+    else None; ``nbytes`` is what the record holds."""
+
+    __slots__ = ("stride", "__weakref__")
+
+    def __init__(self, stride: tuple[int, ...] | None) -> None:
+        self.stride = stride
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def restore(self) -> torch.Tensor:
+        """The saved tensor's values, laid out densely."""
+        raise NotImplementedError
+
+    def unpack(self) -> torch.Tensor:
+        """What backward gets: the restored tensor, with the saved strides when a compiled
+        backward reads it (it asserts them) and they differ (rule 10)."""
+        t = self.restore()
+        if self.stride is not None and in_compiled_backward() and not same_strides(t, self.stride):
+            return laid_out(t, self.stride)
+        return t
+
+
+class Session(Protocol):
+    """What a format may use of the forward pass saving the tensor (the engine's)."""
+
+    staged: dict  # running estimates this forward moved, kept if it returns
+    ranges: RangeStore
+
+    def generator(self, device: torch.device, seed: int) -> torch.Generator: ...
+
+    def warn_once(self, key: str, message: str) -> None: ...
+
+    def module_name(self, site: Site) -> str: ...
+
+    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None: ...
+
+    def add_base(self, t: torch.Tensor, q: quant.QuantizedTensor) -> None: ...
+
+
+class Format(Protocol):
+    """A way to keep a saved tensor, for decisions of type ``decision``."""
+
+    decision: ClassVar[type]
+
+    def pack(
+        self, t: torch.Tensor, decision: Any, config: Config, site: Site, session: Session
+    ) -> torch.Tensor | Record: ...
+
+
+def saved_stride(t: torch.Tensor) -> tuple[int, ...] | None:
+    """``t``'s strides for its record when it is not contiguous, else None (rule 10)."""
+    return None if t.is_contiguous() else t.stride()
+
+
+def in_compiled_backward() -> bool:
+    """Whether the autograd node reading a saved tensor now is a compiled graph's."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    node = current() if current is not None else None
+    return node is not None and node.name() == "CompiledFunctionBackward"
+
+
+def same_strides(t: torch.Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether ``t`` has ``stride`` in every dim of more than one element (a compiled
+    graph's stride check ignores the others)."""
+    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
+
+
+def laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """A copy of ``t`` with ``stride``, in a fresh buffer just large enough for it."""
+    if t.numel() == 0:
+        return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out = t.new_empty(span(t.shape, stride)).as_strided(t.shape, stride)
+    # a broadcast dim (stride 0) is one element in memory: write it once, not n times
+    once = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride))
+    out[once].copy_(t[once])
+    return out
