@@ -21,42 +21,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from torchmesa import engine
+import torchmesa
+from torchmesa import Policy
+from torchmesa.api import engine_of
 from torchmesa.apps.benchmark import Setup, batch_on, build, step
 from torchmesa.apps.models import SPECS
-from torchmesa.quant import cpu
-
-
-def _timed(fn: Any, key: str, spent: dict[str, float]) -> Any:
-    """``fn`` with each call's seconds added to ``spent[key]``."""
-
-    def timed(*args: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            spent[key] += time.perf_counter() - start
-
-    return timed
-
-
-class _TimedLibrary:
-    """The kernel library with each function's seconds added to ``spent[name]``."""
-
-    def __init__(self, lib: Any, spent: dict[str, float]) -> None:
-        self._lib, self._spent = lib, spent
-
-    def __getattr__(self, name: str) -> Any:
-        return _timed(getattr(self._lib, name), name, self._spent)
-
-
-def _kept(self: engine.Engine, t: torch.Tensor, *args: Any) -> torch.Tensor:
-    """The engine's store for the hooks-only model: every saved tensor as it is."""
-    return t
+from torchmesa.quant import cpu, cpu_library
 
 
 def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps: int) -> dict:
@@ -66,32 +39,22 @@ def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps
     batch = batch_on(spec, batch_size, setup)
     exact = build(spec, "exact", setup)
     compressed = build(spec, f"torchmesa-{estimator}", setup)  # bench.py's configurations
-    hooks_only = build(spec, f"torchmesa-{estimator}", setup)
+    # the engine with every module kept exact: its hooks run, nothing is stored
+    hooks_only = torchmesa.compress(build(spec, "exact", setup), Policy(default=None))
     models = {"exact": exact, "torchmesa": compressed, "hooks only": hooks_only}
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models.values()}
     spent: dict[str, float] = collections.defaultdict(float)
-    lib = cpu.load()
-    pack, unpack, store = engine.Engine._pack, engine.Engine._unpack, engine.Engine._store
-    timed_pack = _timed(pack, "pack", spent)
-    timed_unpack = staticmethod(_timed(unpack, "unpack", spent))
-    cpu._lib = _TimedLibrary(lib, spent)
+    engine_of(compressed).time_hooks(spent)  # the pack and unpack hooks, each call
     times: dict[str, list[float]] = {name: [] for name in models}
-    try:
+    with cpu_library.timed(spent):  # every kernel call
         for i in range(warmup + steps):
             if i == warmup:
                 spent.clear()
             for name, model in models.items():
-                keep = name == "hooks only"  # its saved tensors stay as they are, untimed
-                engine.Engine._pack = pack if keep else timed_pack
-                engine.Engine._unpack = staticmethod(unpack) if keep else timed_unpack
-                engine.Engine._store = _kept if keep else store
                 start = time.perf_counter()
                 step(spec, model, opts[model], batch, setup)
                 times[name].append(time.perf_counter() - start)
-    finally:
-        cpu._lib = lib
-        engine.Engine._pack, engine.Engine._store = pack, store
-        engine.Engine._unpack = staticmethod(unpack)
+    engine_of(compressed).time_hooks(None)
     per_step = {k: v / steps for k, v in spent.items()}
     kernels = {k: v for k, v in per_step.items() if k.startswith("tm_")}
     exact_s = statistics.median(times["exact"][warmup:])

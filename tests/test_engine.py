@@ -541,3 +541,15 @@ def test_delayed_scaling_quantizes_with_the_previous_estimate(monkeypatch):
         assert not torch.equal(engine.ranges.state(site)[1], rng)
     cosines = grad_cosines(exact, model)
     assert min(cos for cos, _ in cosines.values()) > 0.999, cosines
+
+
+def test_time_hooks_adds_pack_and_unpack_seconds_until_stopped():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)))
+    spent: dict[str, float] = {}
+    engine_of(model).time_hooks(spent)
+    model(torch.randn(32, 64)).sum().backward()
+    assert spent.keys() == {"pack", "unpack"} and all(s > 0 for s in spent.values())
+    engine_of(model).time_hooks(None)
+    before = dict(spent)
+    model(torch.randn(32, 64)).sum().backward()
+    assert spent == before

@@ -24,32 +24,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
-import subprocess
-import tempfile
-import threading
-import time
-import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from torchmesa.quant import cpu_library as library
+from torchmesa.quant.cpu_library import Call
 from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.params import geometry
 from torchmesa.quant.reference import EmaStep, RangeState
 from torchmesa.tensors import is_dense
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11"]
-if platform.machine() in ("x86_64", "AMD64"):
-    # GCC keeps to 256-bit vectors on AVX-512 CPUs unless asked; these loops ran 10-20%
-    # faster with 512-bit ones (measured: benchmarks/kernels.py). Without AVX-512 under
-    # -march=native the flag changes nothing.
-    FLAGS.append("-mprefer-vector-width=512")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MASK_DTYPES = {**DTYPES, torch.bool: 3}  # what 1-bit packing reads and writes
 _BLOCK = 4096  # the kernels' work unit (cpu_kernels.c)
@@ -59,123 +45,13 @@ _PARALLEL_MIN = 1 << 16
 _SHORT_RUN = 256  # runs of one parameter shorter than this are spread per element
 _ONE_GROUP = GroupLayout("per_tensor", 1)
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-BUILD_SECONDS: float | None = None  # what loading cost this process (0.0 when cached)
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def cache_dir() -> Path:
-    """Where built kernels live: ``$TORCHMESA_CACHE``, else ``~/.cache/torchmesa``."""
-    root = os.environ.get("TORCHMESA_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "torchmesa"
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # build beside the target, then rename: concurrent processes (torchrun) never see
-        # a half-written library
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [compiler, *FLAGS, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
-        os.replace(tmp, target)
-    lib = ctypes.CDLL(str(target))
-    i64, i32, u32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
-    view = [i32, ptr, ptr]  # a strided view: dims, sizes, strides (0, NULL, NULL: dense)
-    lib.tm_minmax.argtypes = [ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32]
-    lib.tm_quantize.argtypes = [
-        ptr, i32, *view, i64, i64, i64, i64, ptr, ptr, i32, i32, u32, ptr, ptr, ptr, i32
-    ]  # fmt: skip
-    lib.tm_quantize_own.argtypes = [
-        ptr, i32, *view, i64, i64, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
-    ]  # fmt: skip
-    for fn in (lib.tm_quantize_delayed, lib.tm_quantize_ema):
-        fn.argtypes = [
-            ptr, i32, *view, i64, i64, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr,
-            ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32,
-        ]  # fmt: skip
-        fn.restype = i64
-    lib.tm_quantize_rows.argtypes = [
-        ptr, i32, *view, i64, i64, i64, i32, i32, u32, ptr, ptr, ptr, ptr, i32
-    ]  # fmt: skip
-    lib.tm_dequantize.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i32, ptr, i32]
-    lib.tm_scale.argtypes = [ptr, i64, i32, ptr]
-    lib.tm_two_level.argtypes = [ptr, i32, *view, i64]
-    lib.tm_two_level.restype = ctypes.c_float
-    lib.tm_span_flags.argtypes = [ptr, ptr, i64]
-    lib.tm_pack_nonzero.argtypes = [ptr, i32, *view, i64, ptr, i32]
-    lib.tm_unpack_nonzero.argtypes = [ptr, i64, i32, ctypes.c_float, ptr, i32]
-    lib.tm_ema.argtypes = [
-        ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr
-    ]  # fmt: skip
-    for fn in (lib.tm_minmax, lib.tm_quantize, lib.tm_quantize_own, lib.tm_quantize_rows,
-               lib.tm_dequantize, lib.tm_scale, lib.tm_pack_nonzero,
-               lib.tm_unpack_nonzero):  # fmt: skip
-        fn.restype = None
-    lib.tm_span_flags.restype = i32
-    lib.tm_ema.restype = i64
-    return lib
-
-
-def load() -> ctypes.CDLL | None:
-    """The kernels, built on first use; None when disabled or when no compiler works
-    (then a one-time warning says why and the reference serves every call)."""
-    global _lib, _tried, BUILD_SECONDS
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            if os.environ.get("TORCHMESA_CPU_KERNELS", "1") != "0":
-                start = time.perf_counter()
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError) as err:
-                    warnings.warn(
-                        "torchmesa: the fused CPU kernels could not be built, so the slower "
-                        f"reference quantizer runs instead ({err}). Install a C compiler "
-                        "(cc) with OpenMP, or set TORCHMESA_CPU_KERNELS=0 to silence this.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                BUILD_SECONDS = time.perf_counter() - start
-            _tried = True
-    return _lib
-
-
-def available() -> bool:
-    """Whether the fused CPU kernels serve calls in this process."""
-    return load() is not None
-
 
 class _Plan:
     """How one tensor meets the kernels: the codes' dense strides; the parameter index of
     each code, ``(i // inner) % mid``, and its range group, ``parameter // gs``; and, when
     the input is not dense in that order, the strided view the kernels read it through."""
 
-    __slots__ = ("codes_stride", "mid", "inner", "gs", "nd", "sizes", "strides")
+    __slots__ = ("codes_stride", "mid", "inner", "gs", "nd", "sizes", "strides", "_view")
 
     def __init__(self, shape: torch.Size, stride: tuple[int, ...], layout: GroupLayout,
                  logical: bool) -> None:  # fmt: skip
@@ -188,13 +64,12 @@ class _Plan:
             codes_stride[d] = step
             step *= shape[d]
         self.codes_stride = tuple(codes_stride)
-        if all(stride[d] == codes_stride[d] for d in order):
-            self.nd, self.sizes, self.strides = 0, None, None
-        else:
+        self.nd, self.sizes, self.strides, self._view = 0, None, None, ()
+        if not all(stride[d] == codes_stride[d] for d in order):
             sizes, strides = _merged([shape[d] for d in order], [stride[d] for d in order])
             self.nd = len(sizes)
-            self.sizes = (ctypes.c_int64 * self.nd)(*sizes)
-            self.strides = (ctypes.c_int64 * self.nd)(*strides)
+            self._view = ((ctypes.c_int64 * self.nd)(*sizes), (ctypes.c_int64 * self.nd)(*strides))
+            self.sizes, self.strides = (ctypes.addressof(a) for a in self._view)
         self.mid, self.inner = geometry(shape, order, layout, step)
         self.gs = layout.group_size
         if 1 < self.inner < _SHORT_RUN and self.mid > 1 and self.mid * self.inner <= _BLOCK:
@@ -222,6 +97,26 @@ def _threads(numel: int) -> int:
     """Threads for a call: one for small tensors, where waking a team costs more than it
     saves (measured: a call on a (4, 64) tensor took about 40 us with a team of two)."""
     return 1 if numel < _PARALLEL_MIN else torch.get_num_threads()
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels serve calls in this process."""
+    return library.load() is not None
+
+
+def _input(x: torch.Tensor, plan: _Plan, dtypes: dict[torch.dtype, int]) -> dict:
+    """The fields of a call that say how to read ``x``: address, dtype, view, size."""
+    return {"x": x.data_ptr(), "dtype": dtypes[x.dtype], "nd": plan.nd, "sizes": plan.sizes,
+            "strides": plan.strides, "n": x.numel()}  # fmt: skip
+
+
+def _geometry(plan: _Plan) -> dict:
+    return {"mid": plan.mid, "inner": plan.inner, "gs": plan.gs}
+
+
+def _noise(bits: int, seed: int | None, codes: torch.Tensor) -> dict:
+    return {"bits": bits, "stochastic": seed is not None, "seed": 0 if seed is None else seed,
+            "codes": codes.data_ptr()}  # fmt: skip
 
 
 def _serves(x: torch.Tensor, dtypes: dict[torch.dtype, int]) -> bool:
@@ -263,16 +158,12 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 
 def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group min and max as fp32 ``(G,)``, NaN where a group holds NaN: one read."""
-    lib = load()
-    assert lib is not None
     plan = _plan(x, layout, 8)
-    n = x.numel()
     lo = torch.empty(layout.num_groups)
     hi = torch.empty(layout.num_groups)
-    lib.tm_minmax(
-        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n, plan.mid,
-        plan.inner, plan.gs, lo.data_ptr(), hi.data_ptr(), _threads(n),
-    )  # fmt: skip
+    call = Call(**_input(x, plan, DTYPES), **_geometry(plan), lo=lo.data_ptr(),
+                hi=hi.data_ptr(), threads=_threads(x.numel()))  # fmt: skip
+    library.load().tm_minmax(call)
     return lo, hi
 
 
@@ -313,21 +204,16 @@ def _quantize(
     seed: int | None,
     stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    lib = load()
-    assert lib is not None
     plan = _plan(x, layout, bits)
-    n = x.numel()
     out = _codes_out(x, plan, bits)
     shift, scale = _fp32(shift), _fp32(scale)
     lo = hi = None
     if stats:
         lo, hi = torch.empty(layout.num_groups), torch.empty(layout.num_groups)
-    lib.tm_quantize(
-        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n, plan.mid,
-        plan.inner, plan.gs, shift.data_ptr(), scale.data_ptr(), bits,
-        seed is not None, 0 if seed is None else seed, out.data_ptr(), _ptr(lo), _ptr(hi),
-        _threads(n),
-    )  # fmt: skip
+    call = Call(**_input(x, plan, DTYPES), **_geometry(plan), **_noise(bits, seed, out),
+                shift=shift.data_ptr(), scale_in=scale.data_ptr(), lo=_ptr(lo), hi=_ptr(hi),
+                threads=_threads(x.numel()))  # fmt: skip
+    library.load().tm_quantize(call)
     return out, lo, hi
 
 
@@ -358,10 +244,8 @@ def quantize_running(
     with ``state`` (every group seen) while the same pass measures the batch, and counts
     clipping against ``state``. The shift the codes were written with is ``step.shift``,
     or ``state.shift`` when delayed."""
-    lib = load()
-    assert lib is not None
     plan = _plan(x, layout, bits)
-    n, groups = x.numel(), layout.num_groups
+    groups = layout.num_groups
     out = _codes_out(x, plan, bits)
     shift, rng, seen = _fp32(state.shift), _fp32(state.range), state.seen.contiguous()
     # the steps and the new estimate outlive the call (in the record, in the estimator),
@@ -370,14 +254,16 @@ def quantize_running(
     lo, hi, marked = torch.empty(3, groups).unbind()
     new_seen = torch.empty(groups, dtype=torch.bool)
     info = (ctypes.c_int64 * 2)()
-    kernel = lib.tm_quantize_delayed if delayed else lib.tm_quantize_ema
-    clipped = kernel(
-        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n, plan.mid,
-        plan.inner, plan.gs, groups, bits, seed is not None, 0 if seed is None else seed,
-        out.data_ptr(), shift.data_ptr(), rng.data_ptr(), seen.data_ptr(), decay,
-        scale.data_ptr(), lo.data_ptr(), hi.data_ptr(), new_shift.data_ptr(),
-        new_range.data_ptr(), new_seen.data_ptr(), marked.data_ptr(), info, _threads(n),
+    call = Call(
+        **_input(x, plan, DTYPES), **_geometry(plan), groups=groups, **_noise(bits, seed, out),
+        shift=shift.data_ptr(), range=rng.data_ptr(), seen=seen.data_ptr(), decay=decay,
+        scale=scale.data_ptr(), lo=lo.data_ptr(), hi=hi.data_ptr(),
+        shift_out=new_shift.data_ptr(), range_out=new_range.data_ptr(),
+        seen_out=new_seen.data_ptr(), marked=marked.data_ptr(), info=ctypes.addressof(info),
+        threads=_threads(x.numel()),
     )  # fmt: skip
+    lib = library.load()
+    clipped = (lib.tm_quantize_delayed if delayed else lib.tm_quantize_ema)(call)
     step = EmaStep(new_shift, new_range, new_seen, marked, clipped, info[0] == groups)
     return RunningStep(out, scale, lo, hi, step, bool(info[1] & 1), bool(info[1] & 2))
 
@@ -402,20 +288,17 @@ def quantize_own_ranges(
     :func:`quantize_codes` writes them, and per group its min, max and step (the step
     NaN where max - min is not finite). Per-token rows that fit a block are read once
     (:func:`rows_per_block`); other layouts are read twice, statistics then codes."""
-    lib = load()
-    assert lib is not None
     plan = _plan(x, layout, bits)
-    n, groups = x.numel(), layout.num_groups
+    groups = layout.num_groups
     out = _codes_out(x, plan, bits)
     lo, hi, scale = torch.empty(groups), torch.empty(groups), torch.empty(groups)
-    head = (x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides)
-    noise = (seed is not None, 0 if seed is None else seed, out.data_ptr())
-    stats = (lo.data_ptr(), hi.data_ptr(), scale.data_ptr(), _threads(n))
     k = rows_per_block(layout, bits)
-    if k > 0:
-        lib.tm_quantize_rows(*head, groups, layout.channels, k, bits, *noise, *stats)
-    else:
-        lib.tm_quantize_own(*head, n, plan.mid, plan.inner, plan.gs, groups, bits, *noise, *stats)
+    call = Call(**_input(x, plan, DTYPES), **_geometry(plan), groups=groups,
+                channels=layout.channels, rows_per_block=k, **_noise(bits, seed, out),
+                lo=lo.data_ptr(), hi=hi.data_ptr(), scale=scale.data_ptr(),
+                threads=_threads(x.numel()))  # fmt: skip
+    lib = library.load()
+    (lib.tm_quantize_rows if k > 0 else lib.tm_quantize_own)(call)
     return out, lo, hi, scale
 
 
@@ -447,9 +330,8 @@ class DequantizeJob(NamedTuple):
     shape: torch.Size
     stride: tuple[int, ...]
     dtype: torch.dtype
-    args: tuple  # tm_dequantize's arguments before the output
-    threads: int
-    params: tuple[torch.Tensor, torch.Tensor]  # kept alive: ``args`` points into them
+    call: Call  # tm_dequantize's call, all but ``out``
+    params: tuple[torch.Tensor, torch.Tensor]  # kept alive: ``call`` points into them
 
 
 def dequantize_job(
@@ -466,18 +348,17 @@ def dequantize_job(
     plan = _cached_plan(shape, stride, layout, bits != 8)
     shift, scale = _fp32(shift), _fp32(scale)
     n = math.prod(shape)
-    args = (
-        codes.data_ptr(), bits, n, plan.mid, plan.inner, plan.gs, shift.data_ptr(),
-        scale.data_ptr(), DTYPES[dtype],
-    )  # fmt: skip
-    return DequantizeJob(shape, stride, dtype, args, _threads(n), (shift, scale))
+    call = Call(codes=codes.data_ptr(), bits=bits, n=n, **_geometry(plan),
+                shift=shift.data_ptr(), scale_in=scale.data_ptr(), dtype=DTYPES[dtype],
+                threads=_threads(n))  # fmt: skip
+    return DequantizeJob(shape, stride, dtype, call, (shift, scale))
 
 
 def run_dequantize(job: DequantizeJob) -> torch.Tensor:
     """``code * scale + shift`` in fp32 for a prepared job, in its dtype and strides."""
-    assert _lib is not None
     out = torch.empty_strided(job.shape, job.stride, dtype=job.dtype)
-    _lib.tm_dequantize(*job.args, out.data_ptr(), job.threads)
+    job.call.out = out.data_ptr()
+    library.load().tm_dequantize(job.call)
     return out
 
 
@@ -492,7 +373,6 @@ def dequantize_codes(
 ) -> torch.Tensor:
     """``code * scale + shift`` in fp32, returned in ``dtype`` with the codes' strides
     (8 bits) or contiguous (packed codes)."""
-    assert load() is not None
     return run_dequantize(dequantize_job(codes, shape, layout, shift, scale, bits, dtype))
 
 
@@ -505,14 +385,11 @@ def supports_mask(x: torch.Tensor) -> bool:
 def pack_nonzero(x: torch.Tensor) -> torch.Tensor:
     """``reference.pack_bits((x != 0).view(torch.uint8), 1)`` in one read of ``x``: one
     bit per element in ``x``'s logical order, first element lowest."""
-    assert _lib is not None
     plan = _plan(x, _ONE_GROUP, 1)
     n = x.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    _lib.tm_pack_nonzero(
-        x.data_ptr(), MASK_DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, n,
-        out.data_ptr(), _threads(n),
-    )  # fmt: skip
+    call = Call(**_input(x, plan, MASK_DTYPES), codes=out.data_ptr(), threads=_threads(n))
+    library.load().tm_pack_nonzero(call)
     return out
 
 
@@ -520,42 +397,36 @@ def unpack_nonzero(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
                    value: float) -> torch.Tensor:  # fmt: skip
     """The inverse of :func:`pack_nonzero`, contiguous: ``value`` where a bit is set and 0
     elsewhere (True and False for bool)."""
-    assert _lib is not None
     out = torch.empty(shape, dtype=dtype)
     n = out.numel()
-    _lib.tm_unpack_nonzero(
-        bits.data_ptr(), n, MASK_DTYPES[dtype], value, out.data_ptr(), _threads(n)
-    )  # fmt: skip
+    call = Call(codes=bits.data_ptr(), n=n, dtype=MASK_DTYPES[dtype], value=value,
+                out=out.data_ptr(), threads=_threads(n))  # fmt: skip
+    library.load().tm_unpack_nonzero(call)
     return out
 
 
 def two_level_value(x: torch.Tensor) -> float | None:
     """:func:`quant.two_level_value` as a float, in one read that usually stops at once."""
-    lib = load()
-    assert lib is not None
     plan = _plan(x, _ONE_GROUP, 8)
-    c = lib.tm_two_level(
-        x.data_ptr(), DTYPES[x.dtype], plan.nd, plan.sizes, plan.strides, x.numel()
-    )  # fmt: skip
+    c = library.load().tm_two_level(Call(**_input(x, plan, DTYPES)))
     return None if c < 0 else c
 
 
 def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`reference.scale_of` for a CPU ``rng`` of shape ``(G,)``, bit for bit."""
-    lib = load()
-    assert lib is not None
     rng = _fp32(rng)
     scale = torch.empty(rng.shape)
-    lib.tm_scale(rng.data_ptr(), rng.numel(), bits, scale.data_ptr())
+    call = Call(range=rng.data_ptr(), groups=rng.numel(), bits=bits, scale=scale.data_ptr())
+    library.load().tm_scale(call)
     return scale
 
 
 def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
     """:func:`reference.span_flags` for CPU ``lo`` and ``hi`` of shape ``(G,)``."""
-    lib = load()
-    assert lib is not None
     lo, hi = _fp32(lo), _fp32(hi)
-    flags = lib.tm_span_flags(lo.data_ptr(), hi.data_ptr(), lo.numel())
+    flags = library.load().tm_span_flags(
+        Call(lo=lo.data_ptr(), hi=hi.data_ptr(), groups=lo.numel())
+    )
     return bool(flags & 1), bool(flags & 2)
 
 
@@ -568,8 +439,6 @@ def ema_step(
 ) -> EmaStep:
     """:func:`reference.ema_step` for CPU tensors of shape ``(G,)``, bit for bit, in one
     call; the counts come back as Python ints (no device to wait for)."""
-    lib = load()
-    assert lib is not None
     lo, hi, shift, rng = _fp32(lo), _fp32(hi), _fp32(state.shift), _fp32(state.range)
     seen = state.seen.contiguous()
     groups = lo.numel()
@@ -577,9 +446,12 @@ def ema_step(
     new_seen = torch.empty(groups, dtype=torch.bool)
     used_shift, used_range = (None, None) if used is None else (_fp32(used[0]), _fp32(used[1]))
     count = ctypes.c_int64()
-    clipped = lib.tm_ema(
-        lo.data_ptr(), hi.data_ptr(), shift.data_ptr(), rng.data_ptr(), seen.data_ptr(), groups,
-        decay, _ptr(used_shift), _ptr(used_range), new_shift.data_ptr(), new_range.data_ptr(),
-        new_seen.data_ptr(), marked.data_ptr(), ctypes.byref(count),
+    call = Call(
+        lo=lo.data_ptr(), hi=hi.data_ptr(), shift=shift.data_ptr(), range=rng.data_ptr(),
+        seen=seen.data_ptr(), groups=groups, decay=decay, used_shift=_ptr(used_shift),
+        used_range=_ptr(used_range), shift_out=new_shift.data_ptr(),
+        range_out=new_range.data_ptr(), seen_out=new_seen.data_ptr(),
+        marked=marked.data_ptr(), info=ctypes.addressof(count),
     )  # fmt: skip
+    clipped = library.load().tm_ema(call)
     return EmaStep(new_shift, new_range, new_seen, marked, clipped, count.value == groups)

@@ -1,7 +1,9 @@
 /* Fused CPU kernels for torchmesa's quantizer: one read of the activation for its group
  * statistics, one read plus one byte (or less) written per element to quantize, and the
  * reverse to dequantize. Built on first use by torchmesa/quant/cpu.py and called through
- * ctypes with raw pointers; every function is tested against quant/reference.py.
+ * ctypes; every function is tested against quant/reference.py. Each exported function
+ * (tm_*, at the end) takes one tm_call by pointer, whose fields the Python side fills by
+ * name (quant/cpu_library.py mirrors the struct and checks its size when it loads).
  *
  * Codes are dense; the input is read either dense in memory order or through a strided
  * view (view_t) in the codes' order, so slices such as q, k, v cut from one projection are
@@ -221,7 +223,7 @@ static void expand(const float *v_g, int64_t mid, int64_t gs, int invert, float 
  * r % mid and group (r % mid) / gs; written to lo_g / hi_g. One parameter spread over
  * several runs (one head over the batch, or a whole tensor cut so that every thread has
  * a share) is folded here too. */
-void tm_runs_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_runs_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                     int64_t n, int64_t len, int64_t mid, int64_t gs, float *lo_g, float *hi_g,
                     int nthreads) {
     view_t v = {nd, sz, st};
@@ -300,7 +302,7 @@ static inline void part_fold(const float *part, int nt, int64_t cols, int64_t c,
 /* Per group of gs columns of a (rows, cols) matrix: min and max, written to lo_g / hi_g.
  * Each thread reduces a band of rows into its own slice of partials (min, max and NaN
  * flag: 3 * cols floats a thread), reading as many whole rows at a time as fit in a block. */
-void tm_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                     int64_t rows, int64_t cols, int64_t gs, float *lo_g, float *hi_g,
                     int nthreads) {
     view_t v = {nd, sz, st};
@@ -448,7 +450,7 @@ static inline void dequant_vec(const uint8_t *restrict q, int64_t n, const float
  * known before the batch), the same pass also reduces each group's min and max into
  * lo_g / hi_g (NaN where the group saw a NaN), through per-thread partials (min, max, NaN
  * flag of each parameter) filled and folded here. */
-void tm_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_quantize(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                  int64_t n, int64_t mid, int64_t inner, int64_t gs, const float *shift_g,
                  const float *scale_g, int bits, int stochastic, uint32_t seed, uint8_t *out,
                  float *lo_g, float *hi_g, int nthreads) {
@@ -543,7 +545,7 @@ static inline float own_step(float lo, float hi, float levels) {
  * row's min and max taken there and its codes written from them. k * cols fits a block
  * and is a whole number of bytes of packed codes. Row r's range goes to lo[r] and hi[r]
  * (NaN where the row holds a NaN), its step to scale[r]. */
-void tm_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                       int64_t rows, int64_t cols, int64_t k, int bits, int stochastic,
                       uint32_t seed, uint8_t *out, float *lo, float *hi, float *scale,
                       int nthreads) {
@@ -577,11 +579,11 @@ void tm_quantize_rows(const void *x, int dtype, int nd, const int64_t *sz, const
 
 /* Per group min and max: one parameter per element of a row reduces columns, runs
  * otherwise; a single group is cut so that every thread reduces a share. */
-void tm_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                int64_t n, int64_t mid, int64_t inner, int64_t gs, float *lo_g, float *hi_g,
                int nthreads) {
     if (inner == 1) {
-        tm_cols_minmax(x, dtype, nd, sz, st, n / mid, mid, gs, lo_g, hi_g, nthreads);
+        k_cols_minmax(x, dtype, nd, sz, st, n / mid, mid, gs, lo_g, hi_g, nthreads);
         return;
     }
     int64_t len = inner;
@@ -589,26 +591,26 @@ void tm_minmax(const void *x, int dtype, int nd, const int64_t *sz, const int64_
         int64_t share = (n + 8 * (int64_t)nthreads - 1) / (8 * (int64_t)nthreads);
         len = share > BLOCK ? share : BLOCK;
     }
-    tm_runs_minmax(x, dtype, nd, sz, st, n, len, mid, gs, lo_g, hi_g, nthreads);
+    k_runs_minmax(x, dtype, nd, sz, st, n, len, mid, gs, lo_g, hi_g, nthreads);
 }
 
 /* Quantization with each group's own range in this batch, in one call (two passes): the
  * groups' min and max (lo_g, hi_g; NaN where a group holds NaN), their steps (scale_g:
  * reference.scale_of of max - min, NaN where that is not finite), then the codes. */
-void tm_quantize_own(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_quantize_own(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                      int64_t n, int64_t mid, int64_t inner, int64_t gs, int64_t groups,
                      int bits, int stochastic, uint32_t seed, uint8_t *out, float *lo_g,
                      float *hi_g, float *scale_g, int nthreads) {
-    tm_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, hi_g, nthreads);
+    k_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, hi_g, nthreads);
     float levels = (float)((1 << bits) - 1);
     for (int64_t g = 0; g < groups; g++) scale_g[g] = own_step(lo_g[g], hi_g[g], levels);
-    tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, scale_g, bits, stochastic, seed,
+    k_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, lo_g, scale_g, bits, stochastic, seed,
                 out, NULL, NULL, nthreads);
 }
 
 /* Dequantize n codes (packed at `bits`) to dtype: code * scale + shift, in memory order,
  * with per-group shift_g and scale_g. */
-void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64_t inner,
+static void k_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64_t inner,
                    int64_t gs, const float *shift_g, const float *scale_g, int dtype, void *out,
                    int nthreads) {
     const float *shift = shift_g, *scale = scale_g;
@@ -651,14 +653,14 @@ void tm_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid, int64
  * ops, on arrays of one value per group. */
 
 /* Step per group (reference.scale_of). */
-void tm_scale(const float *rng, int64_t groups, int bits, float *scale) {
+static void k_scale(const float *rng, int64_t groups, int bits, float *scale) {
     float levels = (float)((1 << bits) - 1);
     for (int64_t g = 0; g < groups; g++) scale[g] = step_of(rng[g], levels);
 }
 
 /* Bit 0: some group's range hi - lo is not finite; bit 1: some group's range overflows
  * fp32 although both its ends are finite (reference.span_flags). */
-int tm_span_flags(const float *lo, const float *hi, int64_t groups) {
+static int k_span_flags(const float *lo, const float *hi, int64_t groups) {
     int flags = 0;
     for (int64_t g = 0; g < groups; g++) {
         float r = hi[g] - lo[g];
@@ -674,7 +676,7 @@ int tm_span_flags(const float *lo, const float *hi, int64_t groups) {
  * used_shift / used_range (NULL: the new estimate) are the ranges the batch was quantized
  * with; groups with values outside them are counted in the return value, and *seen_count
  * gets the groups seen finite so far. */
-int64_t tm_ema(const float *lo, const float *hi, const float *shift, const float *range,
+static int64_t k_ema(const float *lo, const float *hi, const float *shift, const float *range,
                const uint8_t *seen, int64_t groups, float decay, const float *used_shift,
                const float *used_range, float *shift_out, float *range_out, uint8_t *seen_out,
                float *marked, int64_t *seen_count) {
@@ -699,21 +701,21 @@ int64_t tm_ema(const float *lo, const float *hi, const float *shift, const float
 
 /* One delayed-scaling step in one call: codes under the running estimate (shift, range)
  * from before the batch, the batch's own min and max in the same pass, the span flags
- * (tm_span_flags, into info[1]) and the estimate moved by the batch (tm_ema, counted
+ * (k_span_flags, into info[1]) and the estimate moved by the batch (k_ema, counted
  * against the ranges used; groups seen into info[0]). A group this batch made non-finite
  * gets a NaN step, so it dequantizes to NaN. Returns the groups clipped. */
-int64_t tm_quantize_delayed(const void *x, int dtype, int nd, const int64_t *sz,
+static int64_t k_quantize_delayed(const void *x, int dtype, int nd, const int64_t *sz,
                             const int64_t *st, int64_t n, int64_t mid, int64_t inner,
                             int64_t gs, int64_t groups, int bits, int stochastic, uint32_t seed,
                             uint8_t *out, const float *shift, const float *range,
                             const uint8_t *seen, float decay, float *scale, float *lo, float *hi,
                             float *shift_out, float *range_out, uint8_t *seen_out, float *marked,
                             int64_t *info, int nthreads) {
-    tm_scale(range, groups, bits, scale);
-    tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, shift, scale, bits, stochastic, seed,
+    k_scale(range, groups, bits, scale);
+    k_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, shift, scale, bits, stochastic, seed,
                 out, lo, hi, nthreads);
-    info[1] = tm_span_flags(lo, hi, groups);
-    int64_t clipped = tm_ema(lo, hi, shift, range, seen, groups, decay, shift, range, shift_out,
+    info[1] = k_span_flags(lo, hi, groups);
+    int64_t clipped = k_ema(lo, hi, shift, range, seen, groups, decay, shift, range, shift_out,
                              range_out, seen_out, marked, info);
     if (info[1])
         for (int64_t g = 0; g < groups; g++) scale[g] = isnan(marked[g]) ? NAN : scale[g];
@@ -721,21 +723,21 @@ int64_t tm_quantize_delayed(const void *x, int dtype, int nd, const int64_t *sz,
 }
 
 /* One step of Mesa's running estimate in one call (two passes): the batch's min and max,
- * the span flags (info[1]), the estimate moved by the batch (tm_ema, clipping counted
+ * the span flags (info[1]), the estimate moved by the batch (k_ema, clipping counted
  * against the new estimate; groups seen into info[0]), its steps (NaN for groups the
  * batch made non-finite) and the codes under it. Returns the groups clipped. */
-int64_t tm_quantize_ema(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static int64_t k_quantize_ema(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                         int64_t n, int64_t mid, int64_t inner, int64_t gs, int64_t groups,
                         int bits, int stochastic, uint32_t seed, uint8_t *out, const float *shift,
                         const float *range, const uint8_t *seen, float decay, float *scale,
                         float *lo, float *hi, float *shift_out, float *range_out,
                         uint8_t *seen_out, float *marked, int64_t *info, int nthreads) {
-    tm_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo, hi, nthreads);
-    info[1] = tm_span_flags(lo, hi, groups);
-    int64_t clipped = tm_ema(lo, hi, shift, range, seen, groups, decay, NULL, NULL, shift_out,
+    k_minmax(x, dtype, nd, sz, st, n, mid, inner, gs, lo, hi, nthreads);
+    info[1] = k_span_flags(lo, hi, groups);
+    int64_t clipped = k_ema(lo, hi, shift, range, seen, groups, decay, NULL, NULL, shift_out,
                              range_out, seen_out, marked, info);
-    tm_scale(marked, groups, bits, scale);
-    tm_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, shift_out, scale, bits, stochastic,
+    k_scale(marked, groups, bits, scale);
+    k_quantize(x, dtype, nd, sz, st, n, mid, inner, gs, shift_out, scale, bits, stochastic,
                 seed, out, NULL, NULL, nthreads);
     return clipped;
 }
@@ -743,7 +745,7 @@ int64_t tm_quantize_ema(const void *x, int dtype, int nd, const int64_t *sz, con
 /* The value c when every element is 0 or one value c > 0 and both occur (a dropout mask
  * {0, 1/(1-p)}), else -1; NaN rules it out. The first nonzero element sets c, so a
  * tensor that is no such mask is usually ruled out at once. */
-float tm_two_level(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static float k_two_level(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                    int64_t n) {
     view_t v = {nd, sz, st};
     float c = 0.0f, buf[BLOCK];
@@ -773,7 +775,7 @@ float tm_two_level(const void *x, int dtype, int nd, const int64_t *sz, const in
 /* One bit per element of x (read through its view), set where the element is not 0, the
  * first element in the lowest bit of the first byte; the last byte's spare bits are 0
  * (reference.pack_bits of x != 0). Blocks hold whole bytes, so threads never share one. */
-void tm_pack_nonzero(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
+static void k_pack_nonzero(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                      int64_t n, uint8_t *out, int nthreads) {
     view_t v = {nd, sz, st};
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
@@ -816,7 +818,7 @@ void tm_pack_nonzero(const void *x, int dtype, int nd, const int64_t *sz, const 
 
 /* The inverse: n elements of dtype, `value` where the bit is set and 0 where not (U8: 1
  * and 0, a bool tensor), dense. Each byte expands to eight elements through a table. */
-void tm_unpack_nonzero(const uint8_t *bits, int64_t n, int dtype, float value, void *out,
+static void k_unpack_nonzero(const uint8_t *bits, int64_t n, int dtype, float value, void *out,
                        int nthreads) {
     size_t es = dtype == F32 ? 4 : dtype == U8 ? 1 : 2;
     uint8_t one[4], zero[4] = {0, 0, 0, 0};
@@ -850,4 +852,99 @@ void tm_unpack_nonzero(const uint8_t *bits, int64_t n, int dtype, float value, v
 #undef EXPAND
     if (n % 8) memcpy(o + full * 8 * es, table + bits[full] * 8 * es, (size_t)(n % 8) * es);
     free(table);
+}
+
+/* ---- the interface: one struct, filled by name ------------------------------------- */
+
+typedef struct {
+    /* the input, read through a strided view in the codes' order (nd = 0: dense) */
+    const void *x;
+    int64_t dtype, nd;
+    const int64_t *sizes, *strides;
+    int64_t n;
+    /* the layout: element i has parameter (i / inner) % mid, parameter m group m / gs */
+    int64_t mid, inner, gs, groups, channels, rows_per_block;
+    /* the codes: written by quantize, read by dequantize; mask bits likewise */
+    int64_t bits, stochastic;
+    uint32_t seed;
+    uint8_t *codes;
+    /* per-group values read */
+    const float *shift, *range, *scale_in, *used_shift, *used_range;
+    const uint8_t *seen;
+    float decay, value;
+    /* per-group values written */
+    float *lo, *hi, *scale, *shift_out, *range_out, *marked;
+    uint8_t *seen_out;
+    int64_t *info;
+    /* a restored tensor or mask */
+    void *out;
+    int64_t threads;
+} tm_call;
+
+int64_t tm_call_size(void) { return (int64_t)sizeof(tm_call); }
+
+void tm_minmax(const tm_call *c) {
+    k_minmax(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n, c->mid, c->inner,
+             c->gs, c->lo, c->hi, (int)c->threads);
+}
+
+void tm_quantize(const tm_call *c) {
+    k_quantize(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n, c->mid, c->inner,
+               c->gs, c->shift, c->scale_in, (int)c->bits, (int)c->stochastic, c->seed,
+               c->codes, c->lo, c->hi, (int)c->threads);
+}
+
+void tm_quantize_own(const tm_call *c) {
+    k_quantize_own(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n, c->mid,
+                   c->inner, c->gs, c->groups, (int)c->bits, (int)c->stochastic, c->seed,
+                   c->codes, c->lo, c->hi, c->scale, (int)c->threads);
+}
+
+void tm_quantize_rows(const tm_call *c) {
+    k_quantize_rows(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->groups,
+                    c->channels, c->rows_per_block, (int)c->bits, (int)c->stochastic, c->seed,
+                    c->codes, c->lo, c->hi, c->scale, (int)c->threads);
+}
+
+int64_t tm_quantize_delayed(const tm_call *c) {
+    return k_quantize_delayed(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n,
+                              c->mid, c->inner, c->gs, c->groups, (int)c->bits,
+                              (int)c->stochastic, c->seed, c->codes, c->shift, c->range,
+                              c->seen, c->decay, c->scale, c->lo, c->hi, c->shift_out,
+                              c->range_out, c->seen_out, c->marked, c->info, (int)c->threads);
+}
+
+int64_t tm_quantize_ema(const tm_call *c) {
+    return k_quantize_ema(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n, c->mid,
+                          c->inner, c->gs, c->groups, (int)c->bits, (int)c->stochastic,
+                          c->seed, c->codes, c->shift, c->range, c->seen, c->decay, c->scale,
+                          c->lo, c->hi, c->shift_out, c->range_out, c->seen_out, c->marked,
+                          c->info, (int)c->threads);
+}
+
+void tm_dequantize(const tm_call *c) {
+    k_dequantize(c->codes, (int)c->bits, c->n, c->mid, c->inner, c->gs, c->shift, c->scale_in,
+                 (int)c->dtype, c->out, (int)c->threads);
+}
+
+void tm_scale(const tm_call *c) { k_scale(c->range, c->groups, (int)c->bits, c->scale); }
+
+int64_t tm_span_flags(const tm_call *c) { return k_span_flags(c->lo, c->hi, c->groups); }
+
+int64_t tm_ema(const tm_call *c) {
+    return k_ema(c->lo, c->hi, c->shift, c->range, c->seen, c->groups, c->decay, c->used_shift,
+                 c->used_range, c->shift_out, c->range_out, c->seen_out, c->marked, c->info);
+}
+
+float tm_two_level(const tm_call *c) {
+    return k_two_level(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n);
+}
+
+void tm_pack_nonzero(const tm_call *c) {
+    k_pack_nonzero(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n, c->codes,
+                   (int)c->threads);
+}
+
+void tm_unpack_nonzero(const tm_call *c) {
+    k_unpack_nonzero(c->codes, c->n, (int)c->dtype, c->value, c->out, (int)c->threads);
 }
