@@ -70,6 +70,7 @@ class PerChannelGroup:
         """Channels per group for a last dim of ``channels``."""
         if self.group_size is not None:
             return min(self.group_size, channels)
+        assert self.num_groups is not None  # exactly one is set (checked when built)
         return -(-channels // min(self.num_groups, channels))
 
 

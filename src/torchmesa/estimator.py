@@ -61,7 +61,7 @@ class _Running:
     all_seen: bool | None
 
     @staticmethod
-    def fresh(shape: torch.Size, device: torch.device) -> _Running:
+    def fresh(shape: tuple[int, ...], device: torch.device) -> _Running:
         """An estimate no batch has moved: every group unseen."""
         zeros = torch.zeros(shape, dtype=torch.float32, device=device)  # as group_minmax
         seen = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -76,7 +76,11 @@ class RangeStore:
         self._sites: dict[Site, _Running] = {}
 
     def current(
-        self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
+        self,
+        site: Site,
+        lo_shape: tuple[int, ...],
+        device: torch.device,
+        staged: dict | None = None,
     ) -> quant.RangeState:
         """The site's estimate to move by this batch: its latest, or a fresh one (every
         group unseen) when the site is new or its tensor changed shape."""
@@ -103,7 +107,11 @@ class RangeStore:
         (self._sites if staged is None else staged)[site] = new
 
     def prior(
-        self, site: Site, lo_shape: torch.Size, device: torch.device, staged: dict | None = None
+        self,
+        site: Site,
+        lo_shape: tuple[int, ...],
+        device: torch.device,
+        staged: dict | None = None,
     ) -> quant.RangeState | None:
         """The site's estimate before this batch, for delayed scaling; None if the site
         is new, changed shape, or has a group never seen finite (then the batch must set
@@ -118,7 +126,7 @@ class RangeStore:
         return running.state
 
     def _matching(
-        self, site: Site, shape: torch.Size, device: torch.device, staged: dict | None
+        self, site: Site, shape: tuple[int, ...], device: torch.device, staged: dict | None
     ) -> _Running | None:
         """The site's latest estimate (staged by this forward, else kept), if it has
         ``shape`` and lives on ``device``."""

@@ -118,7 +118,7 @@ def plan(
         exact_bytes, reference = run(Policy(default=None))
         if not exact_bytes:
             raise ValueError("plan: the model saved no activations on the sample batch")
-        stored = {None: exact_bytes}
+        stored: dict[int | None, dict] = {None: exact_bytes}
         for bits in WIDTHS:
             stored[bits], _ = run(Policy(default=_config(base, bits)))
         errors: dict[tuple[str, int], float] = {}

@@ -72,7 +72,7 @@ def derives_from_parameter(t: torch.Tensor) -> bool:
             return False
         name = fn.name()
         if name.endswith("AccumulateGrad"):
-            return isinstance(fn.variable, nn.Parameter)
+            return isinstance(getattr(fn, "variable", None), nn.Parameter)
         if name not in _VIEW_OR_CAST_NODES:
             return False
         inputs = [f for f, _ in fn.next_functions if f is not None]

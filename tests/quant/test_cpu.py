@@ -222,7 +222,7 @@ def test_a_prepared_dequantize_follows_its_record_changed_in_place(bits, dtype):
     lo, hi = quant.group_minmax(x, layout)
     shift = lo.to(torch.bfloat16)  # per-group values the kernels read as fp32 copies
     q = quant.quantize(x, layout, shift, hi - shift.float(), bits=bits)
-    assert q.job is not None and q.shift.dtype == torch.float32
+    assert q.prepared is not None and q.shift.dtype == torch.float32
     q.scale[1] = float("nan")  # what the engine does to a group this batch made non-finite
     back = quant.dequantize(q)
     plain = cpu.dequantize_codes(q.codes, x.shape, layout, shift, q.scale, bits, dtype)
@@ -295,8 +295,7 @@ def test_own_range_quantization_is_the_same_without_the_kernels(granularity, mon
     x[1, 2, 3, 4] = float("inf")
     layout = reference.GroupLayout.of(x.shape, granularity)
     fused, lo, hi = quant.quantize_dynamic(x, layout, bits=4)
-    monkeypatch.setattr(cpu, "supports", lambda t: False)  # what a GPU without Triton takes
-    monkeypatch.setattr(cpu, "supports_codes", lambda c, b: False)
+    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)  # a GPU without Triton
     plain, lo_ref, hi_ref = quant.quantize_dynamic(x, layout, bits=4)
     assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
     torch.testing.assert_close(fused.scale, plain.scale, equal_nan=True, rtol=0, atol=0)
@@ -416,10 +415,11 @@ def test_a_running_step_in_one_call_is_the_step_made_of_parts(
             if fault == "overflow":
                 x[(1,) + (0,) * (x.dim() - 1)] = -3e38  # the same group
         fused = quant.running_step(x, layout, state, 0.9, delayed=delayed, bits=bits)
-        with monkeypatch.context() as m:  # the same step from its parts, in torch ops
-            m.setattr(quant, "_on_cpu", lambda t: False)
-            parts = quant.running_step(x, layout, state, 0.9, delayed=delayed, bits=bits)
-        assert fused.q.job is not None and parts.q.job is not None
+        # the same step from its parts (statistics, span flags, estimate, codes), each a call
+        parts = reference.Reference.running_step(
+            cpu.BACKEND, x, layout, state, 0.9, delayed, bits, "nearest", None, True
+        )
+        assert fused.q.prepared is not None and parts.q.prepared is not None
         assert torch.equal(fused.q.codes, parts.q.codes)
         for got, want in (
             (fused.q.shift, parts.q.shift), (fused.q.scale, parts.q.scale),
@@ -496,8 +496,7 @@ def test_masks_pack_to_the_references_bits_and_back(shape, dtype):
 def test_mask_packing_is_the_same_without_the_kernels(monkeypatch):
     x = (torch.rand(3, 4099) > 0.5).float() * 2.0
     fused = quant.pack_two_level(x, torch.tensor(2.0))
-    monkeypatch.setattr(cpu, "supports_mask", lambda t: False)
-    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)
     plain = quant.pack_two_level(x, torch.tensor(2.0))
     assert torch.equal(fused.bits, plain.bits)
     assert torch.equal(quant.unpack_mask(plain), x)  # the reference's unpacking

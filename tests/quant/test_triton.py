@@ -78,17 +78,16 @@ def test_dispatch_uses_kernels_only_for_cuda():
     layout = reference.GroupLayout.of(x.shape, PerChannelGroup(group_size=1))
     lo, hi = reference.group_minmax(x, layout)
     q = quant.quantize(x, layout, lo, hi - lo, bits=8)
-    assert q.codes.device.type == "cpu" and not quant._fused(x)
+    assert q.codes.device.type == "cpu" and quant.backend_for(x) is not kernels.BACKEND
     if torch.cuda.is_available():
-        assert quant._fused(x.cuda())
+        assert quant.backend_for(x.cuda()) is kernels.BACKEND
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_dispatch_wires_every_call_to_the_kernels(monkeypatch, bits):
     # where CUDA is missing, route CPU tensors to the kernels (interpreted) as CUDA ones go
-    monkeypatch.setattr(quant, "_fused", lambda t: t.numel() > 0)
-    monkeypatch.setattr(cpu, "supports", lambda t: False)
-    monkeypatch.setattr(cpu, "supports_codes", lambda t, bits: False)
+    monkeypatch.setattr(quant, "backend_for", lambda t: kernels.BACKEND)
+    monkeypatch.setattr(kernels.TritonBackend, "serves", lambda self, t: t.numel() > 0)
     calls = []
     for name in ("group_minmax", "quantize_codes", "quantize_codes_and_minmax"):
         real = getattr(kernels, name)

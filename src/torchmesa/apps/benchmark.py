@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,8 @@ def release_memory(setup: Setup) -> None:
     gc.collect()
     if setup.device == "cuda":
         torch.cuda.empty_cache()
-    elif _glibc() is not None:  # other allocators keep what they keep
-        _glibc().malloc_trim(0)
+    elif (libc := _glibc()) is not None:  # other allocators keep what they keep
+        libc.malloc_trim(0)
 
 
 def _peak(worker_result: dict, setup: Setup) -> int:
@@ -338,7 +339,7 @@ def mesa_table(rows: list[dict]) -> str:
     return _aligned(lines)
 
 
-def _aligned(lines: list[tuple[str, ...]]) -> str:
+def _aligned(lines: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 

@@ -179,8 +179,8 @@ def _hugging_face(name: str, args: argparse.Namespace) -> tuple[nn.Module, Any, 
         size["num_attention_heads"] = args.heads
     b, n = args.batch_size, args.seq_len
     if name == "gpt2":
-        cfg = tf.GPT2Config(n_positions=max(1024, n), **size)
-        model = tf.GPT2LMHeadModel(cfg)
+        cfg: Any = tf.GPT2Config(n_positions=max(1024, n), **size)
+        model: nn.Module = tf.GPT2LMHeadModel(cfg)
         ids = torch.randint(0, cfg.vocab_size, (b, n))
         batch: Any = {"input_ids": ids, "labels": ids}
     elif name == "bert":
@@ -189,7 +189,7 @@ def _hugging_face(name: str, args: argparse.Namespace) -> tuple[nn.Module, Any, 
         ids = torch.randint(0, cfg.vocab_size, (b, n))
         batch = {"input_ids": ids, "labels": ids}
     else:
-        cfg = tf.ViTConfig(image_size=args.image_size, num_labels=1000, **size)
+        cfg = tf.ViTConfig(image_size=args.image_size, num_labels=1000, **size)  # type: ignore[call-arg]
         model = tf.ViTForImageClassification(cfg)
         batch = {"pixel_values": torch.randn(b, 3, args.image_size, args.image_size)}
     layers = getattr(cfg, "num_hidden_layers", "?")

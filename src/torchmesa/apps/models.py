@@ -6,6 +6,7 @@ from scratch, nothing downloaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,8 @@ class CheckpointedSequential(nn.Sequential):
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
     """Swap the model's ``blocks`` for a checkpointed copy holding the same modules."""
-    model.blocks = CheckpointedSequential(*model.blocks)
+    blocks: Any = model.blocks
+    model.blocks = CheckpointedSequential(*blocks)
     return model
 
 
@@ -175,10 +177,11 @@ class Spec:
         the way its users would turn it on."""
         if self.kind == "hf-gpt2":
             kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            hf: Any = model
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             return model
         return checkpoint_blocks(model)
 

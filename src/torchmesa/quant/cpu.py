@@ -33,7 +33,8 @@ from torchmesa.quant import cpu_library as library
 from torchmesa.quant.cpu_library import Call
 from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.params import geometry
-from torchmesa.quant.reference import EmaStep, RangeState
+from torchmesa.quant.records import EmaStep, PackedMask, QuantizedTensor, RangeState, RunningStep
+from torchmesa.quant.reference import Reference, kernel_seed
 from torchmesa.tensors import is_dense
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -64,12 +65,13 @@ class _Plan:
             codes_stride[d] = step
             step *= shape[d]
         self.codes_stride = tuple(codes_stride)
-        self.nd, self.sizes, self.strides, self._view = 0, None, None, ()
+        self.nd, self.sizes, self.strides = 0, None, None
+        self._view: tuple[ctypes.Array, ...] = ()
         if not all(stride[d] == codes_stride[d] for d in order):
             sizes, strides = _merged([shape[d] for d in order], [stride[d] for d in order])
             self.nd = len(sizes)
             self._view = ((ctypes.c_int64 * self.nd)(*sizes), (ctypes.c_int64 * self.nd)(*strides))
-            self.sizes, self.strides = (ctypes.addressof(a) for a in self._view)
+            self.sizes, self.strides = (ctypes.addressof(view) for view in self._view)
         self.mid, self.inner = geometry(shape, order, layout, step)
         self.gs = layout.group_size
         if 1 < self.inner < _SHORT_RUN and self.mid > 1 and self.mid * self.inner <= _BLOCK:
@@ -217,7 +219,7 @@ def _quantize(
     return out, lo, hi
 
 
-class RunningStep(NamedTuple):
+class RunningCodes(NamedTuple):
     """What :func:`quantize_running` returns."""
 
     codes: torch.Tensor
@@ -237,7 +239,7 @@ def quantize_running(
     bits: int,
     seed: int | None = None,
     delayed: bool = False,
-) -> RunningStep:
+) -> RunningCodes:
     """One step of a running range estimate in one C call: the batch's min and max,
     :func:`span_flags`, :func:`ema_step` and the codes. Mesa's EMA (``delayed=False``)
     quantizes with the estimate the batch moved (two passes); delayed scaling quantizes
@@ -265,7 +267,7 @@ def quantize_running(
     lib = library.load()
     clipped = (lib.tm_quantize_delayed if delayed else lib.tm_quantize_ema)(call)
     step = EmaStep(new_shift, new_range, new_seen, marked, clipped, info[0] == groups)
-    return RunningStep(out, scale, lo, hi, step, bool(info[1] & 1), bool(info[1] & 2))
+    return RunningCodes(out, scale, lo, hi, step, bool(info[1] & 1), bool(info[1] & 2))
 
 
 def rows_per_block(layout: GroupLayout, bits: int) -> int:
@@ -455,3 +457,123 @@ def ema_step(
     )  # fmt: skip
     clipped = library.load().tm_ema(call)
     return EmaStep(new_shift, new_range, new_seen, marked, clipped, count.value == groups)
+
+
+class CpuBackend(Reference):
+    """The fused C kernels for CPU tensors; what they do not serve (fp64 is never asked,
+    but an empty tensor or more than ``MAX_DIMS`` long dims is) runs in the reference."""
+
+    name = "cpu"
+
+    def group_minmax(
+        self, x: torch.Tensor, layout: GroupLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if supports(x):
+            return group_minmax(x, layout)
+        return super().group_minmax(x, layout)
+
+    # the per-group arithmetic: always C here (the selector picked this backend because
+    # the tensors are on the CPU)
+    scale_of = staticmethod(scale_of)
+    span_flags = staticmethod(span_flags)
+    ema_step = staticmethod(ema_step)
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        shift: torch.Tensor,
+        rng: torch.Tensor,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+        stats: bool,
+    ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
+        if not supports(x):
+            return super().quantize(x, layout, shift, rng, bits, rounding, generator, stats)
+        scale = scale_of(rng, bits)
+        seed = kernel_seed(rounding, generator, x.device)
+        codes, lo, hi = _quantize(x, layout, shift, scale, bits, seed, stats)
+        return _record(codes, shift, scale, layout, x, bits), lo, hi
+
+    def quantize_dynamic(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+    ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
+        if not supports(x):
+            return super().quantize_dynamic(x, layout, bits, rounding, generator)
+        seed = kernel_seed(rounding, generator, x.device)
+        codes, lo, hi, scale = quantize_own_ranges(x, layout, bits, seed)
+        return _record(codes, lo, scale, layout, x, bits), lo, hi
+
+    def running_step(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        state: RangeState,
+        decay: float,
+        delayed: bool,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+        flags: bool,
+    ) -> RunningStep:
+        """One C call (the span flags are always computed: they cost nothing here)."""
+        if not (supports(x) and state.shift.device.type == "cpu"):
+            return super().running_step(
+                x, layout, state, decay, delayed, bits, rounding, generator, flags
+            )
+        seed = kernel_seed(rounding, generator, x.device)
+        r = quantize_running(x, layout, state, decay, bits, seed, delayed)
+        shift = state.shift if delayed else r.step.shift
+        q = _record(r.codes, shift, r.scale, layout, x, bits)
+        return RunningStep(q, r.lo, r.hi, r.step, r.nonfinite, r.overflows)
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        if isinstance(q.prepared, DequantizeJob):
+            return run_dequantize(q.prepared)
+        if supports_codes(q.codes, q.bits):
+            return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
+        return super().dequantize(q)
+
+    def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
+        if supports_mask(x):
+            return PackedMask(pack_nonzero(x), x.shape, value)
+        return super().pack_mask(x, value)
+
+    def unpack_mask(self, packed: PackedMask) -> torch.Tensor:
+        dtype = torch.bool if packed.value is None else packed.value.dtype
+        if dtype in MASK_DTYPES:
+            value = 1.0 if packed.value is None else float(packed.value)
+            return unpack_nonzero(packed.bits, packed.shape, dtype, value)
+        return super().unpack_mask(packed)
+
+    def two_level_value(self, x: torch.Tensor) -> torch.Tensor | None:
+        if supports(x):
+            c = two_level_value(x)
+            return None if c is None else torch.tensor(c, dtype=x.dtype)
+        return super().two_level_value(x)
+
+
+def _record(
+    codes: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    layout: GroupLayout,
+    x: torch.Tensor,
+    bits: int,
+) -> QuantizedTensor:
+    """The record of codes the kernels wrote, its dequantize call prepared now: in
+    backward, where every lookup runs on cold caches, it is one allocation and one call."""
+    q = QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape)
+    job = dequantize_job(codes, x.shape, layout, shift, scale, bits, x.dtype)
+    q.prepared = job
+    q.shift, q.scale = job.params  # the fp32 copies the job points to, if converted
+    return q
+
+
+BACKEND = CpuBackend()

@@ -31,12 +31,19 @@ Functions here are pure: no module state, nothing about which op saved the tenso
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from torchmesa.quant.layout import GroupLayout
+from torchmesa.quant.records import (
+    EmaStep,
+    PackedMask,
+    QuantizedTensor,
+    RangeState,
+    RunningStep,
+    pack_bits,
+    unpack_bits,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_TINY = torch.finfo(torch.float32).tiny
@@ -91,26 +98,6 @@ def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
     if not bool(bad.any()):  # the usual case: one check
         return False, False
     return True, bool((bad & torch.isfinite(lo) & torch.isfinite(hi)).any())
-
-
-class RangeState(NamedTuple):
-    """A running range estimate per group: ``shift`` (min), ``range`` (max - min) and
-    ``seen``, whether the group ever had a finite batch."""
-
-    shift: torch.Tensor
-    range: torch.Tensor
-    seen: torch.Tensor
-
-
-class EmaStep(NamedTuple):
-    """A running estimate moved by one batch (:func:`ema_step`)."""
-
-    shift: torch.Tensor
-    range: torch.Tensor
-    seen: torch.Tensor
-    marked: torch.Tensor  # range, NaN where this batch's range was not finite
-    clipped: torch.Tensor | int  # groups with values outside the ranges used
-    all_seen: bool | None  # every group seen finite; None: unknown without a device sync
 
 
 def ema_step(
@@ -189,33 +176,123 @@ def dequantize_codes(
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 ``codes`` (each < 2^bits) densely, ``8 // bits`` per byte, flat.
-
-    The first value sits in the lowest bits; the tail is padded with zeros.
-    """
-    if bits == 8:
-        return codes.reshape(-1).clone()
-    if bits not in (1, 2, 4):
-        raise ValueError(f"pack_bits: bits must be 1, 2, 4 or 8, got {bits}")
-    per = 8 // bits
-    flat = codes.reshape(-1)
-    pad = (-flat.numel()) % per
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    flat = flat.view(-1, per)
-    out = flat[:, 0].clone()
-    for i in range(1, per):
-        out |= flat[:, i] << (bits * i)
-    return out
+def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
+    """The ``c`` if every entry of ``x`` is 0 or one value ``c > 0`` and both occur, else
+    None."""
+    lo, hi = torch.aminmax(x)
+    if not (bool(lo == 0) and bool(hi > 0)):
+        return None
+    return hi if bool(((x == 0) | (x == hi)).all()) else None
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` codes, flat uint8."""
-    if bits == 8:
-        return packed[:numel]
-    if bits not in (1, 2, 4):
-        raise ValueError(f"unpack_bits: bits must be 1, 2, 4 or 8, got {bits}")
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    out = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return out.reshape(-1)[:numel]
+def kernel_seed(
+    rounding: str, generator: torch.Generator | None, device: torch.device
+) -> int | None:
+    """The fused kernels' noise stream for stochastic rounding, seeded from ours: None for
+    nearest rounding. (The reference draws ``torch.rand`` from the generator itself.)"""
+    if rounding != "stochastic":
+        return None
+    device = generator.device if generator is not None else device
+    return int(torch.randint(0, 1 << 32, (), generator=generator, device=device))
+
+
+class Reference:
+    """The eager backend: every operation of the numeric core in plain PyTorch, on any
+    device. It is the oracle the fused backends are tested against, and they subclass it:
+    what a fused backend does not serve (a dtype, an empty tensor) runs here, and the
+    composite steps (:meth:`running_step`) call the backend's own parts."""
+
+    name = "reference"
+    group_minmax = staticmethod(group_minmax)
+    scale_of = staticmethod(scale_of)
+    span_flags = staticmethod(span_flags)
+    ema_step = staticmethod(ema_step)
+    two_level_value = staticmethod(two_level_value)
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        shift: torch.Tensor,
+        rng: torch.Tensor,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+        stats: bool,
+    ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
+        """Codes under the given ranges, and with ``stats`` the batch's min and max."""
+        scale = scale_of(rng, bits)
+        lo = hi = None
+        if stats:
+            lo, hi = group_minmax(x, layout)
+        codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
+        if bits == 8:
+            return QuantizedTensor(codes, shift, scale, layout, x.dtype), lo, hi
+        packed = pack_bits(codes, bits)
+        return QuantizedTensor(packed, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
+
+    def quantize_dynamic(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+    ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
+        """Statistics, then codes with each group's own range (NaN where not finite)."""
+        lo, hi = self.group_minmax(x, layout)
+        rng = hi - lo
+        rng = rng.masked_fill_(~torch.isfinite(rng), torch.nan)
+        q = self.quantize(x, layout, lo, rng, bits, rounding, generator, stats=False)[0]
+        return q, lo, hi
+
+    def running_step(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        state: RangeState,
+        decay: float,
+        delayed: bool,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+        flags: bool,
+    ) -> RunningStep:
+        """One step of a running estimate from its parts (see quant.running_step)."""
+        if delayed:
+            q, lo, hi = self.quantize(
+                x, layout, state.shift, state.range, bits, rounding, generator, stats=True
+            )
+            assert lo is not None and hi is not None
+        else:
+            lo, hi = self.group_minmax(x, layout)
+        nonfinite, overflows = self.span_flags(lo, hi) if flags else (None, None)
+        used = (state.shift, state.range) if delayed else None
+        step = self.ema_step(lo, hi, state, decay, used)
+        if not delayed:
+            q = self.quantize(x, layout, step.shift, step.marked, bits, rounding, generator, False)[
+                0
+            ]
+        elif nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
+            q.scale.masked_fill_(torch.isnan(step.marked), torch.nan)
+        return RunningStep(q, lo, hi, step, nonfinite, overflows)
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        return dequantize_codes(q.unpacked_codes(), q.layout, q.shift, q.scale, q.dtype)
+
+    def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
+        """A bool ``x`` (``value`` None), or ``x != 0`` for zeros and ``value``, in 1 bit."""
+        bits = x.view(torch.uint8) if value is None else (x != 0).view(torch.uint8)
+        return PackedMask(pack_bits(bits, 1), x.shape, value)
+
+    def unpack_mask(self, packed: PackedMask) -> torch.Tensor:
+        numel = 1
+        for size in packed.shape:
+            numel *= size
+        mask = unpack_bits(packed.bits, 1, numel).view(packed.shape)
+        if packed.value is None:
+            return mask.bool()
+        return mask.to(packed.value.dtype).mul_(packed.value)
+
+
+REFERENCE = Reference()

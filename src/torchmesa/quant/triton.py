@@ -32,6 +32,8 @@ import torch
 
 from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.params import logical_geometry, per_param, to_groups
+from torchmesa.quant.records import QuantizedTensor
+from torchmesa.quant.reference import Reference, kernel_seed, scale_of
 
 try:
     import triton
@@ -202,9 +204,12 @@ def _launch(
     if codes:
         out = torch.empty(x.shape if bits == 8 else (-(-n // per),), dtype=torch.uint8,
                           device=x.device)  # fmt: skip
-    assert not codes or (shift is not None and scale is not None)
-    shift_p = per_param(shift, layout) if codes else x.new_empty(1, dtype=torch.float32)
-    inv_p = per_param(scale.reciprocal(), layout) if codes else shift_p
+    if codes:
+        assert shift is not None and scale is not None
+        shift_p = per_param(shift, layout)
+        inv_p = per_param(scale.reciprocal(), layout)
+    else:
+        shift_p = inv_p = x.new_empty(1, dtype=torch.float32)
     if stats:
         partials = (tiling.rows, tiling.n_pc) if tiling.stats == 1 else (tiling.n_pr, mid)
         part = torch.empty((3, *partials), dtype=torch.float32, device=x.device)
@@ -294,3 +299,56 @@ def dequantize_codes(
         inner, BITS=bits, PER=8 // bits, WIDE=n >= _WIDE, BLOCK_SIZE=BLOCK,
     )  # fmt: skip
     return out
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)  # read, or codes
+
+
+class TritonBackend(Reference):
+    """The fused Triton kernels for CUDA tensors (while Triton is installed): statistics,
+    quantize and dequantize; the small per-group arithmetic and masks run in the
+    reference's torch ops, on the device."""
+
+    name = "triton"
+
+    def serves(self, t: torch.Tensor) -> bool:
+        """A CUDA tensor of a float dtype the kernels read (or codes they wrote), with
+        elements."""
+        return t.is_cuda and AVAILABLE and t.numel() > 0 and t.dtype in _DTYPES
+
+    def group_minmax(
+        self, x: torch.Tensor, layout: GroupLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.serves(x):
+            return group_minmax(x, layout)
+        return super().group_minmax(x, layout)
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        layout: GroupLayout,
+        shift: torch.Tensor,
+        rng: torch.Tensor,
+        bits: int,
+        rounding: str,
+        generator: torch.Generator | None,
+        stats: bool,
+    ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
+        if not self.serves(x):
+            return super().quantize(x, layout, shift, rng, bits, rounding, generator, stats)
+        scale = scale_of(rng, bits)
+        seed = kernel_seed(rounding, generator, x.device)
+        lo = hi = None
+        if stats:
+            codes, lo, hi = quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
+        else:
+            codes = quantize_codes(x, layout, shift, scale, bits, seed)
+        return QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        if self.serves(q.codes):
+            return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
+        return super().dequantize(q)
+
+
+BACKEND = TritonBackend()
