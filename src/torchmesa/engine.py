@@ -31,7 +31,7 @@ from torchmesa.decide import Exact, decide, is_activation
 from torchmesa.estimator import RangeStore, Site
 from torchmesa.formats import FORMATS, Record
 from torchmesa.policy import Policy
-from torchmesa.tensors import is_dense, span, storage_ptr
+from torchmesa.tensors import extent, is_dense, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
 
@@ -90,7 +90,7 @@ class _Forward:
     def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
         """A view of an earlier quantized dense tensor that holds all of ``t`` (Rule 7)."""
         first = t.storage_offset()
-        last = first + span(t.shape, t.stride()) - 1
+        last = first + extent(t.shape, t.stride()) - 1
         for ref, base in self.dense_bases.get(storage_ptr(t), ()):
             src = ref()
             if src is None or src.dtype != t.dtype or src._version != t._version:

@@ -33,7 +33,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from torchmesa import quant
-from torchmesa.config import Estimator
+from torchmesa.config import Estimator, Rounding
 
 Site = tuple[str, int, int]
 
@@ -176,7 +176,7 @@ class Quantizing(NamedTuple):
     site: Site
     layout: quant.GroupLayout
     bits: int
-    rounding: str
+    rounding: Rounding
     generator: torch.Generator | None
     decay: float
     flags: bool  # look at the ranges' finiteness (off: fp16 on a GPU, see the format)

@@ -265,14 +265,14 @@ def _exact_glob(path: str) -> str:
 @contextlib.contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Leave the caller's RNG, gradients and mode as they were."""
-    rng = torch.random.get_rng_state()
+    random_state = torch.random.get_rng_state()
     grads = [p.grad for p in model.parameters()]
     training = model.training
     model.train()
     try:
         yield
     finally:
-        torch.random.set_rng_state(rng)
+        torch.random.set_rng_state(random_state)
         for p, g in zip(model.parameters(), grads):
             p.grad = g
         model.train(training)

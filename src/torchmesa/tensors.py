@@ -42,7 +42,7 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def span(shape: torch.Size, stride: tuple[int, ...]) -> int:
+def extent(shape: torch.Size, stride: tuple[int, ...]) -> int:
     """Storage elements from a view's first element to its last, both included (a view
     with elements: its numel is at least 1)."""
     return 1 + sum((n - 1) * st for n, st in zip(shape, stride))

@@ -9,7 +9,7 @@ import torch
 from torchmesa import quant
 from torchmesa.config import Config
 from torchmesa.estimator import RangeStore, Site
-from torchmesa.tensors import span
+from torchmesa.tensors import extent
 
 
 class Record:
@@ -88,7 +88,7 @@ def laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     """A copy of ``t`` with ``stride``, in a fresh buffer just large enough for it."""
     if t.numel() == 0:
         return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
-    out = t.new_empty(span(t.shape, stride)).as_strided(t.shape, stride)
+    out = t.new_empty(extent(t.shape, stride)).as_strided(t.shape, stride)
     # a broadcast dim (stride 0) is one element in memory: write it once, not n times
     once = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride))
     out[once].copy_(t[once])

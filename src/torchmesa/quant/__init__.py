@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from torchmesa.config import Rounding
 from torchmesa.quant import cpu, reference, triton
 from torchmesa.quant.backends import Backend, backend_for
 from torchmesa.quant.layout import GroupLayout
@@ -61,34 +62,34 @@ def quantize(
     x: torch.Tensor,
     layout: GroupLayout,
     shift: torch.Tensor,
-    rng: torch.Tensor,
+    width: torch.Tensor,
     *,
     bits: int,
-    rounding: str = "nearest",
+    rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
 ) -> QuantizedTensor:
-    """Quantize ``x`` with per-group ``shift`` (min) and ``rng`` (max - min), both ``(G,)``.
+    """Quantize ``x`` with per-group ``shift`` (min) and ``width`` (max - min), both ``(G,)``.
 
-    A NaN in ``rng`` marks a group that cannot be represented: it dequantizes to NaN.
+    A NaN in ``width`` marks a group that cannot be represented: it dequantizes to NaN.
     """
     _check_bits(bits)
-    return backend_for(x).quantize(x, layout, shift, rng, bits, rounding, generator, False)[0]
+    return backend_for(x).quantize(x, layout, shift, width, bits, rounding, generator, False)[0]
 
 
 def quantize_delayed(
     x: torch.Tensor,
     layout: GroupLayout,
     shift: torch.Tensor,
-    rng: torch.Tensor,
+    width: torch.Tensor,
     *,
     bits: int,
-    rounding: str = "nearest",
+    rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
 ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
     """Delayed scaling: quantize ``x`` with ranges known before the batch and return the
     batch's own per-group min and max beside it, in one pass where a fused path serves."""
     _check_bits(bits)
-    q, lo, hi = backend_for(x).quantize(x, layout, shift, rng, bits, rounding, generator, True)
+    q, lo, hi = backend_for(x).quantize(x, layout, shift, width, bits, rounding, generator, True)
     assert lo is not None and hi is not None
     return q, lo, hi
 
@@ -101,7 +102,7 @@ def running_step(
     *,
     delayed: bool = False,
     bits: int,
-    rounding: str = "nearest",
+    rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
     flags: bool = True,
 ) -> RunningStep:
@@ -122,7 +123,7 @@ def quantize_dynamic(
     layout: GroupLayout,
     *,
     bits: int,
-    rounding: str = "nearest",
+    rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
 ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` with each group's own range in this batch (shift = min, range =

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from torchmesa.config import Rounding
 from torchmesa.quant import cpu, triton
 from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.records import EmaStep, PackedMask, QuantizedTensor, RangeState, RunningStep
@@ -28,7 +29,7 @@ class Backend(Protocol):
         self, x: torch.Tensor, layout: GroupLayout
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def scale_of(self, rng: torch.Tensor, bits: int) -> torch.Tensor: ...
+    def scale_of(self, width: torch.Tensor, bits: int) -> torch.Tensor: ...
 
     def span_flags(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]: ...
 
@@ -46,9 +47,9 @@ class Backend(Protocol):
         x: torch.Tensor,
         layout: GroupLayout,
         shift: torch.Tensor,
-        rng: torch.Tensor,
+        width: torch.Tensor,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         stats: bool,
     ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]: ...
@@ -58,7 +59,7 @@ class Backend(Protocol):
         x: torch.Tensor,
         layout: GroupLayout,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
     ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]: ...
 
@@ -70,7 +71,7 @@ class Backend(Protocol):
         decay: float,
         delayed: bool,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         flags: bool,
     ) -> RunningStep: ...

@@ -29,10 +29,11 @@ from typing import NamedTuple
 
 import torch
 
+from torchmesa.config import Rounding
 from torchmesa.quant import cpu_library as library
 from torchmesa.quant.cpu_library import Call
+from torchmesa.quant.geometry import geometry
 from torchmesa.quant.layout import GroupLayout
-from torchmesa.quant.params import geometry
 from torchmesa.quant.records import EmaStep, PackedMask, QuantizedTensor, RangeState, RunningStep
 from torchmesa.quant.reference import Reference, kernel_seed
 from torchmesa.tensors import is_dense
@@ -47,7 +48,7 @@ _SHORT_RUN = 256  # runs of one parameter shorter than this are spread per eleme
 _ONE_GROUP = GroupLayout("per_tensor", 1)
 
 
-class _Plan:
+class _Access:
     """How one tensor meets the kernels: the codes' dense strides; the parameter index of
     each code, ``(i // inner) % mid``, and its range group, ``parameter // gs``; and, when
     the input is not dense in that order, the strided view the kernels read it through."""
@@ -106,14 +107,14 @@ def available() -> bool:
     return library.load() is not None
 
 
-def _input(x: torch.Tensor, plan: _Plan, dtypes: dict[torch.dtype, int]) -> dict:
+def _input(x: torch.Tensor, access: _Access, dtypes: dict[torch.dtype, int]) -> dict:
     """The fields of a call that say how to read ``x``: address, dtype, view, size."""
-    return {"x": x.data_ptr(), "dtype": dtypes[x.dtype], "nd": plan.nd, "sizes": plan.sizes,
-            "strides": plan.strides, "n": x.numel()}  # fmt: skip
+    return {"x": x.data_ptr(), "dtype": dtypes[x.dtype], "nd": access.nd, "sizes": access.sizes,
+            "strides": access.strides, "n": x.numel()}  # fmt: skip
 
 
-def _geometry(plan: _Plan) -> dict:
-    return {"mid": plan.mid, "inner": plan.inner, "gs": plan.gs}
+def _geometry(access: _Access) -> dict:
+    return {"mid": access.mid, "inner": access.inner, "gs": access.gs}
 
 
 def _noise(bits: int, seed: int | None, codes: torch.Tensor) -> dict:
@@ -134,15 +135,15 @@ def supports(x: torch.Tensor) -> bool:
     return _serves(x, DTYPES)
 
 
-def _plan(x: torch.Tensor, layout: GroupLayout, bits: int) -> _Plan:
-    return _cached_plan(x.shape, x.stride(), layout, bits != 8 or layout.kind == "per_token")
+def _access(x: torch.Tensor, layout: GroupLayout, bits: int) -> _Access:
+    return _cached_access(x.shape, x.stride(), layout, bits != 8 or layout.kind == "per_token")
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_plan(shape: torch.Size, stride: tuple[int, ...], layout: GroupLayout,
-                 logical: bool) -> _Plan:  # fmt: skip
-    """Plans are pure functions of shape, strides and layout, which repeat every step."""
-    return _Plan(shape, stride, layout, logical)
+def _cached_access(shape: torch.Size, stride: tuple[int, ...], layout: GroupLayout,
+                 logical: bool) -> _Access:  # fmt: skip
+    """Accesses are pure functions of shape, strides and layout, which repeat every step."""
+    return _Access(shape, stride, layout, logical)
 
 
 def supports_codes(codes: torch.Tensor, bits: int) -> bool:
@@ -160,10 +161,10 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 
 def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group min and max as fp32 ``(G,)``, NaN where a group holds NaN: one read."""
-    plan = _plan(x, layout, 8)
+    access = _access(x, layout, 8)
     lo = torch.empty(layout.num_groups)
     hi = torch.empty(layout.num_groups)
-    call = Call(**_input(x, plan, DTYPES), **_geometry(plan), lo=lo.data_ptr(),
+    call = Call(**_input(x, access, DTYPES), **_geometry(access), lo=lo.data_ptr(),
                 hi=hi.data_ptr(), threads=_threads(x.numel()))  # fmt: skip
     library.load().tm_minmax(call)
     return lo, hi
@@ -206,13 +207,13 @@ def _quantize(
     seed: int | None,
     stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    plan = _plan(x, layout, bits)
-    out = _codes_out(x, plan, bits)
+    access = _access(x, layout, bits)
+    out = _codes_out(x, access, bits)
     shift, scale = _fp32(shift), _fp32(scale)
     lo = hi = None
     if stats:
         lo, hi = torch.empty(layout.num_groups), torch.empty(layout.num_groups)
-    call = Call(**_input(x, plan, DTYPES), **_geometry(plan), **_noise(bits, seed, out),
+    call = Call(**_input(x, access, DTYPES), **_geometry(access), **_noise(bits, seed, out),
                 shift=shift.data_ptr(), scale_in=scale.data_ptr(), lo=_ptr(lo), hi=_ptr(hi),
                 threads=_threads(x.numel()))  # fmt: skip
     library.load().tm_quantize(call)
@@ -246,10 +247,10 @@ def quantize_running(
     with ``state`` (every group seen) while the same pass measures the batch, and counts
     clipping against ``state``. The shift the codes were written with is ``step.shift``,
     or ``state.shift`` when delayed."""
-    plan = _plan(x, layout, bits)
+    access = _access(x, layout, bits)
     groups = layout.num_groups
-    out = _codes_out(x, plan, bits)
-    shift, rng, seen = _fp32(state.shift), _fp32(state.range), state.seen.contiguous()
+    out = _codes_out(x, access, bits)
+    shift, width, seen = _fp32(state.shift), _fp32(state.range), state.seen.contiguous()
     # the steps and the new estimate outlive the call (in the record, in the estimator),
     # each in its own storage; lo, hi and marked share one
     scale, new_shift, new_range = torch.empty(groups), torch.empty(groups), torch.empty(groups)
@@ -257,8 +258,8 @@ def quantize_running(
     new_seen = torch.empty(groups, dtype=torch.bool)
     info = (ctypes.c_int64 * 2)()
     call = Call(
-        **_input(x, plan, DTYPES), **_geometry(plan), groups=groups, **_noise(bits, seed, out),
-        shift=shift.data_ptr(), range=rng.data_ptr(), seen=seen.data_ptr(), decay=decay,
+        **_input(x, access, DTYPES), **_geometry(access), groups=groups, **_noise(bits, seed, out),
+        shift=shift.data_ptr(), range=width.data_ptr(), seen=seen.data_ptr(), decay=decay,
         scale=scale.data_ptr(), lo=lo.data_ptr(), hi=hi.data_ptr(),
         shift_out=new_shift.data_ptr(), range_out=new_range.data_ptr(),
         seen_out=new_seen.data_ptr(), marked=marked.data_ptr(), info=ctypes.addressof(info),
@@ -290,12 +291,12 @@ def quantize_own_ranges(
     :func:`quantize_codes` writes them, and per group its min, max and step (the step
     NaN where max - min is not finite). Per-token rows that fit a block are read once
     (:func:`rows_per_block`); other layouts are read twice, statistics then codes."""
-    plan = _plan(x, layout, bits)
+    access = _access(x, layout, bits)
     groups = layout.num_groups
-    out = _codes_out(x, plan, bits)
+    out = _codes_out(x, access, bits)
     lo, hi, scale = torch.empty(groups), torch.empty(groups), torch.empty(groups)
     k = rows_per_block(layout, bits)
-    call = Call(**_input(x, plan, DTYPES), **_geometry(plan), groups=groups,
+    call = Call(**_input(x, access, DTYPES), **_geometry(access), groups=groups,
                 channels=layout.channels, rows_per_block=k, **_noise(bits, seed, out),
                 lo=lo.data_ptr(), hi=hi.data_ptr(), scale=scale.data_ptr(),
                 threads=_threads(x.numel()))  # fmt: skip
@@ -304,11 +305,11 @@ def quantize_own_ranges(
     return out, lo, hi, scale
 
 
-def _codes_out(x: torch.Tensor, plan: _Plan, bits: int) -> torch.Tensor:
-    """Room for ``x``'s codes: 8-bit codes in ``x``'s shape with the plan's dense strides,
+def _codes_out(x: torch.Tensor, access: _Access, bits: int) -> torch.Tensor:
+    """Room for ``x``'s codes: 8-bit codes in ``x``'s shape with the access's dense strides,
     narrower ones packed flat."""
     if bits == 8:
-        return torch.empty_strided(x.shape, plan.codes_stride, dtype=torch.uint8)
+        return torch.empty_strided(x.shape, access.codes_stride, dtype=torch.uint8)
     return torch.empty(-(-x.numel() * bits // 8), dtype=torch.uint8)
 
 
@@ -347,10 +348,10 @@ def dequantize_job(
 ) -> DequantizeJob:
     """Prepare :func:`run_dequantize` for these codes (see :func:`dequantize_codes`)."""
     stride = codes.stride() if bits == 8 else _contiguous_stride(shape)
-    plan = _cached_plan(shape, stride, layout, bits != 8)
+    access = _cached_access(shape, stride, layout, bits != 8)
     shift, scale = _fp32(shift), _fp32(scale)
     n = math.prod(shape)
-    call = Call(codes=codes.data_ptr(), bits=bits, n=n, **_geometry(plan),
+    call = Call(codes=codes.data_ptr(), bits=bits, n=n, **_geometry(access),
                 shift=shift.data_ptr(), scale_in=scale.data_ptr(), dtype=DTYPES[dtype],
                 threads=_threads(n))  # fmt: skip
     return DequantizeJob(shape, stride, dtype, call, (shift, scale))
@@ -387,10 +388,10 @@ def supports_mask(x: torch.Tensor) -> bool:
 def pack_nonzero(x: torch.Tensor) -> torch.Tensor:
     """``reference.pack_bits((x != 0).view(torch.uint8), 1)`` in one read of ``x``: one
     bit per element in ``x``'s logical order, first element lowest."""
-    plan = _plan(x, _ONE_GROUP, 1)
+    access = _access(x, _ONE_GROUP, 1)
     n = x.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    call = Call(**_input(x, plan, MASK_DTYPES), codes=out.data_ptr(), threads=_threads(n))
+    call = Call(**_input(x, access, MASK_DTYPES), codes=out.data_ptr(), threads=_threads(n))
     library.load().tm_pack_nonzero(call)
     return out
 
@@ -409,16 +410,16 @@ def unpack_nonzero(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
 
 def two_level_value(x: torch.Tensor) -> float | None:
     """:func:`quant.two_level_value` as a float, in one read that usually stops at once."""
-    plan = _plan(x, _ONE_GROUP, 8)
-    c = library.load().tm_two_level(Call(**_input(x, plan, DTYPES)))
+    access = _access(x, _ONE_GROUP, 8)
+    c = library.load().tm_two_level(Call(**_input(x, access, DTYPES)))
     return None if c < 0 else c
 
 
-def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`reference.scale_of` for a CPU ``rng`` of shape ``(G,)``, bit for bit."""
-    rng = _fp32(rng)
-    scale = torch.empty(rng.shape)
-    call = Call(range=rng.data_ptr(), groups=rng.numel(), bits=bits, scale=scale.data_ptr())
+def scale_of(width: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`reference.scale_of` for a CPU ``width`` of shape ``(G,)``, bit for bit."""
+    width = _fp32(width)
+    scale = torch.empty(width.shape)
+    call = Call(range=width.data_ptr(), groups=width.numel(), bits=bits, scale=scale.data_ptr())
     library.load().tm_scale(call)
     return scale
 
@@ -441,7 +442,7 @@ def ema_step(
 ) -> EmaStep:
     """:func:`reference.ema_step` for CPU tensors of shape ``(G,)``, bit for bit, in one
     call; the counts come back as Python ints (no device to wait for)."""
-    lo, hi, shift, rng = _fp32(lo), _fp32(hi), _fp32(state.shift), _fp32(state.range)
+    lo, hi, shift, width = _fp32(lo), _fp32(hi), _fp32(state.shift), _fp32(state.range)
     seen = state.seen.contiguous()
     groups = lo.numel()
     new_shift, new_range, marked = torch.empty(groups), torch.empty(groups), torch.empty(groups)
@@ -449,7 +450,7 @@ def ema_step(
     used_shift, used_range = (None, None) if used is None else (_fp32(used[0]), _fp32(used[1]))
     count = ctypes.c_int64()
     call = Call(
-        lo=lo.data_ptr(), hi=hi.data_ptr(), shift=shift.data_ptr(), range=rng.data_ptr(),
+        lo=lo.data_ptr(), hi=hi.data_ptr(), shift=shift.data_ptr(), range=width.data_ptr(),
         seen=seen.data_ptr(), groups=groups, decay=decay, used_shift=_ptr(used_shift),
         used_range=_ptr(used_range), shift_out=new_shift.data_ptr(),
         range_out=new_range.data_ptr(), seen_out=new_seen.data_ptr(),
@@ -483,15 +484,15 @@ class CpuBackend(Reference):
         x: torch.Tensor,
         layout: GroupLayout,
         shift: torch.Tensor,
-        rng: torch.Tensor,
+        width: torch.Tensor,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         stats: bool,
     ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
         if not supports(x):
-            return super().quantize(x, layout, shift, rng, bits, rounding, generator, stats)
-        scale = scale_of(rng, bits)
+            return super().quantize(x, layout, shift, width, bits, rounding, generator, stats)
+        scale = scale_of(width, bits)
         seed = kernel_seed(rounding, generator, x.device)
         codes, lo, hi = _quantize(x, layout, shift, scale, bits, seed, stats)
         return _record(codes, shift, scale, layout, x, bits), lo, hi
@@ -501,7 +502,7 @@ class CpuBackend(Reference):
         x: torch.Tensor,
         layout: GroupLayout,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
     ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
         if not supports(x):
@@ -518,7 +519,7 @@ class CpuBackend(Reference):
         decay: float,
         delayed: bool,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         flags: bool,
     ) -> RunningStep:

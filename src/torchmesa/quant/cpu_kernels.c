@@ -653,9 +653,9 @@ static void k_dequantize(const uint8_t *codes, int bits, int64_t n, int64_t mid,
  * ops, on arrays of one value per group. */
 
 /* Step per group (reference.scale_of). */
-static void k_scale(const float *rng, int64_t groups, int bits, float *scale) {
+static void k_scale(const float *width, int64_t groups, int bits, float *scale) {
     float levels = (float)((1 << bits) - 1);
-    for (int64_t g = 0; g < groups; g++) scale[g] = step_of(rng[g], levels);
+    for (int64_t g = 0; g < groups; g++) scale[g] = step_of(width[g], levels);
 }
 
 /* Bit 0: some group's range hi - lo is not finite; bit 1: some group's range overflows

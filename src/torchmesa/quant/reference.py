@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torchmesa.config import Rounding
 from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.records import (
     EmaStep,
@@ -83,11 +84,11 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     return lo, hi
 
 
-def scale_of(rng: torch.Tensor, bits: int) -> torch.Tensor:
+def scale_of(width: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantization step per group: ``range / (2^bits - 1)``, at least fp32's smallest
     normal number; 1 where the range is 0, NaN where it is NaN (see the module docstring)."""
     levels = (1 << bits) - 1
-    return (rng / levels).clamp_min_(FP32_TINY).masked_fill_(rng == 0, 1.0)
+    return (width / levels).clamp_min_(FP32_TINY).masked_fill_(width == 0, 1.0)
 
 
 def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
@@ -120,12 +121,12 @@ def ema_step(
     finite = torch.isfinite(batch_range)
     weight = state.seen.float().mul_(decay)
     shift = torch.where(finite, lo + weight * (state.shift - lo), state.shift)
-    rng = torch.where(finite, batch_range + weight * (state.range - batch_range), state.range)
-    used_shift, used_range = (shift, rng) if used is None else used
+    width = torch.where(finite, batch_range + weight * (state.range - batch_range), state.range)
+    used_shift, used_range = (shift, width) if used is None else used
     outside = (lo < used_shift) | (batch_range + (lo - used_shift) > used_range)
     clipped = (outside & finite).sum()
-    marked = rng.masked_fill(~finite, torch.nan)
-    return EmaStep(shift, rng, state.seen | finite, marked, clipped, None)
+    marked = width.masked_fill(~finite, torch.nan)
+    return EmaStep(shift, width, state.seen | finite, marked, clipped, None)
 
 
 def quantize_codes(
@@ -134,7 +135,7 @@ def quantize_codes(
     shift: torch.Tensor,
     scale: torch.Tensor,
     bits: int,
-    rounding: str = "nearest",
+    rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Codes ``clamp(round((x - shift) * (1 / scale)), 0, 2^bits - 1)`` as uint8, shape of ``x``.
@@ -186,7 +187,7 @@ def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def kernel_seed(
-    rounding: str, generator: torch.Generator | None, device: torch.device
+    rounding: Rounding, generator: torch.Generator | None, device: torch.device
 ) -> int | None:
     """The fused kernels' noise stream for stochastic rounding, seeded from ours: None for
     nearest rounding. (The reference draws ``torch.rand`` from the generator itself.)"""
@@ -214,14 +215,14 @@ class Reference:
         x: torch.Tensor,
         layout: GroupLayout,
         shift: torch.Tensor,
-        rng: torch.Tensor,
+        width: torch.Tensor,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         stats: bool,
     ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
         """Codes under the given ranges, and with ``stats`` the batch's min and max."""
-        scale = scale_of(rng, bits)
+        scale = scale_of(width, bits)
         lo = hi = None
         if stats:
             lo, hi = group_minmax(x, layout)
@@ -236,14 +237,14 @@ class Reference:
         x: torch.Tensor,
         layout: GroupLayout,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
     ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
         """Statistics, then codes with each group's own range (NaN where not finite)."""
         lo, hi = self.group_minmax(x, layout)
-        rng = hi - lo
-        rng = rng.masked_fill_(~torch.isfinite(rng), torch.nan)
-        q = self.quantize(x, layout, lo, rng, bits, rounding, generator, stats=False)[0]
+        width = hi - lo
+        width = width.masked_fill_(~torch.isfinite(width), torch.nan)
+        q = self.quantize(x, layout, lo, width, bits, rounding, generator, stats=False)[0]
         return q, lo, hi
 
     def running_step(
@@ -254,7 +255,7 @@ class Reference:
         decay: float,
         delayed: bool,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         flags: bool,
     ) -> RunningStep:

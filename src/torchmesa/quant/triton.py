@@ -3,7 +3,7 @@ rounding and delayed-scaling statistics) and dequantize, one pass each.
 
 Quantize reads the activation once and writes ``bits / 8`` bytes per element; dequantize
 the reverse (DESIGN.md's floor). Tensors are read contiguous, as a 2-D ``(R, C)`` view
-tiled ``(BR, BC)``, where each element's parameter (see :mod:`torchmesa.quant.params`) is
+tiled ``(BR, BC)``, where each element's parameter (see :mod:`torchmesa.quant.geometry`) is
 constant along one tile axis: the row's (``C = inner``: heads, rows, the whole tensor) or
 the column's (``C = mid``: channel groups). That axis is what the statistics reduce
 along, so one program emits one partial min, max and NaN flag per parameter it touched,
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from torchmesa.config import Rounding
+from torchmesa.quant.geometry import logical_geometry, per_param, to_groups
 from torchmesa.quant.layout import GroupLayout
-from torchmesa.quant.params import logical_geometry, per_param, to_groups
 from torchmesa.quant.records import QuantizedTensor
 from torchmesa.quant.reference import Reference, kernel_seed, scale_of
 
@@ -328,15 +329,15 @@ class TritonBackend(Reference):
         x: torch.Tensor,
         layout: GroupLayout,
         shift: torch.Tensor,
-        rng: torch.Tensor,
+        width: torch.Tensor,
         bits: int,
-        rounding: str,
+        rounding: Rounding,
         generator: torch.Generator | None,
         stats: bool,
     ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
         if not self.serves(x):
-            return super().quantize(x, layout, shift, rng, bits, rounding, generator, stats)
-        scale = scale_of(rng, bits)
+            return super().quantize(x, layout, shift, width, bits, rounding, generator, stats)
+        scale = scale_of(width, bits)
         seed = kernel_seed(rounding, generator, x.device)
         lo = hi = None
         if stats:
