@@ -54,6 +54,14 @@ def _ranges(x, layout, bits, zero_min=False):
     return lo, reference.scale_of(hi - lo, bits)
 
 
+class _TorchArithmetic(cpu.CpuBackend):
+    """The C kernels for statistics and codes, the reference's torch ops for the small
+    per-group arithmetic (span flags, the running estimate)."""
+
+    span_flags = staticmethod(reference.span_flags)
+    ema_step = staticmethod(reference.ema_step)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,granularity", CASES)
 def test_statistics_codes_and_values_are_bitwise_those_of_the_reference(shape, granularity, dtype):
@@ -415,9 +423,10 @@ def test_a_running_step_in_one_call_is_the_step_made_of_parts(
             if fault == "overflow":
                 x[(1,) + (0,) * (x.dim() - 1)] = -3e38  # the same group
         fused = quant.running_step(x, layout, state, 0.9, delayed=delayed, bits=bits)
-        # the same step from its parts (statistics, span flags, estimate, codes), each a call
+        # the same step from its parts: statistics and codes in C, span flags and the
+        # estimate in torch ops
         parts = reference.Reference.running_step(
-            cpu.BACKEND, x, layout, state, 0.9, delayed, bits, "nearest", None, True
+            _TorchArithmetic(), x, layout, state, 0.9, delayed, bits, "nearest", None, True
         )
         assert fused.q.prepared is not None and parts.q.prepared is not None
         assert torch.equal(fused.q.codes, parts.q.codes)
