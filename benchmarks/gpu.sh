@@ -65,12 +65,14 @@ def run(order):
     x = torch.randn(64, 197, 384, device="cuda")
     times = []
     for i in range(8):
+        for p in base.parameters():
+            p.grad = None
         torch.cuda.synchronize(); start = time.perf_counter()
         with torch.autocast("cuda", torch.bfloat16):
             loss = model(x).float().pow(2).mean()
         loss.backward()
         torch.cuda.synchronize(); times.append(time.perf_counter() - start)
-    grads = torch.cat([p.grad.flatten().float() for p in base.parameters()])
+    grads = torch.cat([p.grad.flatten().double() for p in base.parameters()])
     torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", torch.bfloat16):
         loss = model(x).float().pow(2).mean()

@@ -101,3 +101,32 @@ def test_compiled_backward_gets_saved_strides(kind, order):
     assert t.compressed_tensors > 0 and t.held_bytes == 0
     torch.compile(exact)(x).square().mean().backward()
     assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999
+
+
+def _compresses(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a training step of ``model`` stores its activations compressed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo notes the graph break at torchmesa's hooks
+        with torchmesa.track() as t:
+            y = model(x)
+        y.square().mean().backward()
+    return t.stored_bytes < t.exact_bytes
+
+
+@pytest.mark.slow
+def test_compressing_after_a_model_of_the_class_was_compiled_still_compresses():
+    """All compiled modules share Dynamo's cache of compiled frames, unguarded on hooks: a
+    model compressed after an exact one of its class ran compiled would reuse that frame
+    and silently store everything exact. Compressing and decompressing drop the cache."""
+    x = torch.randn(32, 64)
+    exact = torch.compile(mlp())
+    assert not _compresses(exact, x)
+    assert _compresses(compile_in_order(mlp(), "compress-then-compile"), x)
+    assert _compresses(compile_in_order(mlp(), "compile-then-compress"), x)
+    ran_first = torch.compile(mlp())
+    assert not _compresses(ran_first, x)
+    torchmesa.compress(ran_first)
+    assert _compresses(ran_first, x)
+    torchmesa.decompress(ran_first)
+    assert not _compresses(ran_first, x)
+    assert not _compresses(exact, x)

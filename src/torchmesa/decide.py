@@ -46,9 +46,13 @@ NOTE [ Engine rules ]
      saved tensor that is not contiguous (the q/k/v slices of a fused projection, a
      transposed key, a channels-last map) keeps its strides in its record, and a
      compiled backward gets it back with those strides; an eager one gets the dense copy.
+ 11. All ``torch.compile``-d modules share one cache of compiled frames, and Dynamo does
+     not guard on module hooks by default: compressing or decompressing a model drops
+     that cache, so that no model runs a frame compiled without (or with) torchmesa's
+     hooks. Each compiled module then compiles once more on its next call.
 
-Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7 and
-9 are the engine's; rule 8 is the quantizing format's (it needs the ranges); rule 10 is
+Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7, 9
+and 11 are the engine's; rule 8 is the quantizing format's (it needs the ranges); rule 10 is
 every record's (:class:`torchmesa.formats.Record`).
 """
 

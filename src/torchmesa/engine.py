@@ -208,12 +208,14 @@ class Engine:
             self._handles.append(module.register_forward_pre_hook(enter, prepend=True))
             exit_ = _Hook(self, self._exit, path)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
+        _forget_compiled_modules()
 
     def detach(self) -> None:
         """Remove every hook :meth:`attach` added."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _forget_compiled_modules()
 
     def _stack(self) -> list[_Call]:
         """This thread's running call of the tree: empty, or one entry."""
@@ -366,3 +368,22 @@ def _autocast_on() -> bool:
         return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
     except TypeError:  # torch < 2.4 took no device type
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _forget_compiled_modules() -> None:
+    """Make every ``torch.compile``-d module compile again on its next call, because the
+    hooks changed. All compiled modules share one cache of compiled frames (one code
+    object: Dynamo's ``wrap_inline``), and Dynamo does not guard on module hooks by default
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``): a model compressed after another
+    model of its class was compiled would otherwise run that model's compiled frame,
+    without the hooks, and store nothing compressed, silently (and a decompressed one
+    would keep them). The cost is one recompile of each compiled module."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled: nothing to forget
+        return
+    try:
+        from torch._dynamo import convert_frame, external_utils
+        from torch._dynamo.eval_frame import reset_code
+    except ImportError:  # a torch whose Dynamo has moved these
+        return
+    with convert_frame.compile_lock:
+        reset_code(external_utils.wrap_inline(_forget_compiled_modules).__code__)
