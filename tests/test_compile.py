@@ -132,3 +132,20 @@ def test_compressing_after_a_model_of_the_class_was_compiled_still_compresses():
     torchmesa.decompress(ran_first)
     assert not _compresses(ran_first, x)
     assert not _compresses(exact, x)
+
+
+@pytest.mark.slow
+def test_steps_after_the_first_two_compile_nothing():
+    """Dropping Dynamo's cache happens when a model is compressed, never per step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # one model in the process, as in a training script
+    model = torch.compile(torchmesa.compress(mlp()))
+    x = torch.randn(32, 64)
+    for _ in range(2):  # the first step compiles, the second may resume a frame once
+        assert _compresses(model, x)
+    frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        assert _compresses(model, x)
+    assert counters["frames"]["total"] == frames
+    assert counters["stats"]["unique_graphs"] == graphs
