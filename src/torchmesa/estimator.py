@@ -215,7 +215,7 @@ class MovingRanges:
         return _running(t, job, state, delayed=False)
 
 
-class DelayedRanges:
+class DelayedRanges(MovingRanges):
     """``"delayed"``: quantize with the estimate from before the batch, measuring the
     batch in the same pass; until every group was seen finite, as ``"ema"``."""
 
@@ -224,7 +224,7 @@ class DelayedRanges:
     ) -> Estimate:
         state = store.prior(job.site, (job.layout.num_groups,), t.device, staged)
         if state is None:
-            return MovingRanges().quantize(t, job, store, staged)
+            return super().quantize(t, job, store, staged)
         return _running(t, job, state, delayed=True)
 
 

@@ -34,7 +34,7 @@ from torchmesa.config import Rounding
 from torchmesa.quant.geometry import logical_geometry, per_param, to_groups
 from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.records import QuantizedTensor
-from torchmesa.quant.reference import Reference, kernel_seed, scale_of
+from torchmesa.quant.reference import FLOAT_DTYPES, Reference, kernel_seed, scale_of
 
 try:
     import triton
@@ -302,7 +302,7 @@ def dequantize_codes(
     return out
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)  # read, or codes
+_DTYPES = (*FLOAT_DTYPES, torch.uint8)  # what the kernels read, or the codes they wrote
 
 
 class TritonBackend(Reference):
