@@ -553,3 +553,165 @@ def test_time_hooks_adds_pack_and_unpack_seconds_until_stopped():
     before = dict(spent)
     model(torch.randn(32, 64)).sum().backward()
     assert spent == before
+
+
+# -- rule 12: derived tensors ------------------------------------------------------------
+
+
+class _MLPBlock(nn.Module):
+    """LayerNorm -> Linear -> GELU -> dropout -> Linear, with a fused-QKV-style reshape."""
+
+    def __init__(self, d: int = 64, p: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1, self.act, self.drop, self.fc2 = (
+            nn.Linear(d, 4 * d),
+            nn.GELU(),
+            nn.Dropout(p),
+            nn.Linear(4 * d, d),
+        )
+
+    def forward(self, x):
+        h = self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+        return x + h.transpose(0, 1).reshape(x.shape[1], -1).t().reshape(x.shape)
+
+
+def _kept(tracker) -> dict:
+    return {k: v.tensors for k, v in tracker.kept().items()}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_rule12_derived_tensors_store_less_and_train_like_exact(p):
+    torch.manual_seed(0)
+    model = nn.Sequential(_MLPBlock(p=p), _MLPBlock(p=p), nn.Linear(64, 8))
+    run = lambda m: (lambda o: (o, o.square().mean()))(m(torch.randn(6, 40, 64)))  # noqa: E731
+    stored = compare(copy.deepcopy(model), run, Config(derive=False), seed=3)
+    derived = compare(copy.deepcopy(model), run, Config(derive=True), seed=3)
+    assert derived.forward_equal and derived.held_after_backward == 0
+    assert derived.min_cosine >= 0.999, derived.worst_param
+    # the norm and GELU outputs (and a dropout's product) are no longer stored
+    assert derived.stored_bytes < 0.8 * stored.stored_bytes
+
+
+def test_rule12_reports_how_each_tensor_is_kept():
+    model = torchmesa.compress(_MLPBlock(p=0.2), Config(derive=True))
+    t, out = tracked(model, torch.randn(4, 32, 64))
+    kept = _kept(t)
+    assert kept["derived"] == 2 and kept["quantized"] >= 2 and kept["mask"] == 1
+    assert t.kept()["derived"].stored_bytes == 0 and t.kept()["derived"].exact_bytes > 0
+    assert t.by_module["fc1"].kept["derived"].tensors == 1  # the norm's output
+    assert t.by_module["fc2"].kept["derived"].tensors == 1  # GELU output times dropout mask
+    out.sum().backward()
+
+
+def test_rule12_retain_graph_rebuilds_again_and_nothing_outlives_backward(monkeypatch):
+    from torchmesa.formats import ModuleCall
+
+    calls = []
+    rerun = ModuleCall._rerun
+
+    def counted(self):
+        calls.append(self)
+        rerun(self)
+
+    monkeypatch.setattr(ModuleCall, "_rerun", counted)
+    model = torchmesa.compress(_MLPBlock(), Config(derive=True))
+    loss = model(torch.randn(4, 32, 64)).square().sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    runs = len(calls)
+    assert runs == 2  # the norm and the GELU, once each
+    assert all(not c._ready for c in calls)  # the graph is alive; what was rebuilt is not
+    model.zero_grad()
+    loss.backward()
+    assert len(calls) == 2 * runs
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))
+
+
+def test_rule12_double_backward_matches_stored():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.randn(32, 16)
+    grads = []
+    for derive in (False, True):
+        model = torchmesa.compress(copy.deepcopy(base), Config(derive=derive, min_numel=0))
+        inp = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(inp).sum(), inp, create_graph=True)
+        g.square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        assert a is None or F.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.999
+
+
+def test_rule12_a_tensor_changed_in_place_after_its_producer_is_stored():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = nn.LayerNorm(64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            y = self.norm(x)
+            with torch.no_grad():
+                y[:, :8] *= 3  # no new history: only the version tells
+            return self.lin(y)
+
+    torch.manual_seed(0)
+    run = lambda m: (lambda o: (o, o.square().mean()))(m(torch.randn(16, 64)))  # noqa: E731
+    result = compare(Net(), run, Config(derive=True, min_numel=0))
+    assert result.forward_equal and result.min_cosine >= 0.999, result.worst_param
+
+
+def test_rule12_nothing_is_derived_from_an_input_kept_exact_or_not_stored():
+    from torchmesa import Policy, Rule
+
+    model = _MLPBlock()
+    policy = Policy(default=Config(derive=True), rules=[Rule(nn.LayerNorm, None)])
+    t, out = tracked(torchmesa.compress(model, policy), torch.randn(4, 32, 64))
+    assert "derived" not in t.by_module["norm"].kept
+    assert "derived" not in t.by_module["fc1"].kept  # the norm's output: stored
+    assert t.by_module["fc2"].kept["derived"].tensors == 1  # the GELU's: derived
+    out.sum().backward()
+    relu = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)))
+    t, out = tracked(relu, torch.randn(32, 64))  # ReLU saves its output, not its input
+    assert "derived" not in t.kept()
+
+
+class FlakyGELU(nn.Module):
+    """A 'GELU' that saves one tensor more every call: not a function of its input."""
+
+    calls = 0
+
+    def forward(self, x):
+        FlakyGELU.calls += 1
+        for _ in range(FlakyGELU.calls):
+            x = torch.sin(x)  # saves its input: the first one is the module's
+        return x
+
+
+def test_rule12_a_module_that_does_not_run_again_alike_raises_naming_it():
+    model = torchmesa.compress(
+        nn.Sequential(nn.Linear(64, 64), FlakyGELU(), nn.Linear(64, 1)), Config(derive=True)
+    )
+    loss = model(torch.randn(32, 64)).sum()
+    with pytest.raises(RuntimeError, match=r"running 1 \(FlakyGELU\) again.*derive=False"):
+        loss.backward()
+
+
+def test_rule12_keyword_inputs_and_autocast():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = nn.LayerNorm(64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.lin(self.norm(input=x))
+
+    run = lambda m: (lambda o: (o, o.float().square().mean()))(m(torch.randn(32, 64)))  # noqa: E731
+    for dtype in (None, torch.bfloat16):
+        result = compare(Net(), run, Config(derive=True, min_numel=0), autocast=dtype)
+        assert result.forward_equal and result.min_cosine >= 0.999
+    model = torchmesa.compress(Net(), Config(derive=True, min_numel=0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t, out = tracked(model, torch.randn(32, 64))
+    assert t.by_module["lin"].kept["derived"].tensors == 1  # the bf16 copy of the norm output

@@ -114,6 +114,10 @@ class Config:
         check_finite: raise ``FloatingPointError``, naming the module, when an activation
             torchmesa quantizes holds NaN or Inf (one device sync per saved tensor). Off,
             such values reach backward as NaN, as exact training's would.
+        derive: rebuild in backward, instead of storing, what norms and activations save
+            beyond their stored input (and their outputs, which the next layer saves), and
+            layout copies (transpose, reshape, cast) of stored tensors (engine rule 12).
+            ``False`` is Mesa: every saved tensor is stored.
     """
 
     bits: int = 8
@@ -126,6 +130,7 @@ class Config:
     min_numel: int = 1024
     seed: int = 0
     check_finite: bool = False
+    derive: bool = False
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)
@@ -168,6 +173,8 @@ class Config:
         _check_int("seed", self.seed)
         if not isinstance(self.check_finite, bool):
             raise ValueError(f"Config.check_finite must be a bool, got {self.check_finite!r}")
+        if not isinstance(self.derive, bool):
+            raise ValueError(f"Config.derive must be a bool, got {self.derive!r}")
 
     @property
     def levels(self) -> int:

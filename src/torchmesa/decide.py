@@ -50,10 +50,24 @@ NOTE [ Engine rules ]
      not guard on module hooks by default: compressing or decompressing a model drops
      that cache, so that no model runs a frame compiled without (or with) torchmesa's
      hooks. Each compiled module then compiles once more on its next call.
+ 12. Derive, don't store (``Config(derive=True)``, eager forwards). A norm or activation
+     module (:func:`torchmesa.derive.is_derivable`: a deterministic leaf) whose input it
+     saves is the *anchor*: its other saves, and its output where later ops save it,
+     are rebuilt in backward by running its ``forward`` again on the restored input,
+     under the autocast state of the call, once for all of them, and matched by their
+     order (a rerun that saves other tensors raises, naming the module). A layout copy
+     of a stored or derived tensor (view, reshape, transpose, permute, clone, at most one
+     cast), and a product of two (a dropout's input times its stored mask; SwiGLU), is
+     rebuilt from them, found through the saved tensor's autograd history; anything
+     else on the way is stored. A known tensor changed in place (its version moved) is
+     not derived from. What is rebuilt is dropped after its last use and at the end of
+     the backward pass that rebuilt it; a second backward (``retain_graph``) rebuilds it
+     again. Masks and tensors kept exact stay as they are.
 
-Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7, 9
-and 11 are the engine's; rule 8 is the quantizing format's (it needs the ranges); rule 10 is
-every record's (:class:`torchmesa.formats.Record`).
+Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7, 9,
+11 and 12 are the engine's (12 with :mod:`torchmesa.derive`); rule 8 is the quantizing
+format's (it needs the ranges); rule 10 is every record's
+(:class:`torchmesa.formats.Record`).
 """
 
 from __future__ import annotations

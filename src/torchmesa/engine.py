@@ -27,9 +27,11 @@ from torch import nn
 
 from torchmesa import quant
 from torchmesa.config import NORM_CLASS_SUFFIXES, Config
-from torchmesa.decide import Exact, decide, is_activation
+from torchmesa.decide import Exact, Mask, decide, is_activation
+from torchmesa.derive import OUTPUT, Derive, Known, is_derivable, trace
 from torchmesa.estimator import RangeStore, Site
-from torchmesa.formats import FORMATS, Record
+from torchmesa.formats import FORMATS, DerivedRecord, ModuleCall, Record, StoredSource
+from torchmesa.formats.base import in_backward
 from torchmesa.policy import Policy
 from torchmesa.tensors import extent, is_dense, storage_ptr
 from torchmesa.track import Tracker, active_trackers
@@ -37,13 +39,15 @@ from torchmesa.track import Tracker, active_trackers
 
 class _Frame:
     """One running module of the compressed tree: its path, which call of it this is, how
-    many tensors it saved so far, and how it stores them."""
+    many tensors it saved so far, how it stores them, and for a derivable module what it
+    takes to run it again (rule 12)."""
 
-    __slots__ = ("path", "call", "saves", "in_norm", "config")
+    __slots__ = ("path", "call", "saves", "in_norm", "config", "rerun")
 
     def __init__(self, path: str, call: int, in_norm: bool, config: Config | None) -> None:
         self.path, self.call, self.saves = path, call, 0
         self.in_norm, self.config = in_norm, config
+        self.rerun: ModuleCall | None = None
 
 
 class _Forward:
@@ -66,15 +70,43 @@ class _Forward:
         self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
         self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
+        self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
 
-    def push(self, path: str, in_norm: bool, config: Config | None) -> None:
+    def push(self, path: str, in_norm: bool, config: Config | None) -> _Frame:
         index = self.calls.get(path, 0)
         self.calls[path] = index + 1
-        self.frames.append(_Frame(path, index, in_norm, config))
+        frame = _Frame(path, index, in_norm, config)
+        self.frames.append(frame)
+        return frame
 
-    def pop(self, path: str) -> None:
+    def pop(self, path: str) -> _Frame | None:
         if self.frames and self.frames[-1].path == path:
-            self.frames.pop()
+            return self.frames.pop()
+        return None
+
+    def clear(self) -> None:
+        """Forget what only this forward may use (rule 7's table, rule 12's producers)."""
+        self.dedup.clear()
+        self.dense_bases.clear()
+        self.known.clear()
+
+    # -- derived tensors (rule 12) ------------------------------------------------------
+
+    def derivation(self, t: torch.Tensor, frame: _Frame, ordinal: int | None) -> Derive | None:
+        """How ``t`` is rebuilt in backward, or None to store it: a save of a derivable
+        module beyond its stored input, or a layout copy of a known tensor."""
+        rerun = frame.rerun
+        if rerun is not None and rerun.anchor is not None and ordinal is not None:
+            return Derive(rerun.want(ordinal, t))
+        return trace(t, self.known, _probe_saved, StoredSource) if self.known else None
+
+    def add_known(self, t: torch.Tensor, source: Any) -> None:
+        """Record ``t`` as produced by its autograd node (a view's is its own), so that a
+        layout copy or product of it saved later is derived from ``source``."""
+        if t.grad_fn is not None:
+            self.known[(t.grad_fn, t.output_nr)] = Known(
+                weakref.ref(t), t._version, t.numel(), source
+            )
 
     # -- what a storage format may use (formats.Session) --------------------------------
 
@@ -176,11 +208,6 @@ def _foreign_hooks_active() -> bool:
     return hooks is not None and not _owner_is_ours(hooks[0])
 
 
-def _in_backward() -> bool:
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
 class Engine:
     """Compression state of one compressed module tree: hooks, config, estimates."""
 
@@ -204,8 +231,14 @@ class Engine:
         assert root is not None
         for path, module in root.named_modules():
             in_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
-            enter = _Hook(self, self._enter, path, in_norm, self.settings[path])
-            self._handles.append(module.register_forward_pre_hook(enter, prepend=True))
+            config = self.settings[path]
+            if config is not None and config.derive and is_derivable(module):
+                enter = _Hook(self, self._enter_derivable, path, in_norm, config)
+                handle = module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True)
+            else:
+                enter = _Hook(self, self._enter, path, in_norm, config)
+                handle = module.register_forward_pre_hook(enter, prepend=True)
+            self._handles.append(handle)
             exit_ = _Hook(self, self._exit, path)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
         _forget_compiled_modules()
@@ -231,13 +264,35 @@ class Engine:
     def _enter(
         self, path: str, in_norm: bool, config: Config | None, module: nn.Module, args: Any
     ) -> None:
+        self._open(path, in_norm, config, module)  # a pre-hook returning a value sets args
+
+    def _open(
+        self, path: str, in_norm: bool, config: Config | None, module: nn.Module
+    ) -> _Frame | None:
+        """Enter ``module``: its frame, when compression is on for this call."""
         stack = self._stack()
         if not stack:  # the outermost module of the tree to run starts the call (Rule 1)
             stack.append(_Call(self._begin(module)))
         call = stack[-1]
         call.depth += 1
         if call.forward is not None:
-            call.forward.push(path, in_norm, config)
+            return call.forward.push(path, in_norm, config)
+        return None
+
+    def _enter_derivable(
+        self, path: str, in_norm: bool, config: Config, module: nn.Module, args: Any, kwargs: Any
+    ) -> None:
+        """Enter a derivable module (rule 12): note how to run it again on its input."""
+        frame = self._open(path, in_norm, config, module)
+        if frame is None or _compiling():
+            return
+        inputs = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        inputs += [(k, a) for k, a in kwargs.items() if isinstance(a, torch.Tensor)]
+        if len(inputs) == 1 and type(inputs[0][1]) is torch.Tensor:
+            slot, x = inputs[0]
+            frame.rerun = ModuleCall(
+                module, args, kwargs, slot, _dedup_key(x), x.requires_grad, path or "the model"
+            )
 
     def _exit(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
         stack = self._stack()
@@ -245,22 +300,24 @@ class Engine:
             return
         call = stack[-1]
         if call.forward is not None:
-            call.forward.pop(path)
+            frame = call.forward.pop(path)
+            rerun = frame.rerun if frame is not None else None
+            if rerun is not None and rerun.anchor is not None and isinstance(output, torch.Tensor):
+                call.forward.add_known(output, rerun.want(OUTPUT, output))
         call.depth -= 1
         if call.depth == 0:
             stack.pop()
             forward = call.forward
             if forward is not None:
                 forward.hooks.__exit__(None, None, None)
-                forward.dedup.clear()
-                forward.dense_bases.clear()
+                forward.clear()
                 if not _raised(output):
                     self.ranges.commit(forward.staged)
 
     def _begin(self, module: nn.Module) -> _Forward | None:
         """Start a call of the tree at ``module``: activate the hooks, or not (Rules 1, 2)."""
         root = self._root()
-        if root is None or not (module.training and torch.is_grad_enabled()) or _in_backward():
+        if root is None or not (module.training and torch.is_grad_enabled()) or in_backward():
             return None
         if _foreign_hooks_active():
             self.warn_once(
@@ -288,21 +345,27 @@ class Engine:
         forward = self._current()
         if forward is None or not forward.frames:
             return t
+        frame = forward.frames[-1]
+        # a derivable module's saves are matched by their order when it runs again, so
+        # every one is counted, parameters too (rule 12)
+        ordinal = frame.rerun.next_ordinal() if frame.rerun is not None else None
         if not is_activation(t, forward.param_storages, forward.frozen_shapes):
             return t
-        frame = forward.frames[-1]
         site = forward.next_site(frame)
         if frame.config is None:  # a module a rule keeps exact
             stored: Any = t
         else:
             with torch.no_grad():
-                stored = self._store(t, site, frame.config, frame.in_norm, forward)
+                stored = self._store(t, site, frame, ordinal, forward)
         for tracker in active_trackers():
             tracker.record(t, stored, site[0] or self.root_label)
         return stored
 
     @staticmethod
     def _unpack(stored: Any) -> torch.Tensor:
+        if _probing.on:
+            _probing.hit = stored
+            return _PROBED
         return stored.unpack() if isinstance(stored, Record) else stored
 
     def time_hooks(self, spent: dict[str, float] | None) -> None:
@@ -331,20 +394,37 @@ class Engine:
             spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
 
     def _store(
-        self, t: torch.Tensor, site: Site, config: Config, in_norm: bool, forward: _Forward
+        self, t: torch.Tensor, site: Site, frame: _Frame, ordinal: int | None, forward: _Forward
     ) -> Any:
         """What the format for ``t``'s decision packs, or, for a tensor not kept exact, the
-        record of an earlier save of it (rule 7)."""
-        decision = decide(t, config, in_norm)
-        fmt = FORMATS[type(decision)]
-        if type(decision) is Exact:
-            return fmt.pack(t, decision, config, site, forward)
+        record of an earlier save of it (rule 7); a derivable module's input is its anchor,
+        and what can be rebuilt from stored tensors is derived (rule 12)."""
+        config = frame.config
+        assert config is not None
+        decision: Any = decide(t, config, frame.in_norm)
+        rerun = frame.rerun
+        if type(decision) is Exact and decision.unsupported:  # may not even have a shape
+            return FORMATS[Exact].pack(t, decision, config, site, forward)
         key = _dedup_key(t)
-        hit = forward.dedup.get(key)
-        if hit is not None and hit[0]() is not None:
-            return hit[1]
-        stored = fmt.pack(t, decision, config, site, forward)
-        forward.dedup[key] = (weakref.ref(t), stored)
+        anchor = rerun is not None and rerun.anchor is None and key == rerun.input_key
+        if type(decision) is Exact:
+            stored = FORMATS[Exact].pack(t, decision, config, site, forward)
+        else:
+            hit = forward.dedup.get(key)
+            if hit is not None and hit[0]() is not None:
+                stored = hit[1]
+                if isinstance(stored, DerivedRecord):
+                    stored.add_use()
+            else:
+                if config.derive and not anchor and type(decision) is not Mask:
+                    decision = forward.derivation(t, frame, ordinal) or decision
+                stored = FORMATS[type(decision)].pack(t, decision, config, site, forward)
+                forward.dedup[key] = (weakref.ref(t), stored)
+                if config.derive and not isinstance(stored, DerivedRecord):
+                    forward.add_known(t, StoredSource(stored))
+        if anchor and not isinstance(stored, DerivedRecord):
+            assert rerun is not None
+            rerun.anchor = stored
         return stored
 
     def generator(self, device: torch.device, seed: int) -> torch.Generator:
@@ -368,6 +448,37 @@ def _autocast_on() -> bool:
         return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
     except TypeError:  # torch < 2.4 took no device type
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+class _Probing(threading.local):
+    on = False
+    hit: Any = None
+
+
+_probing = _Probing()
+_PROBED = torch.empty(0)
+
+
+def _probe_saved(node: Any, attr: str) -> Any:
+    """What the engine stored for ``node``'s saved tensor ``attr``, without restoring it:
+    reading the attribute calls the unpack hook, which hands the stored object over
+    instead (rule 12's dropout masks). None if it was not stored by the engine."""
+    _probing.on, _probing.hit = True, None
+    try:
+        getattr(node, attr, None)
+    except RuntimeError:  # freed, or not a saved tensor
+        return None
+    finally:
+        _probing.on = False
+    hit, _probing.hit = _probing.hit, None
+    return hit
+
+
+def _compiling() -> bool:
+    """Whether Dynamo is tracing: rule 12 is eager-only (a compiled forward's saves do not
+    reach the module frames it would match them in)."""
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
 
 
 def _forget_compiled_modules() -> None:

@@ -6,8 +6,10 @@ bytes torchmesa stores, its share of the total and the bits its setting uses. Th
 prints as a table, serializes to JSON with the keys below, and plots as a bar chart.
 
 JSON keys: ``model``, ``batch`` (shapes), ``exact_bytes``, ``stored_bytes``, ``ratio``,
-``modules``: a list of ``{module, exact_bytes, stored_bytes, share, bits, tensors}``
-(``bits`` is null for modules kept exact), largest first.
+``modules``: a list of ``{module, exact_bytes, stored_bytes, share, bits, tensors, kept}``
+(``bits`` is null for modules kept exact; ``kept`` maps each way a saved tensor is kept,
+``quantized``, ``derived``, ``mask`` or ``exact``, to ``{tensors, exact_bytes,
+stored_bytes}``), largest first.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from torchmesa.api import compress, decompress, engine_of, is_compressed
 from torchmesa.config import Config
 from torchmesa.extras import pyplot
 from torchmesa.policy import Policy, Rule
-from torchmesa.track import OUTSIDE, track
+from torchmesa.track import KINDS, OUTSIDE, track
 
 JSON_KEYS = ("model", "batch", "exact_bytes", "stored_bytes", "ratio", "modules")
-MODULE_KEYS = ("module", "exact_bytes", "stored_bytes", "share", "bits", "tensors")
+MODULE_KEYS = ("module", "exact_bytes", "stored_bytes", "share", "bits", "tensors", "kept")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class ModuleRow:
     share: float
     bits: int | None
     tensors: int
+    kept: dict[str, dict[str, int]]
+
+    def kept_label(self) -> str:
+        """How its saved tensors are kept, as counts: ``3q 2d 1m 2e``."""
+        return " ".join(f"{self.kept[k]['tensors']}{k[0]}" for k in KINDS if k in self.kept)
 
 
 @dataclass(frozen=True)
@@ -67,13 +74,16 @@ class Report:
         rest = self.modules[len(shown) :]
         label = f"({len(rest)} more modules)"
         width = max([len("module"), len(label) if rest else 0] + [len(r.module) for r in shown])
-        head = f"{'module':<{width}}  {'exact MiB':>10}  {'stored MiB':>10}  {'share':>6}  bits"
+        head = (
+            f"{'module':<{width}}  {'exact MiB':>10}  {'stored MiB':>10}  {'share':>6}  "
+            f"{'bits':>5}  kept (quantized/derived/mask/exact)"
+        )
         lines = [head, "-" * len(head)]
         for r in shown:
             bits = "exact" if r.bits is None else str(r.bits)
             lines.append(
                 f"{r.module:<{width}}  {r.exact_bytes / 2**20:>10.2f}  "
-                f"{r.stored_bytes / 2**20:>10.2f}  {r.share:>6.1%}  {bits}"
+                f"{r.stored_bytes / 2**20:>10.2f}  {r.share:>6.1%}  {bits:>5}  {r.kept_label()}"
             )
         if rest:
             exact, stored = sum(r.exact_bytes for r in rest), sum(r.stored_bytes for r in rest)
@@ -180,6 +190,7 @@ def report(
                 share=entry.exact_bytes / total,
                 bits=config_of.bits if config_of is not None else None,
                 tensors=entry.tensors,
+                kept={k: asdict(v) for k, v in entry.kept.items()},
             )
         )
     rows.sort(key=lambda r: -r.exact_bytes)

@@ -34,13 +34,28 @@ def active_trackers() -> list[Tracker]:
     return getattr(_local, "trackers", [])
 
 
+KINDS = ("quantized", "derived", "mask", "exact")
+"""How a saved tensor is kept: quantized codes, rebuilt in backward (rule 12), a 1-bit
+mask, or the tensor itself."""
+
+
+@dataclass
+class KindBytes:
+    """The saved tensors kept one way: how many, what they hold exact, what is stored."""
+
+    tensors: int = 0
+    exact_bytes: int = 0
+    stored_bytes: int = 0
+
+
 @dataclass
 class ModuleBytes:
-    """Saved bytes attributed to one module path."""
+    """Saved bytes attributed to one module path, in total and by how they are kept."""
 
     exact_bytes: int = 0
     stored_bytes: int = 0
     tensors: int = 0
+    kept: dict[str, KindBytes] = field(default_factory=dict)
 
 
 class _StorageSet:
@@ -97,22 +112,38 @@ class Tracker:
         """Count one saved tensor ``t``, stored as ``stored``: a compressed record, or a
         tensor kept exact (``t`` itself or a compact copy of it)."""
         entry = self.by_module.setdefault(module, ModuleBytes())
+        exact = isinstance(stored, torch.Tensor)
+        kind = entry.kept.setdefault("exact" if exact else stored.kind, KindBytes())
         self.saved_tensors += 1
         entry.tensors += 1
+        kind.tensors += 1
         if self._exact_storages.add(t):
             nbytes = storage_nbytes(t)
             self.exact_bytes += nbytes
             entry.exact_bytes += nbytes
-        if isinstance(stored, torch.Tensor):
+            kind.exact_bytes += nbytes
+        nbytes = 0
+        if exact:
             if self._kept_storages.add(stored):
                 nbytes = storage_nbytes(stored)
-                self.stored_bytes += nbytes
-                entry.stored_bytes += nbytes
         elif id(stored) not in self._handles or self._handles[id(stored)]() is not stored:
             self._handles[id(stored)] = weakref.ref(stored)
             self.compressed_tensors += 1
-            self.stored_bytes += stored.nbytes
-            entry.stored_bytes += stored.nbytes
+            nbytes = stored.nbytes
+        self.stored_bytes += nbytes
+        entry.stored_bytes += nbytes
+        kind.stored_bytes += nbytes
+
+    def kept(self) -> dict[str, KindBytes]:
+        """All modules' saved tensors by how they are kept (:data:`KINDS`)."""
+        total: dict[str, KindBytes] = {}
+        for entry in self.by_module.values():
+            for name, k in entry.kept.items():
+                t = total.setdefault(name, KindBytes())
+                t.tensors += k.tensors
+                t.exact_bytes += k.exact_bytes
+                t.stored_bytes += k.stored_bytes
+        return {name: total[name] for name in KINDS if name in total}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if not is_parameter_like(t, frozenset()):

@@ -26,7 +26,8 @@ def test_convergence_smoke(tmp_path):
     assert "grad cos min/median" in done.stdout
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"digits-vit", "digits-cnn", "stdlib-gpt"}
-    settings = {"exact", "8-bit ema", "8-bit dynamic", "4-bit stochastic", "2-bit stochastic"}
+    settings = {"exact", "8-bit ema", "8-bit dynamic", "8-bit derived"}
+    settings |= {"4-bit stochastic", "2-bit stochastic"}
     for task, r in report["results"].items():
         assert set(r["scores"]) == settings
         assert set(r["gradient_cosine"]) == settings - {"exact"}
@@ -35,6 +36,7 @@ def test_convergence_smoke(tmp_path):
         assert cos["8-bit dynamic"]["median"] > cos["4-bit stochastic"]["median"]
         assert cos["4-bit stochastic"]["median"] > cos["2-bit stochastic"]["median"]
         assert cos["8-bit dynamic"]["min"] > 0.99, (task, cos["8-bit dynamic"])
+        assert cos["8-bit derived"]["min"] > 0.99, (task, cos["8-bit derived"])
         verdict = report["verdicts"][task]
         assert verdict["exact"]["gap_to_exact"] == 0
         assert verdict["8-bit ema"]["target_met"] in (True, False)

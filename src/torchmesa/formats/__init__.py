@@ -4,29 +4,34 @@
 of that decision to the format that keeps it, the way a config type maps to its handler.
 A format's ``pack`` returns the tensor itself (kept exact) or a :class:`Record`, which
 knows how to restore itself. Adding a way to store a tensor is one decision type, one
-format class registered here, and its tests.
+format class registered here, and its tests (derived tensors, rule 12, are the latest).
 """
 
 from __future__ import annotations
 
 from torchmesa.formats.affine import AffineFormat, QuantizedRecord, ViewRecord
 from torchmesa.formats.base import Format, Record, Session
+from torchmesa.formats.derived import DerivedFormat, DerivedRecord, ModuleCall, StoredSource
 from torchmesa.formats.exact import ExactFormat
 from torchmesa.formats.mask import MaskFormat, MaskRecord
 
 __all__ = [
     "FORMATS",
     "AffineFormat",
+    "DerivedFormat",
+    "DerivedRecord",
     "ExactFormat",
     "Format",
     "MaskFormat",
     "MaskRecord",
+    "ModuleCall",
     "QuantizedRecord",
     "Record",
     "Session",
+    "StoredSource",
     "ViewRecord",
 ]
 
 FORMATS: dict[type, Format] = {
-    fmt.decision: fmt for fmt in (ExactFormat(), MaskFormat(), AffineFormat())
+    fmt.decision: fmt for fmt in (ExactFormat(), MaskFormat(), AffineFormat(), DerivedFormat())
 }

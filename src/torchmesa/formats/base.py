@@ -18,6 +18,7 @@ class Record:
     else None; ``nbytes`` is what the record holds."""
 
     __slots__ = ("stride", "__weakref__")
+    kind = "quantized"  # how ``track()`` and ``report()`` name the way it is kept
 
     def __init__(self, stride: tuple[int, ...] | None) -> None:
         self.stride = stride
@@ -69,6 +70,12 @@ class Format(Protocol):
 def saved_stride(t: torch.Tensor) -> tuple[int, ...] | None:
     """``t``'s strides for its record when it is not contiguous, else None (rule 10)."""
     return None if t.is_contiguous() else t.stride()
+
+
+def in_backward() -> bool:
+    """Whether a backward pass is running on this thread (unpack hooks run there)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def in_compiled_backward() -> bool:

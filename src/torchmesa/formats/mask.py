@@ -17,6 +17,7 @@ class MaskRecord(Record):
     """A packed mask, restored losslessly."""
 
     __slots__ = ("packed",)
+    kind = "mask"
 
     def __init__(self, packed: quant.PackedMask, stride: tuple[int, ...] | None) -> None:
         super().__init__(stride)

@@ -1,0 +1,262 @@
+"""Derive, don't store: which saved tensors are cheap functions of tensors stored anyway.
+
+Two kinds of saved tensor are rebuilt in backward instead of stored (engine rule 12):
+
+- the saves a *derivable module* (a norm or an activation: a leaf whose forward is a
+  deterministic function of its one input) makes, beyond its input, and its output when
+  later ops save it: the module is run again on its restored input in backward;
+- a *layout copy* of a tensor that is stored or derived: a view, transpose, permute,
+  reshape, clone or cast of it, found by walking the saved tensor's autograd history
+  (``grad_fn``) through such nodes to the node that produced a known tensor;
+- a *product* of two such tensors (a dropout output: its input times its stored mask;
+  SwiGLU's ``silu(gate) * up``), or a layout copy of one.
+
+This module recognises them; :mod:`torchmesa.formats.derived` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+_DERIVABLE_TYPES: tuple[type, ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+DERIVABLE_SUFFIXES = (
+    "LayerNorm",
+    "RMSNorm",
+    "GELU",
+    "GELUActivation",
+    "GELUTanh",
+    "SiLU",
+    "SiLUActivation",
+    "Swish",
+    "Mish",
+)
+"""Class names of third-party norms and activations treated as derivable (Hugging Face's
+``NewGELUActivation``, ``LlamaRMSNorm``; timm's ``LayerNorm2d``, ``GELUTanh``)."""
+
+OUTPUT = -1
+"""The ordinal that names a derivable module call's output among its saves."""
+
+
+def is_derivable(module: nn.Module) -> bool:
+    """Whether ``module`` computes a deterministic function of its input that is cheap to
+    run again: a known norm or activation, a leaf without buffers (no running state)."""
+    if not isinstance(module, _DERIVABLE_TYPES):
+        if not type(module).__name__.endswith(DERIVABLE_SUFFIXES):
+            return False
+    has_children = next(module.children(), None) is not None
+    has_buffers = next(module.buffers(recurse=False), None) is not None
+    return not has_children and not has_buffers
+
+
+class Source(Protocol):
+    """Something a derived tensor is rebuilt from: ``take()`` gives its values once per
+    use announced with ``add_use()``."""
+
+    def add_use(self) -> None: ...
+
+    def take(self) -> torch.Tensor: ...
+
+
+Step = tuple[Any, ...]
+"""One layout op replayed on the source: ``("transpose", d0, d1)``, ``("permute", dims)``,
+``("t",)``, or ``("view", shape)`` for any op that keeps the row-major order (views,
+reshapes, clones, squeezes: a reshape to the shape it gave)."""
+
+
+@dataclass(frozen=True)
+class Derive:
+    """Rebuild the tensor in backward: ``source``'s values, then ``steps``, then a cast
+    to the saved tensor's dtype and device and a reshape to its shape."""
+
+    source: Source
+    steps: tuple[Step, ...] = ()
+
+
+_ORDER_KEEPING = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "AliasBackward0",
+        "CloneBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "ExpandBackward0",  # only with as many elements as its input: the count is checked
+    }
+)
+_CAST = "ToCopyBackward0"
+MAX_STEPS = 8
+
+
+@dataclass
+class Known:
+    """A tensor the forward stored or will derive, keyed by the autograd node (and output
+    number) that produced it: a later layout copy of it is derived from ``source``."""
+
+    tensor: Any  # weakref.ref to the tensor, checked for in-place changes
+    version: int
+    numel: int
+    source: Source
+
+
+Probe = Callable[[Any, str], Any]
+"""``probe(node, "_saved_other")``: the stored object (record or kept tensor) behind one of
+a node's saved tensors, without restoring it; None when it is not the engine's."""
+
+
+class ProductSource:
+    """The elementwise product of two sources (broadcast as the forward broadcast them),
+    times ``scale`` for a fused dropout (``native_dropout``: input × mask / (1 - p))."""
+
+    __slots__ = ("left", "right", "scale")
+
+    def __init__(self, left: Source, right: Source, scale: float | None = None) -> None:
+        self.left, self.right, self.scale = left, right, scale
+
+    def add_use(self) -> None:
+        self.left.add_use()
+        self.right.add_use()
+
+    def take(self) -> torch.Tensor:
+        product = self.left.take() * self.right.take()
+        return product if self.scale is None else product * self.scale
+
+
+def trace(
+    t: torch.Tensor,
+    known: dict[tuple[Any, int], Known],
+    probe: Probe,
+    stored_source: Callable[[Any], Source],
+) -> Derive | None:
+    """How ``t`` is a layout copy of a known tensor or of a product of two (at most one
+    cast on the way), or None. The walk stops at the first node that is none of these,
+    so anything else is stored, never guessed. A factor without autograd history (a
+    dropout mask) is found through what the product's node saved (``probe``), and
+    ``stored_source`` wraps it."""
+    node, nr = t.grad_fn, t.output_nr
+    steps: list[Step] = []
+    casts = 0
+    for _ in range(MAX_STEPS):
+        if node is None:
+            return None
+        hit = known.get((node, nr))
+        if hit is not None:
+            return _checked(t, hit, steps)
+        name = type(node).__name__
+        if name == "TransposeBackward0":
+            dims = (getattr(node, "_saved_dim0"), getattr(node, "_saved_dim1"))
+            steps.append(("transpose", *map(_signed, dims)))
+        elif name == "PermuteBackward0":
+            steps.append(("permute", tuple(map(_signed, getattr(node, "_saved_dims")))))
+        elif name == "TBackward0":
+            steps.append(("t",))
+        elif name == _CAST:
+            casts += 1
+        elif name in ("MulBackward0", "NativeDropoutBackward0"):
+            product = _product(node, known, probe, stored_source)
+            if product is None or t.numel() != math.prod(_shape(node) or (-1,)):
+                return None
+            return Derive(product, tuple(reversed(steps)))
+        elif name in _ORDER_KEEPING:
+            shape = _shape(node)
+            if shape is None:
+                return None
+            steps.append(("view", shape))
+        else:
+            return None
+        if casts > 1 or not node.next_functions:
+            return None
+        node, nr = node.next_functions[0]
+    return None
+
+
+def _product(
+    node: Any, known: dict[tuple[Any, int], Known], probe: Probe, wrap: Callable[[Any], Source]
+) -> ProductSource | None:
+    """The two factors of a ``MulBackward0`` node (or a fused dropout's input and mask) as
+    sources, or None if one is unknown."""
+    dropout = type(node).__name__ == "NativeDropoutBackward0"
+    saves = ("", "_saved_result1") if dropout else ("_saved_self", "_saved_other")
+    parents = (*node.next_functions, (None, 0)) if dropout else node.next_functions
+    factors: list[Source] = []
+    for (parent, nr), saved in zip(parents, saves):
+        if parent is not None:
+            hit = known.get((parent, nr))
+            if hit is None:
+                return None
+            alive = hit.tensor()
+            if alive is not None and alive._version != hit.version:
+                return None
+            factors.append(hit.source)
+        else:  # no history: the node saved it for the other factor's gradient
+            stored = probe(node, saved)
+            if stored is None:
+                return None
+            factors.append(wrap(stored))
+    if dropout:
+        p = getattr(node, "_saved_p")
+        return ProductSource(factors[0], factors[1], 0.0 if p >= 1 else 1.0 / (1.0 - p))
+    return ProductSource(factors[0], factors[1])
+
+
+def _signed(dim: int) -> int:
+    """A dim as given: autograd reports negative ones as unsigned 64-bit integers."""
+    return dim - (1 << 64) if dim >= 1 << 63 else dim
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of a node's (first) output, from the metadata autograd records for its
+    gradient; None where this torch does not expose it."""
+    meta = getattr(node, "_input_metadata", None)
+    return tuple(meta[0].shape) if meta else None
+
+
+def _checked(t: torch.Tensor, hit: Known, steps: list[Step]) -> Derive | None:
+    """The derivation, unless the known tensor changed in place since it was recorded
+    (while alive; a freed one can no longer change) or the element counts differ."""
+    if hit.numel != t.numel():
+        return None
+    alive = hit.tensor()
+    if alive is not None and alive._version != hit.version:
+        return None
+    return Derive(hit.source, tuple(reversed(steps)))
+
+
+def replay(base: torch.Tensor, steps: tuple[Step, ...], like: tuple) -> torch.Tensor:
+    """``base`` with ``steps`` applied, cast and reshaped to ``like = (shape, dtype,
+    device)``: the saved tensor's values."""
+    shape, dtype, device = like
+    for step in steps:
+        if step[0] == "transpose":
+            base = base.transpose(step[1], step[2])
+        elif step[0] == "permute":
+            base = base.permute(step[1])
+        elif step[0] == "view":
+            base = base.reshape(step[1])
+        else:
+            base = base.t()
+    if base.dtype != dtype or base.device != device:
+        base = base.to(device=device, dtype=dtype)
+    return base.reshape(shape)
