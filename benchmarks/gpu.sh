@@ -36,9 +36,11 @@ step triton-tests 150 env TORCHMESA_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:ca
 # 2. kernel speed: quantize and dequantize against a plain copy, hot and cold
 step kernels 120 "$PY" benchmarks/kernels.py --device cuda --out "$OUT/kernels-cuda.json"
 
-# 3. Mesa's table in shape: DeiT-Ti/S/B at batch 128 under bf16 autocast, exact vs torchmesa
+# 3. Mesa's table in shape: DeiT-Ti/S/B at batch 128 under bf16 autocast, exact vs Mesa's
+#    storage (torchmesa-dynamic) vs the default with derived tensors (torchmesa)
 step mesa-bf16 240 "$PY" benchmarks/bench.py --preset mesa --device cuda --precision bf16 \
-    --configs exact torchmesa-dynamic checkpoint --steps 4 --out "$OUT/bench-cuda-bf16-mesa.json"
+    --configs exact torchmesa-dynamic torchmesa checkpoint --steps 4 \
+    --out "$OUT/bench-cuda-bf16-mesa.json"
 
 # 4. the compiled path on CUDA: fused-QKV attention, both orders of compress and compile
 step compiled 150 "$PY" - "$OUT/compiled-cuda.json" <<'PYTHON'

@@ -80,5 +80,10 @@ def test_fsdp_gathered_parameters_are_never_quantized(runs):
     for activations, FSDP would count (and quantize) more than DDP on the same batch."""
     for ddp, fsdp in zip(runs["ddp"], runs["fsdp"]):
         assert ddp["exact_bytes"] == fsdp["exact_bytes"]
-        assert ddp["stored_bytes"] == fsdp["stored_bytes"]
         assert ddp["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)
+        # FSDP frees the LayerNorm's gathered weights between uses, so the norm is not run
+        # again (rule 12): its output is stored and its input (a GELU output) rebuilt,
+        # where DDP stores the input and rebuilds the output. The same codes (each rank's
+        # 128 rows of 128 channels): only the ranges differ (per token, per channel).
+        for d, f in zip(ddp["stored_bytes"], fsdp["stored_bytes"]):
+            assert abs(f - d) <= 2 * 128 * 8, (d, f)

@@ -1,9 +1,11 @@
 """track(): saved-activation bytes once per storage, parameters excluded, lifetimes."""
 
+import pytest
 import torch
 from torch import nn
 
 import torchmesa
+from torchmesa import Config
 
 
 def test_uncompressed_model_counts_exact_bytes():
@@ -17,11 +19,18 @@ def test_uncompressed_model_counts_exact_bytes():
     assert t.ratio == 1.0
 
 
-def test_fp32_ratio_and_nothing_alive_after_backward():
-    model = torchmesa.compress(nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)))
+@pytest.mark.parametrize("derive", [False, True])
+def test_fp32_ratio_and_nothing_alive_after_backward(derive):
+    model = torchmesa.compress(
+        nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)), Config(derive=derive)
+    )
     with torchmesa.track() as t:
         y = model(torch.randn(512, 256))
-    assert 3.8 < t.ratio <= 4.0
+    if derive:  # the GELU output is rebuilt: 8 bits for 256 + 512 of 1280 channels
+        assert 0.98 * 1280 / 768 * 4 < t.ratio <= 1280 / 768 * 4
+        assert t.kept()["derived"].tensors == 1
+    else:
+        assert 3.8 < t.ratio <= 4.0
     loss = y.square().mean()
     assert t.held_bytes > 0
     loss.backward()
@@ -29,7 +38,9 @@ def test_fp32_ratio_and_nothing_alive_after_backward():
 
 
 def test_bf16_autocast_ratio():
-    model = torchmesa.compress(nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)))
+    model = torchmesa.compress(
+        nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)), Config(derive=False)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16), torchmesa.track() as t:
         model(torch.randn(512, 256))  # at 64 rows, 8 bytes a channel would not be noise
     assert 1.9 < t.ratio <= 2.0

@@ -33,8 +33,8 @@ def compress(model: M, config: Config | Policy | Sequence[Rule] | None = None) -
 
     Args:
         model: any ``nn.Module``: a whole model or one submodule.
-        config: how to store: one ``Config`` for every module (``Config()``, Mesa's
-            defaults: 8 bits, head-wise, EMA 0.9, when omitted); or a list of
+        config: how to store: one ``Config`` for every module (``Config()`` when omitted:
+            8 bits, head-wise, each batch's own ranges, derived tensors rebuilt); or a list of
             :class:`Rule` (first match wins, other modules get ``Config()``); or a
             :class:`Policy` (rules and the setting of modules no rule reaches).
 

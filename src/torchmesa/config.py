@@ -116,8 +116,9 @@ class Config:
             such values reach backward as NaN, as exact training's would.
         derive: rebuild in backward, instead of storing, what norms and activations save
             beyond their stored input (and their outputs, which the next layer saves), and
-            layout copies (transpose, reshape, cast) of stored tensors (engine rule 12).
-            ``False`` is Mesa: every saved tensor is stored.
+            layout copies (transpose, reshape, cast) and products (dropout) of stored
+            tensors (engine rule 12): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
+            (README, "Derived tensors"). ``False`` is Mesa: every saved tensor is stored.
     """
 
     bits: int = 8
@@ -130,7 +131,7 @@ class Config:
     min_numel: int = 1024
     seed: int = 0
     check_finite: bool = False
-    derive: bool = False
+    derive: bool = True
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)

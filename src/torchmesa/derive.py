@@ -55,6 +55,8 @@ DERIVABLE_SUFFIXES = (
 
 OUTPUT = -1
 """The ordinal that names a derivable module call's output among its saves."""
+INPUT = -2
+"""The ordinal that names its input, as the module's run in backward restored it."""
 
 
 def is_derivable(module: nn.Module) -> bool:
@@ -106,6 +108,9 @@ _ORDER_KEEPING = frozenset(
         "ExpandBackward0",  # only with as many elements as its input: the count is checked
     }
 )
+_IDENTITY = frozenset({"RegisterPostBackwardFunctionBackward"})
+"""Autograd functions whose outputs are their inputs (FSDP2's hook on each sharded
+module's inputs): output ``i`` is input ``i``."""
 _CAST = "ToCopyBackward0"
 MAX_STEPS = 8
 
@@ -179,6 +184,11 @@ def trace(
             if product is None or t.numel() != math.prod(_shape(node) or (-1,)):
                 return None
             return Derive(product, tuple(reversed(steps)))
+        elif name in _IDENTITY:
+            if nr >= len(node.next_functions):
+                return None
+            node, nr = node.next_functions[nr]
+            continue
         elif name in _ORDER_KEEPING:
             shape = _shape(node)
             if shape is None:

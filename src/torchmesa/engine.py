@@ -30,7 +30,14 @@ from torchmesa.config import NORM_CLASS_SUFFIXES, Config
 from torchmesa.decide import Exact, Mask, decide, is_activation
 from torchmesa.derive import OUTPUT, Derive, Known, is_derivable, trace
 from torchmesa.estimator import RangeStore, Site
-from torchmesa.formats import FORMATS, DerivedRecord, ModuleCall, Record, StoredSource
+from torchmesa.formats import (
+    FORMATS,
+    AnchorRecord,
+    DerivedRecord,
+    ModuleCall,
+    Record,
+    StoredSource,
+)
 from torchmesa.formats.base import in_backward
 from torchmesa.policy import Policy
 from torchmesa.tensors import extent, is_dense, storage_ptr
@@ -71,6 +78,7 @@ class _Forward:
         self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
+        self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
 
     def push(self, path: str, in_norm: bool, config: Config | None) -> _Frame:
         index = self.calls.get(path, 0)
@@ -233,7 +241,8 @@ class Engine:
             in_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
             config = self.settings[path]
             if config is not None and config.derive and is_derivable(module):
-                enter = _Hook(self, self._enter_derivable, path, in_norm, config)
+                own_params = next(module.parameters(recurse=False), None) is not None
+                enter = _Hook(self, self._enter_derivable, path, in_norm, config, own_params)
                 handle = module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True)
             else:
                 enter = _Hook(self, self._enter, path, in_norm, config)
@@ -256,6 +265,10 @@ class Engine:
         if stack is None:
             stack = self._local.stack = []
         return stack
+
+    def _current_sharded(self) -> bool:
+        forward = self._current()
+        return forward is not None and forward.sharded
 
     def _current(self) -> _Forward | None:
         stack = self._stack()
@@ -280,11 +293,22 @@ class Engine:
         return None
 
     def _enter_derivable(
-        self, path: str, in_norm: bool, config: Config, module: nn.Module, args: Any, kwargs: Any
+        self,
+        path: str,
+        in_norm: bool,
+        config: Config,
+        own_params: bool,
+        module: nn.Module,
+        args: Any,
+        kwargs: Any,
     ) -> None:
-        """Enter a derivable module (rule 12): note how to run it again on its input."""
+        """Enter a derivable module (rule 12): note how to run it again on its input; not
+        one with parameters that a sharding engine frees between uses (a rerun before the
+        module's own backward would find them sharded)."""
         frame = self._open(path, in_norm, config, module)
         if frame is None or _compiling():
+            return
+        if own_params and self._current_sharded():
             return
         inputs = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         inputs += [(k, a) for k, a in kwargs.items() if isinstance(a, torch.Tensor)]
@@ -328,6 +352,7 @@ class Engine:
             )
             return None
         params = {storage_ptr(t) for t in chain(root.parameters(), root.buffers()) if t.numel() > 0}
+        sharded = any(_sharded(p) for p in root.parameters())
         frozen: set[tuple[int, ...]] = set()
         if _autocast_on():
             frozen = {tuple(p.shape) for p in root.parameters() if not p.requires_grad}
@@ -337,7 +362,9 @@ class Engine:
         else:
             hooks = torch.autograd.graph.saved_tensors_hooks(self._timed_pack, self._timed_unpack)
         hooks.__enter__()
-        return _Forward(self, hooks, params, frozen)
+        forward = _Forward(self, hooks, params, frozen)
+        forward.sharded = sharded
+        return forward
 
     # -- pack / unpack -----------------------------------------------------------------
 
@@ -357,8 +384,9 @@ class Engine:
         else:
             with torch.no_grad():
                 stored = self._store(t, site, frame, ordinal, forward)
+        counted = stored.stored if isinstance(stored, AnchorRecord) else stored
         for tracker in active_trackers():
-            tracker.record(t, stored, site[0] or self.root_label)
+            tracker.record(t, counted, site[0] or self.root_label)
         return stored
 
     @staticmethod
@@ -425,6 +453,7 @@ class Engine:
         if anchor and not isinstance(stored, DerivedRecord):
             assert rerun is not None
             rerun.anchor = stored
+            return AnchorRecord(stored, rerun)
         return stored
 
     def generator(self, device: torch.device, seed: int) -> torch.Generator:
@@ -472,6 +501,14 @@ def _probe_saved(node: Any, attr: str) -> Any:
         _probing.on = False
     hit, _probing.hit = _probing.hit, None
     return hit
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    """Whether a parameter is a shard that a distributed engine gathers only around its
+    module's own forward and backward: FSDP2's DTensors, FSDP1's flat parameters,
+    DeepSpeed ZeRO-3's partitioned ones."""
+    name = type(p).__name__
+    return name in ("DTensor", "FlatParameter") or hasattr(p, "ds_id")
 
 
 def _compiling() -> bool:

@@ -101,8 +101,10 @@ def plan(
         budget_bytes: the saved-activation bytes to fit, as ``track()`` counts them.
         loss_fn: maps the model's output to a scalar loss; by default the output itself
             when it is a scalar, or its ``.loss`` (Hugging Face models given labels).
-        base: the settings besides ``bits`` (``Config()`` by default); below 8 bits
-            rounding is stochastic.
+        base: the settings besides ``bits`` (``Config(derive=False)`` by default); below
+            8 bits rounding is stochastic. Every tensor is stored by default because the
+            plan weighs modules one at a time, while a derived tensor (rule 12) couples
+            two (a Linear's input rebuilt from the GELU before it).
 
     Raises:
         ValueError: a bad budget, a compressed model, or a budget below what 2 bits reach.
@@ -112,7 +114,7 @@ def plan(
         raise ValueError(f"plan: budget_bytes must be an int >= 0, got {budget_bytes!r}")
     if is_compressed(model):
         raise ValueError("plan needs an uncompressed model: call torchmesa.decompress first")
-    base = Config() if base is None else base
+    base = Config(derive=False) if base is None else base
     with _preserved(model):
         run = _runner(model, sample_batch, loss_fn)
         exact_bytes, reference = run(Policy(default=None))

@@ -43,9 +43,12 @@ from torchmesa.quant import cpu, cpu_library
 
 CONFIGS = {  # name: (checkpoint each block, compression)
     "exact": (False, None),
-    "torchmesa-ema": (False, torchmesa.Config(estimator="ema")),
-    "torchmesa-dynamic": (False, torchmesa.Config(estimator="dynamic")),
-    "torchmesa-delayed": (False, torchmesa.Config(estimator="delayed")),
+    # Mesa's storage: every saved tensor stored, in 8 bits
+    "torchmesa-ema": (False, torchmesa.Config(estimator="ema", derive=False)),
+    "torchmesa-dynamic": (False, torchmesa.Config(estimator="dynamic", derive=False)),
+    "torchmesa-delayed": (False, torchmesa.Config(estimator="delayed", derive=False)),
+    # the default: dynamic ranges, and derived tensors rebuilt instead of stored (rule 12)
+    "torchmesa": (False, torchmesa.Config()),
     "checkpoint": (True, None),
     "checkpoint+torchmesa": (True, torchmesa.Config()),
 }

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from torchmesa.formats.affine import AffineFormat, QuantizedRecord, ViewRecord
 from torchmesa.formats.base import Format, Record, Session
-from torchmesa.formats.derived import DerivedFormat, DerivedRecord, ModuleCall, StoredSource
+from torchmesa.formats.derived import (
+    AnchorRecord,
+    DerivedFormat,
+    DerivedRecord,
+    ModuleCall,
+    StoredSource,
+)
 from torchmesa.formats.exact import ExactFormat
 from torchmesa.formats.mask import MaskFormat, MaskRecord
 
 __all__ = [
     "FORMATS",
     "AffineFormat",
+    "AnchorRecord",
     "DerivedFormat",
     "DerivedRecord",
     "ExactFormat",

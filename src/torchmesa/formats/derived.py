@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from torchmesa.config import Config
-from torchmesa.derive import OUTPUT, Derive, replay
+from torchmesa.derive import INPUT, OUTPUT, Derive, replay
 from torchmesa.estimator import Site
 from torchmesa.formats.base import Record, Session, in_backward, saved_stride
 
@@ -57,6 +57,7 @@ class ModuleCall:
         self.saves = 0  # every tensor the call saved, parameters included, in order
         self.wanted: dict[int, tuple[torch.Size, torch.dtype]] = {}
         self.uses: dict[int, int] = {}
+        self.input_uses = 0  # the module's own saves of its input (AnchorRecord)
         self._ready: dict[int, torch.Tensor] = {}
         self._left: dict[int, int] = {}
 
@@ -70,6 +71,13 @@ class ModuleCall:
         self.wanted[ordinal] = (t.shape, t.dtype)
         self.uses.setdefault(ordinal, 0)
         return RerunSource(self, ordinal)
+
+    def take_input(self) -> torch.Tensor | None:
+        """The input as the last run restored it, for the module's own backward, which
+        reads it after its output's readers made the run; None if none is at hand."""
+        if INPUT not in self._ready:
+            return None
+        return self.take(INPUT)
 
     def take(self, ordinal: int) -> torch.Tensor:
         """Save ``ordinal``'s rebuilt values, running the module again if they are not at
@@ -124,12 +132,41 @@ class ModuleCall:
                 )
         self._ready = {i: t.detach() for i, t in ready.items()}
         self._left = dict(self.uses)
+        if self.input_uses:
+            self._ready[INPUT], self._left[INPUT] = x.detach(), self.input_uses
         if in_backward():
             torch.autograd.Variable._execution_engine.queue_callback(self._ready.clear)
 
 
 def _never(stored: Any) -> torch.Tensor:
     raise RuntimeError("torchmesa: a module run again to rebuild saved tensors has no backward")
+
+
+class AnchorRecord(Record):
+    """A derivable module's save of its own input: the stored record, restored once for
+    both the module's run in backward and its own backward, which comes after."""
+
+    __slots__ = ("stored", "call")
+
+    def __init__(self, stored: Any, call: ModuleCall) -> None:
+        super().__init__(stored.stride if isinstance(stored, Record) else None)
+        self.stored, self.call = stored, call
+        call.input_uses += 1
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.stored.kind if isinstance(self.stored, Record) else "exact"
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # the stored record's bytes are its own
+
+    def restore(self) -> torch.Tensor:
+        t = self.call.take_input()
+        if t is not None:
+            return t
+        stored = self.stored
+        return stored.unpack() if isinstance(stored, Record) else stored
 
 
 class RerunSource:
