@@ -1,6 +1,7 @@
 """Engine rules (see NOTE [ Engine rules ] in torchmesa/engine.py), one test per rule."""
 
 import copy
+import weakref
 import warnings
 
 import pytest
@@ -716,3 +717,12 @@ def test_rule12_keyword_inputs_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t, out = tracked(model, torch.randn(32, 64))
     assert t.by_module["lin"].kept["derived"].tensors == 1  # the bf16 copy of the norm output
+
+
+def test_rule12_a_rebuilt_module_input_is_not_kept_alive():
+    model = torchmesa.compress(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 1)))
+    hidden = []
+    model[1].register_forward_pre_hook(lambda m, args: hidden.append(weakref.ref(args[0])))
+    loss = model(torch.randn(32, 64)).sum()
+    assert hidden[0]() is None  # the GELU input lives on as its 8-bit copy only
+    loss.backward()

@@ -50,6 +50,9 @@ class ModuleCall:
         requires_grad: bool,
         name: str,
     ) -> None:
+        # the input itself is not kept (that would hold it exact): the anchor restores it
+        args = tuple(None if i == slot else a for i, a in enumerate(args))
+        kwargs = {k: None if k == slot else a for k, a in kwargs.items()}
         self.module, self.args, self.kwargs, self.slot = module, args, kwargs, slot
         self.input_key, self.requires_grad, self.name = input_key, requires_grad, name
         self.autocast = autocast_state()
