@@ -1,8 +1,8 @@
 """Engine rules (see NOTE [ Engine rules ] in torchmesa/engine.py), one test per rule."""
 
 import copy
-import weakref
 import warnings
+import weakref
 
 import pytest
 import torch
