@@ -35,10 +35,9 @@ from torchmesa.formats import (
     AnchorRecord,
     DerivedRecord,
     ModuleCall,
-    Record,
     StoredSource,
 )
-from torchmesa.formats.base import in_backward
+from torchmesa.formats.base import in_backward, restored
 from torchmesa.policy import Policy
 from torchmesa.tensors import extent, is_dense, storage_ptr
 from torchmesa.track import Tracker, active_trackers
@@ -394,7 +393,7 @@ class Engine:
         if _probing.on:
             _probing.hit = stored
             return _PROBED
-        return stored.unpack() if isinstance(stored, Record) else stored
+        return restored(stored)
 
     def time_hooks(self, spent: dict[str, float] | None) -> None:
         """From the next forward on, add each pack and unpack hook's seconds to

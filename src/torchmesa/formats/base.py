@@ -40,6 +40,11 @@ class Record:
         return t
 
 
+def restored(stored: Any) -> torch.Tensor:
+    """What backward gets for what pack returned: a record unpacked, a tensor as it is."""
+    return stored.unpack() if isinstance(stored, Record) else stored
+
+
 class Session(Protocol):
     """What a format may use of the forward pass saving the tensor (the engine's)."""
 

@@ -17,7 +17,7 @@ from torch import nn
 from torchmesa.config import Config
 from torchmesa.derive import INPUT, OUTPUT, Derive, replay
 from torchmesa.estimator import Site
-from torchmesa.formats.base import Record, Session, in_backward, saved_stride
+from torchmesa.formats.base import Record, Session, in_backward, restored, saved_stride
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -96,8 +96,7 @@ class ModuleCall:
         return t.detach()
 
     def _rerun(self) -> None:
-        anchor = self.anchor
-        x = anchor.unpack() if isinstance(anchor, Record) else anchor
+        x = restored(self.anchor)
         x = x.detach().requires_grad_(self.requires_grad)
         args, kwargs = list(self.args), dict(self.kwargs)
         if isinstance(self.slot, int):
@@ -168,8 +167,7 @@ class AnchorRecord(Record):
         t = self.call.take_input()
         if t is not None:
             return t
-        stored = self.stored
-        return stored.unpack() if isinstance(stored, Record) else stored
+        return restored(self.stored)
 
 
 class RerunSource:
@@ -202,8 +200,7 @@ class StoredSource:
             self.stored.add_use()
 
     def take(self) -> torch.Tensor:
-        stored = self.stored
-        return stored.unpack() if isinstance(stored, Record) else stored
+        return restored(self.stored)
 
 
 class DerivedRecord(Record):
