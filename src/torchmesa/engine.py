@@ -430,13 +430,15 @@ class Engine:
         assert config is not None
         decision: Any = decide(t, config, frame.in_norm)
         rerun = frame.rerun
-        if type(decision) is Exact and decision.unsupported:  # may not even have a shape
-            return FORMATS[Exact].pack(t, decision, config, site, forward)
-        key = _dedup_key(t)
-        anchor = rerun is not None and rerun.anchor is None and key == rerun.input_key
+        # the input key of a derivable module still waiting for its anchor, else None
+        wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
         if type(decision) is Exact:
             stored = FORMATS[Exact].pack(t, decision, config, site, forward)
+            # an unsupported tensor (nested, sparse) may not even have a shape to compare
+            anchor = wanted is not None and not decision.unsupported and _dedup_key(t) == wanted
         else:
+            key = _dedup_key(t)
+            anchor = key == wanted
             hit = forward.dedup.get(key)
             if hit is not None and hit[0]() is not None:
                 stored = hit[1]
