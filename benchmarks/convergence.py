@@ -54,6 +54,20 @@ SETTINGS: dict[str, torchmesa.Config | None] = {
     "2-bit stochastic": torchmesa.Config(
         bits=2, rounding="stochastic", estimator="dynamic", derive=False
     ),
+    "4-bit block": torchmesa.Config(bits=4, groups=torchmesa.PerBlock(32)),
+    "4-bit block rotated": torchmesa.Config(
+        bits=4, groups=torchmesa.PerBlock(32), rotation="hadamard"
+    ),
+    "4-bit block e8m0": torchmesa.Config(bits=4, groups=torchmesa.PerBlock(32, "e8m0")),
+    "4-bit block e8m0 rotated": torchmesa.Config(
+        bits=4, groups=torchmesa.PerBlock(32, "e8m0"), rotation="hadamard"
+    ),
+    "3-bit block rotated": torchmesa.Config(
+        bits=3, groups=torchmesa.PerBlock(32), rotation="hadamard"
+    ),
+    "2-bit block rotated": torchmesa.Config(
+        bits=2, groups=torchmesa.PerBlock(32), rotation="hadamard", rounding="stochastic"
+    ),
 }
 # (accuracy points, relative validation loss) a setting may lose against exact training
 TARGETS = {

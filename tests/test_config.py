@@ -2,7 +2,7 @@
 
 import pytest
 
-from torchmesa import Config, PerChannelGroup, PerHead, PerTensor
+from torchmesa import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, PerToken
 
 
 def test_defaults_are_mesa_but_for_the_estimator():
@@ -21,6 +21,10 @@ def test_defaults_are_mesa_but_for_the_estimator():
     "kwargs,field",
     [
         ({"bits": 3}, "bits"),
+        ({"bits": 5}, "bits"),
+        ({"rotation": "random"}, "rotation"),
+        ({"rotation": "hadamard"}, "rotation"),
+        ({"norm_groups": PerBlock(32)}, "norm_groups"),
         ({"bits": 8.0}, "bits"),
         ({"bits": True}, "bits"),
         ({"estimator": "minmax"}, "estimator"),
@@ -45,8 +49,14 @@ def test_invalid_fields_name_themselves(kwargs, field):
 def test_allowed_values_are_listed():
     with pytest.raises(ValueError, match="'ema', 'dynamic'"):
         Config(estimator="running")
-    with pytest.raises(ValueError, match=r"one of \(2, 4, 8\), got 3"):
+    with pytest.raises(ValueError, match=r"one of \(2, 3, 4, 8\), got 5"):
+        Config(bits=5)
+    with pytest.raises(ValueError, match=r"bits=3 is served by block scales only"):
         Config(bits=3)
+    with pytest.raises(ValueError, match=r"rotation=.hadamard. rotates blocks"):
+        Config(rotation="hadamard")
+    with pytest.raises(ValueError, match="'none', 'hadamard'"):
+        Config(groups=PerBlock(32), rotation="random")
     with pytest.raises(ValueError, match="masks .* are always stored in 1 bit"):
         Config(bits=1)
 
@@ -69,3 +79,21 @@ def test_valid_granularities():
     assert PerChannelGroup(num_groups=3).group_size_for(10) == 4
     assert PerChannelGroup(group_size=64).group_size_for(10) == 10
     assert PerChannelGroup(num_groups=100).group_size_for(10) == 1
+
+
+@pytest.mark.parametrize("size", [0, 33, 8, 256, -32, 32.0, True])
+def test_block_sizes_are_powers_of_two_from_16_to_128(size):
+    with pytest.raises(ValueError, match=r"PerBlock\.size .*16, 32, 64, 128"):
+        PerBlock(size)
+
+
+def test_block_scale_formats():
+    with pytest.raises(ValueError, match=r"PerBlock\.scale must be one of \('fp16', 'e8m0'\)"):
+        PerBlock(32, "fp8")
+    assert PerBlock(16, "e8m0").scale_bits == 8 and PerBlock().scale_bits == 16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_block_configs_are_accepted(bits):
+    c = Config(bits=bits, groups=PerBlock(64), rotation="hadamard", norm_groups=PerToken())
+    assert c.groups == PerBlock(64, "fp16")

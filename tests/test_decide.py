@@ -5,7 +5,16 @@ import torch
 from torch import nn
 
 from torchmesa import Config, PerChannelGroup, PerHead, PerTensor, PerToken
-from torchmesa.decide import EXACT, Exact, Mask, Quantize, decide, granularity, is_activation
+from torchmesa.decide import (
+    EXACT,
+    BlockQuantize,
+    Exact,
+    Mask,
+    Quantize,
+    decide,
+    granularity,
+    is_activation,
+)
 from torchmesa.derive import Derive
 from torchmesa.formats import FORMATS
 
@@ -96,5 +105,5 @@ def test_parameters_buffers_and_frozen_autocast_copies_are_not_activations():
 
 
 def test_every_decision_type_has_one_format():
-    assert set(FORMATS) == {Exact, Mask, Quantize, Derive}
+    assert set(FORMATS) == {Exact, Mask, Quantize, BlockQuantize, Derive}
     assert all(fmt.decision is kind for kind, fmt in FORMATS.items())

@@ -6,7 +6,7 @@ rest, running EMA estimates), dequantized when backward needs it.
 """
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
-from torchmesa.config import Config, PerChannelGroup, PerHead, PerTensor, PerToken
+from torchmesa.config import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.planner import Plan, plan
 from torchmesa.policy import ClassNamed, Policy, Rule
 from torchmesa.report import Report, report
@@ -17,6 +17,7 @@ __all__ = [
     "HFCallback",
     "LightningCallback",
     "Config",
+    "PerBlock",
     "PerChannelGroup",
     "PerHead",
     "PerTensor",

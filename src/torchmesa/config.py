@@ -14,9 +14,14 @@ from typing import Literal, get_args
 
 Estimator = Literal["dynamic", "ema", "delayed"]
 Rounding = Literal["nearest", "stochastic"]
+Rotation = Literal["none", "hadamard"]
+BlockScale = Literal["fp16", "e8m0"]
 ESTIMATORS: tuple[Estimator, ...] = ("ema", "dynamic", "delayed")
 ROUNDINGS: tuple[Rounding, ...] = get_args(Rounding)
-SUPPORTED_BITS = (2, 4, 8)
+ROTATIONS: tuple[Rotation, ...] = get_args(Rotation)
+BLOCK_SCALES: tuple[BlockScale, ...] = get_args(BlockScale)
+SUPPORTED_BITS = (2, 3, 4, 8)
+BLOCK_SIZES = (16, 32, 64, 128)  # powers of two: a Hadamard transform needs one
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,41 @@ class PerChannelGroup:
         return -(-channels // min(self.num_groups, channels))
 
 
-Granularity = PerTensor | PerHead | PerChannelGroup | PerToken
+@dataclass(frozen=True)
+class PerBlock:
+    """Blocks of ``size`` consecutive elements along the last dim, each with its own scale:
+    ``(..., C)`` -> ``(prod(...) * ceil(C / size),)``; the last block of a row is smaller
+    when ``size`` does not divide C.
+
+    Block-scaled (microscaling) codes: symmetric around zero, one step per block stored as
+    ``scale="fp16"`` (16 bits, relative to one fp32 step per tensor) or ``"e8m0"`` (a power
+    of two in 8 bits, like MXFP4's). An outlier token stretches one block, not a whole
+    channel. A block of values >= 0 (ReLU outputs, probabilities) uses all ``2**bits``
+    codes from zero up instead, and keeps its zeros exact.
+    """
+
+    size: int = 32
+    scale: BlockScale = "fp16"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise ValueError(f"PerBlock.size must be an int in {BLOCK_SIZES}, got {self.size!r}")
+        if self.size not in BLOCK_SIZES:
+            raise ValueError(
+                f"PerBlock.size must be one of {BLOCK_SIZES} (a power of two, for the "
+                f"Hadamard rotation), got {self.size!r}"
+            )
+        if self.scale not in BLOCK_SCALES:
+            raise ValueError(f"PerBlock.scale must be one of {BLOCK_SCALES}, got {self.scale!r}")
+
+    @property
+    def scale_bits(self) -> int:
+        """Bits a block's step costs: 16 for fp16, 8 for e8m0."""
+        return 16 if self.scale == "fp16" else 8
+
+
+Granularity = PerTensor | PerHead | PerChannelGroup | PerToken | PerBlock
+GRANULARITIES = (PerTensor, PerHead, PerChannelGroup, PerToken, PerBlock)
 NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
 
 
@@ -83,9 +122,10 @@ class Config:
     """How saved activations are stored.
 
     Args:
-        bits: bits per stored value: 8 (Mesa's setting), 4 or 2, packed densely (two
-            4-bit or four 2-bit codes per byte). Below 8 bits, use ``rounding="stochastic"``
-            (see the README's convergence study).
+        bits: bits per stored value: 8 (Mesa's setting), 4, 3 or 2, packed densely (two
+            4-bit, eight 3-bit in three bytes, four 2-bit codes per byte). 3 bits needs
+            ``groups=PerBlock(..)``. Below 8 bits, use block scales (``PerBlock``) or
+            ``rounding="stochastic"`` (see the README's convergence study).
         estimator: ``"dynamic"`` (the default): each batch's own per-group range, so
             nothing is ever clipped. ``"ema"``: Mesa's running range per site and group,
             an exponential moving average of the batch min and range with decay
@@ -101,7 +141,9 @@ class Config:
         ema_decay: the EMA's λ in ``[0, 1)``; Mesa uses 0.9.
         groups: granularity for tensors with fewer than 4 dims ``(..., C)`` and, when
             ``head_wise`` is off, for all of them. The default, one range per channel, costs
-            8 bytes per channel: noise beside ``B·N`` values per channel.
+            8 bytes per channel: noise beside ``B·N`` values per channel. ``PerBlock(n)``
+            applies to every tensor (attention and normalization ones too: a block is finer
+            than a head or a token), with each block's own scale (the estimator is unused).
         head_wise: tensors of 4 or more dims ``(B, H, N, ·)`` get one range per head (per
             channel on ``(B, C, H, W)`` feature maps).
         norm_groups: granularity for tensors saved inside normalization layers (classes
@@ -119,6 +161,10 @@ class Config:
             layout copies (transpose, reshape, cast) and products (dropout) of stored
             tensors (engine rule 12): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
             (README, "Derived tensors"). ``False`` is Mesa: every saved tensor is stored.
+        rotation: ``"hadamard"`` (with ``groups=PerBlock(..)``): each whole block of mixed
+            signs is multiplied by a randomized Hadamard matrix (orthonormal: exact in
+            exact arithmetic) before it is quantized, and by its inverse after, which
+            spreads an outlier over its block. ``"none"`` (the default) quantizes as is.
     """
 
     bits: int = 8
@@ -132,6 +178,7 @@ class Config:
     seed: int = 0
     check_finite: bool = False
     derive: bool = True
+    rotation: Rotation = "none"
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)
@@ -150,19 +197,21 @@ class Config:
             raise ValueError(f"Config.ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"Config.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not isinstance(self.groups, (PerTensor, PerHead, PerChannelGroup, PerToken)):
+        if not isinstance(self.groups, GRANULARITIES):
             raise ValueError(
                 "Config.groups must be PerChannelGroup(num_groups=.. or group_size=..), "
-                f"PerToken() or PerTensor(), got {self.groups!r}"
+                f"PerBlock(size), PerToken() or PerTensor(), got {self.groups!r}"
             )
         if isinstance(self.groups, PerHead):
             raise ValueError(
                 "Config.groups applies to (..., C) tensors; PerHead() is set by head_wise=True"
             )
-        if not isinstance(self.norm_groups, (PerTensor, PerHead, PerChannelGroup, PerToken)):
+        if not isinstance(self.norm_groups, GRANULARITIES) or isinstance(
+            self.norm_groups, PerBlock
+        ):
             raise ValueError(
                 "Config.norm_groups must be PerToken(), PerChannelGroup(..), PerHead() or "
-                f"PerTensor(), got {self.norm_groups!r}"
+                f"PerTensor() (PerBlock goes in Config.groups), got {self.norm_groups!r}"
             )
         if not isinstance(self.head_wise, bool):
             raise ValueError(f"Config.head_wise must be a bool, got {self.head_wise!r}")
@@ -176,6 +225,19 @@ class Config:
             raise ValueError(f"Config.check_finite must be a bool, got {self.check_finite!r}")
         if not isinstance(self.derive, bool):
             raise ValueError(f"Config.derive must be a bool, got {self.derive!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"Config.rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        blocks = isinstance(self.groups, PerBlock)
+        if self.rotation != "none" and not blocks:
+            raise ValueError(
+                f"Config.rotation={self.rotation!r} rotates blocks: it needs "
+                f"groups=PerBlock(..), got groups={self.groups!r}"
+            )
+        if self.bits == 3 and not blocks:
+            raise ValueError(
+                f"Config.bits=3 is served by block scales only: give groups=PerBlock(..), "
+                f"got groups={self.groups!r}"
+            )
 
     @property
     def levels(self) -> int:

@@ -24,7 +24,9 @@ NOTE [ Engine rules ]
      CPU's dropout mask ``{0, 1/(1-p)}``), with that value beside it.
   5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
      module's config: per token inside normalization layers, head-wise when they have 4+
-     dims, channel groups otherwise; per-token ranges are always the batch's own. Others
+     dims, channel groups otherwise; per-token ranges are always the batch's own. With
+     ``groups=PerBlock(n)`` every such tensor is stored in blocks of ``n`` along its last
+     dim, each with its own step (block-scaled codes, optionally rotated). Others
      stay exact: integers, fp64, small ones; sparse, nested, complex, quantized and float8
      tensors and tensor subclasses (warned once per kind). An exact tensor that is a small view
      of a larger storage (the CLS token of a hidden state) is kept as a compact copy,
@@ -77,7 +79,7 @@ from dataclasses import dataclass
 import torch
 
 from torchmesa import quant
-from torchmesa.config import Config, Estimator, Granularity, PerHead, Rounding
+from torchmesa.config import Config, Estimator, Granularity, PerBlock, PerHead, Rounding
 from torchmesa.tensors import is_parameter_like, storage_nbytes
 
 METADATA_BYTES_PER_GROUP = 8  # a group's shift and scale, fp32 each
@@ -116,7 +118,16 @@ class Quantize:
     estimator: Estimator
 
 
-Decision = Exact | Mask | Quantize
+@dataclass(frozen=True)
+class BlockQuantize:
+    """Store block-scaled codes, each block with its own step (``PerBlock``, rule 5)."""
+
+    layout: quant.BlockLayout
+    bits: int
+    rounding: Rounding
+
+
+Decision = Exact | Mask | Quantize | BlockQuantize
 EXACT = Exact()
 
 
@@ -148,16 +159,26 @@ def decide(t: torch.Tensor, config: Config, in_norm: bool) -> Decision:
         return Mask() if storage_nbytes(t) > -(-numel // 8) else EXACT
     if t.dtype not in quant.FLOAT_DTYPES:
         return EXACT
-    layout = quant.GroupLayout.of(t.shape, granularity(t, config, in_norm))
-    packed = numel * config.bits // 8 + METADATA_BYTES_PER_GROUP * layout.num_groups
+    decision: Quantize | BlockQuantize
+    if isinstance(config.groups, PerBlock):
+        blocks = quant.BlockLayout.of(
+            t.shape, config.groups.size, config.groups.scale, config.rotation == "hadamard"
+        )
+        scale_bytes = config.groups.scale_bits // 8
+        packed = -(-numel * config.bits // 8) + scale_bytes * blocks.num_blocks
+        decision = BlockQuantize(blocks, config.bits, config.rounding)
+    else:
+        layout = quant.GroupLayout.of(t.shape, granularity(t, config, in_norm))
+        packed = numel * config.bits // 8 + METADATA_BYTES_PER_GROUP * layout.num_groups
+        estimator = "dynamic" if layout.kind == "per_token" else config.estimator
+        decision = Quantize(layout, config.bits, config.rounding, estimator)
     if storage_nbytes(t) <= packed:
         return EXACT
     if t.grad_fn is None and not t.requires_grad:  # a dropout mask, perhaps
         value = quant.two_level_value(t)
         if value is not None:
             return Mask(value)
-    estimator = "dynamic" if layout.kind == "per_token" else config.estimator
-    return Quantize(layout, config.bits, config.rounding, estimator)
+    return decision
 
 
 def granularity(t: torch.Tensor, config: Config, in_norm: bool) -> Granularity:

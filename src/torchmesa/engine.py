@@ -74,7 +74,9 @@ class _Forward:
         self.frames: list[_Frame] = []
         self.calls: dict[str, int] = {}
         self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
-        self.dense_bases: dict[int, list[tuple[weakref.ref, quant.QuantizedTensor]]] = {}
+        self.dense_bases: dict[
+            int, list[tuple[weakref.ref, quant.QuantizedTensor | quant.BlockCodes]]
+        ] = {}
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
         self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
@@ -139,7 +141,7 @@ class _Forward:
                 return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
         return None
 
-    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor) -> None:
+    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor | quant.BlockCodes) -> None:
         if is_dense(t):
             self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
 

@@ -227,7 +227,9 @@ def test_pack_bits_roundtrip(bits, numel):
 
 def test_pack_bits_rejects_bad_width():
     with pytest.raises(ValueError, match="bits must be"):
-        pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+        pack_bits(torch.zeros(4, dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="bits must be"):
+        unpack_bits(torch.zeros(4, dtype=torch.uint8), 6, 4)
 
 
 def test_mask_roundtrip_is_lossless():

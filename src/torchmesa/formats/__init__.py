@@ -4,13 +4,14 @@
 of that decision to the format that keeps it, the way a config type maps to its handler.
 A format's ``pack`` returns the tensor itself (kept exact) or a :class:`Record`, which
 knows how to restore itself. Adding a way to store a tensor is one decision type, one
-format class registered here, and its tests (derived tensors, rule 12, are the latest).
+format class registered here, and its tests (block-scaled codes are the latest).
 """
 
 from __future__ import annotations
 
 from torchmesa.formats.affine import AffineFormat, QuantizedRecord, ViewRecord
 from torchmesa.formats.base import Format, Record, Session
+from torchmesa.formats.block import BlockFormat
 from torchmesa.formats.derived import (
     AnchorRecord,
     DerivedFormat,
@@ -25,6 +26,7 @@ __all__ = [
     "FORMATS",
     "AffineFormat",
     "AnchorRecord",
+    "BlockFormat",
     "DerivedFormat",
     "DerivedRecord",
     "ExactFormat",
@@ -40,5 +42,6 @@ __all__ = [
 ]
 
 FORMATS: dict[type, Format] = {
-    fmt.decision: fmt for fmt in (ExactFormat(), MaskFormat(), AffineFormat(), DerivedFormat())
+    fmt.decision: fmt
+    for fmt in (ExactFormat(), MaskFormat(), AffineFormat(), BlockFormat(), DerivedFormat())
 }

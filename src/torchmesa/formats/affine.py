@@ -15,11 +15,13 @@ from torchmesa.formats.exact import compact
 
 
 class QuantizedRecord(Record):
-    """Codes with their per-group shift and scale."""
+    """Codes with their per-group shift and scale, or block codes with their steps."""
 
     __slots__ = ("q",)
 
-    def __init__(self, q: quant.QuantizedTensor, stride: tuple[int, ...] | None) -> None:
+    def __init__(
+        self, q: quant.QuantizedTensor | quant.BlockCodes, stride: tuple[int, ...] | None
+    ) -> None:
         super().__init__(stride)
         self.q = q
 
@@ -74,11 +76,7 @@ class AffineFormat:
         )
         est = ESTIMATORS[decision.estimator].quantize(t, job, session.ranges, session.staged)
         if config.check_finite and est.nonfinite:
-            raise FloatingPointError(
-                f"torchmesa: an activation saved in module {session.module_name(site)!r} "
-                f"(shape {tuple(t.shape)}, {t.dtype}) holds NaN or Inf; the forward pass "
-                "produced it (Config.check_finite=True)"
-            )
+            raise nonfinite_error(t, site, session)
         if est.overflows:
             session.warn_once(
                 "overflow",
@@ -90,3 +88,12 @@ class AffineFormat:
             session.ranges.record(site, est.step, session.staged)
         session.add_base(t, est.q)
         return QuantizedRecord(est.q, saved_stride(t))
+
+
+def nonfinite_error(t: torch.Tensor, site: Site, session: Session) -> FloatingPointError:
+    """What ``Config(check_finite=True)`` raises for an activation holding NaN or Inf."""
+    return FloatingPointError(
+        f"torchmesa: an activation saved in module {session.module_name(site)!r} "
+        f"(shape {tuple(t.shape)}, {t.dtype}) holds NaN or Inf; the forward pass "
+        "produced it (Config.check_finite=True)"
+    )

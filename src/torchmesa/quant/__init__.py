@@ -14,9 +14,11 @@ import torch
 from torchmesa.config import Rounding
 from torchmesa.quant import cpu, reference, triton
 from torchmesa.quant.backends import Backend, backend_for
-from torchmesa.quant.layout import GroupLayout
+from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.records import (
     BITS,
+    BLOCK_BITS,
+    BlockCodes,
     EmaStep,
     PackedMask,
     QuantizedTensor,
@@ -28,6 +30,9 @@ from torchmesa.quant.reference import FLOAT_DTYPES, REFERENCE
 
 __all__ = [
     "BITS",
+    "BLOCK_BITS",
+    "BlockCodes",
+    "BlockLayout",
     "FLOAT_DTYPES",
     "REFERENCE",
     "Backend",
@@ -47,6 +52,7 @@ __all__ = [
     "pack_mask",
     "pack_two_level",
     "quantize",
+    "quantize_blocks",
     "quantize_delayed",
     "quantize_dynamic",
     "reference",
@@ -134,8 +140,26 @@ def quantize_dynamic(
     return backend_for(x).quantize_dynamic(x, layout, bits, rounding, generator)
 
 
-def dequantize(q: QuantizedTensor) -> torch.Tensor:
+def quantize_blocks(
+    x: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    bits: int,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[BlockCodes, bool, bool]:
+    """Block-scaled codes of ``x`` (``PerBlock``, see :mod:`torchmesa.quant.blocks`), whether
+    some block held NaN or Inf (it restores to NaN), and whether some finite block's step
+    does not fit its scale format (keep ``x`` exact then). One C call on the CPU."""
+    if bits not in BLOCK_BITS:
+        raise ValueError(f"quantize_blocks: bits must be one of {BLOCK_BITS}, got {bits!r}")
+    return backend_for(x).quantize_blocks(x, layout, bits, rounding, generator)
+
+
+def dequantize(q: QuantizedTensor | BlockCodes) -> torch.Tensor:
     """The stored activation, back in the dtype that was saved."""
+    if isinstance(q, BlockCodes):
+        return backend_for(q.codes).dequantize_blocks(q)
     return backend_for(q.codes).dequantize(q)
 
 

@@ -14,8 +14,15 @@ import torch
 
 from torchmesa.config import Rounding
 from torchmesa.quant import cpu, triton
-from torchmesa.quant.layout import GroupLayout
-from torchmesa.quant.records import EmaStep, PackedMask, QuantizedTensor, RangeState, RunningStep
+from torchmesa.quant.layout import BlockLayout, GroupLayout
+from torchmesa.quant.records import (
+    BlockCodes,
+    EmaStep,
+    PackedMask,
+    QuantizedTensor,
+    RangeState,
+    RunningStep,
+)
 from torchmesa.quant.reference import REFERENCE
 
 
@@ -77,6 +84,17 @@ class Backend(Protocol):
     ) -> RunningStep: ...
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor: ...
+
+    def quantize_blocks(
+        self,
+        x: torch.Tensor,
+        layout: BlockLayout,
+        bits: int,
+        rounding: Rounding,
+        generator: torch.Generator | None,
+    ) -> tuple[BlockCodes, bool, bool]: ...
+
+    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor: ...
 
     def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask: ...
 

@@ -31,10 +31,18 @@ import torch
 
 from torchmesa.config import Rounding
 from torchmesa.quant import cpu_library as library
+from torchmesa.quant.blocks import hadamard_signs
 from torchmesa.quant.cpu_library import Call
 from torchmesa.quant.geometry import geometry
-from torchmesa.quant.layout import GroupLayout
-from torchmesa.quant.records import EmaStep, PackedMask, QuantizedTensor, RangeState, RunningStep
+from torchmesa.quant.layout import BlockLayout, GroupLayout
+from torchmesa.quant.records import (
+    BlockCodes,
+    EmaStep,
+    PackedMask,
+    QuantizedTensor,
+    RangeState,
+    RunningStep,
+)
 from torchmesa.quant.reference import Reference, kernel_seed
 from torchmesa.tensors import is_dense
 
@@ -460,6 +468,43 @@ def ema_step(
     return EmaStep(new_shift, new_range, new_seen, marked, clipped, count.value == groups)
 
 
+def quantize_blocks(
+    x: torch.Tensor, layout: BlockLayout, bits: int, seed: int | None
+) -> tuple[BlockCodes, bool, bool]:
+    """:func:`torchmesa.quant.blocks.quantize_blocks` in one C call (one read of ``x``,
+    through its strides), bit for bit for nearest rounding."""
+    access = _access(x, _ONE_GROUP, 1)  # the logical order, as the reference reads
+    n = x.numel()
+    codes = torch.empty(-(-n // 8) * 3 if bits == 3 else -(-n * bits // 8), dtype=torch.uint8)
+    e8m0 = layout.scale == "e8m0"
+    scales = torch.empty(layout.num_blocks, dtype=torch.uint8 if e8m0 else torch.float16)
+    ref = None if e8m0 else torch.empty(1, dtype=torch.float32)
+    info = torch.zeros(2, dtype=torch.int64)
+    signs = hadamard_signs(layout.block, x.device)
+    call = Call(**_input(x, access, DTYPES), rows=layout.rows, channels=layout.channels,
+                block=layout.block, rotate=layout.rotate, e8m0=e8m0, signs=signs.data_ptr(),
+                **_noise(bits, seed, codes), block_scales=scales.data_ptr(), ref=_ptr(ref),
+                info=info.data_ptr(), threads=_threads(n))  # fmt: skip
+    library.load().tm_quantize_blocks(call)
+    q = BlockCodes(codes, scales, ref, layout, bits, x.dtype, x.shape)
+    return q, bool(info[0]), bool(info[1])
+
+
+def dequantize_blocks(q: BlockCodes) -> torch.Tensor:
+    """:func:`torchmesa.quant.blocks.dequantize_blocks` in one C call, bit for bit."""
+    layout = q.layout
+    out = torch.empty(q.shape, dtype=q.dtype)
+    signs = hadamard_signs(layout.block, out.device)
+    ref = 0.0 if q.ref is None else float(q.ref)
+    call = Call(codes=q.codes.data_ptr(), bits=q.bits, rows=layout.rows,
+                channels=layout.channels, block=layout.block, rotate=layout.rotate,
+                e8m0=layout.scale == "e8m0", signs=signs.data_ptr(),
+                block_scales=q.scales.data_ptr(), ref_in=ref, dtype=DTYPES[q.dtype],
+                out=out.data_ptr(), threads=_threads(out.numel()))  # fmt: skip
+    library.load().tm_dequantize_blocks(call)
+    return out
+
+
 class CpuBackend(Reference):
     """The fused C kernels for CPU tensors; what they do not serve (fp64 is never asked,
     but an empty tensor or more than ``MAX_DIMS`` long dims is) runs in the reference."""
@@ -540,6 +585,23 @@ class CpuBackend(Reference):
         if supports_codes(q.codes, q.bits):
             return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
         return super().dequantize(q)
+
+    def quantize_blocks(
+        self,
+        x: torch.Tensor,
+        layout: BlockLayout,
+        bits: int,
+        rounding: Rounding,
+        generator: torch.Generator | None,
+    ) -> tuple[BlockCodes, bool, bool]:
+        if not supports(x):
+            return super().quantize_blocks(x, layout, bits, rounding, generator)
+        return quantize_blocks(x, layout, bits, kernel_seed(rounding, generator, x.device))
+
+    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor:
+        if q.codes.device.type == "cpu" and q.dtype in DTYPES and q.shape.numel() and available():
+            return dequantize_blocks(q)
+        return super().dequantize_blocks(q)
 
     def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
         if supports_mask(x):

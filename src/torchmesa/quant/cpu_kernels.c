@@ -854,6 +854,298 @@ static void k_unpack_nonzero(const uint8_t *bits, int64_t n, int dtype, float va
     free(table);
 }
 
+
+/* ---- block-scaled codes (PerBlock; quant/blocks.py is the reference) ---------------- */
+
+/* Work units are whole rows, k at a time with k * channels a multiple of 8, so that every
+ * unit's packed codes start on a byte boundary for every width (3 bits: 8 codes in 3
+ * bytes) and threads never share a byte. */
+static int64_t block_unit_rows(int64_t channels) {
+    int64_t k0 = 8;
+    while (k0 > 1 && (k0 / 2) * channels % 8 == 0) k0 /= 2;
+    int64_t k = (BLOCK + channels - 1) / channels;
+    return (k + k0 - 1) / k0 * k0;
+}
+
+/* Pack n codes (n a multiple of 8, or the tensor's tail) of `bits` bits; 3 bits: eight
+ * codes in a 24-bit little-endian word, as reference.pack_bits. */
+static void pack_any(const uint8_t *q, int64_t n, int bits, uint8_t *out) {
+    if (bits == 8) {
+        memcpy(out, q, (size_t)n);
+        return;
+    }
+    if (bits != 3) {
+        pack(q, n, bits, out);
+        return;
+    }
+    for (int64_t j = 0; j < n; j += 8) {
+        uint32_t w = 0;
+        for (int s = 0; s < 8 && j + s < n; s++) w |= (uint32_t)q[j + s] << (3 * s);
+        int64_t b = j / 8 * 3; /* the tail's word is padded with zeros, as the reference */
+        out[b] = (uint8_t)w;
+        out[b + 1] = (uint8_t)(w >> 8);
+        out[b + 2] = (uint8_t)(w >> 16);
+    }
+}
+
+static inline uint8_t unpack_one(const uint8_t *p, int64_t i, int bits) {
+    if (bits == 8) return p[i];
+    if (bits == 3) {
+        int64_t b = i / 8 * 3;
+        uint32_t w = (uint32_t)p[b] | (uint32_t)p[b + 1] << 8 | (uint32_t)p[b + 2] << 16;
+        return (uint8_t)((w >> (3 * (i % 8))) & 7u);
+    }
+    int per = 8 / bits;
+    return (uint8_t)((p[i / per] >> ((i % per) * bits)) & ((1 << bits) - 1));
+}
+
+/* Codes [i0, i0 + n) unpacked into q: whole bytes at a time once i0 is aligned. */
+static void unpack_run(const uint8_t *p, int64_t i0, int64_t n, int bits, uint8_t *q) {
+    if (bits == 8) {
+        memcpy(q, p + i0, (size_t)n);
+        return;
+    }
+    int per = bits == 3 ? 8 : 8 / bits;
+    int64_t k = 0;
+    for (; k < n && (i0 + k) % per; k++) q[k] = unpack_one(p, i0 + k, bits);
+    if (bits == 4) {
+        const uint8_t *b = p + (i0 + k) / 2;
+        for (; k + 2 <= n; k += 2, b++) {
+            q[k] = *b & 15u;
+            q[k + 1] = *b >> 4;
+        }
+    } else if (bits == 2) {
+        const uint8_t *b = p + (i0 + k) / 4;
+        for (; k + 4 <= n; k += 4, b++)
+            for (int s = 0; s < 4; s++) q[k + s] = (*b >> (2 * s)) & 3u;
+    } else {
+        const uint8_t *b = p + (i0 + k) / 8 * 3;
+        for (; k + 8 <= n; k += 8, b += 3) {
+            uint32_t w = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16;
+            for (int s = 0; s < 8; s++) q[k + s] = (uint8_t)((w >> (3 * s)) & 7u);
+        }
+    }
+    for (; k < n; k++) q[k] = unpack_one(p, i0 + k, bits);
+}
+
+/* The butterflies of an unnormalized Walsh-Hadamard transform, in the reference's order;
+ * one copy per block size, so that the compiler unrolls and vectorizes each. */
+#define FWHT_N(N)                                                                          \
+    static inline void fwht_##N(float *restrict v) {                                       \
+        for (int64_t h = 1; h < N; h *= 2)                                                 \
+            for (int64_t i = 0; i < N; i += 2 * h)                                         \
+                for (int64_t j = i; j < i + h; j++) {                                      \
+                    float a = v[j], b = v[j + h];                                          \
+                    v[j] = a + b;                                                          \
+                    v[j + h] = a - b;                                                      \
+                }                                                                          \
+    }
+FWHT_N(16)
+FWHT_N(32)
+FWHT_N(64)
+FWHT_N(128)
+#undef FWHT_N
+
+static inline void fwht(float *v, int64_t size) {
+    switch (size) {
+    case 16: fwht_16(v); break;
+    case 32: fwht_32(v); break;
+    case 64: fwht_64(v); break;
+    default: fwht_128(v); break;
+    }
+}
+
+/* Quantize one block of n values v (n <= size; rotated in place when asked): codes into
+ * q, the fp32 step (e8m0: the power of two) into *step; returns bit 0 unsigned, bit 1
+ * finite, bit 2 overflow, and the e8m0 exponent through *exponent. */
+static inline int encode_block(float *restrict v, int64_t n, int64_t size, int bits, int rotate, int e8m0,
+                        const float *signs, float norm, int stochastic, uint32_t seed,
+                        int64_t i0, uint8_t *restrict q, float *step_out, int *exponent) {
+    float lo = v[0], hi = v[0];
+    int nan = 0;
+    span(v, n, &lo, &hi, &nan);
+    int finite = !nan && isfinite(lo) && isfinite(hi);
+    int unsig = !nan && lo >= 0.0f; /* as torch's min, which a NaN makes NaN */
+    if (rotate && finite && !unsig && n == size) {
+        for (int64_t k = 0; k < n; k++) v[k] = v[k] * signs[k];
+        fwht(v, size);
+        for (int64_t k = 0; k < n; k++) v[k] = v[k] * norm;
+    }
+    float top = (float)((1 << bits) - 1), stop = (float)((1 << (bits - 1)) - 1);
+    float a = hi;
+    if (!unsig) {
+        a = 0.0f;
+#pragma omp simd reduction(max : a)
+        for (int64_t k = 0; k < n; k++) {
+            float t = fabsf(v[k]);
+            a = t > a ? t : a;
+        }
+    }
+    float step = a / (unsig ? top : stop);
+    step = a > 0.0f ? (step < FLT_MIN ? FLT_MIN : step) : 0.0f;
+    int over = finite && !isfinite(step);
+    int k2 = 0;
+    if (e8m0 && step > 0.0f && isfinite(step)) {
+        int e;
+        float m = frexpf(step, &e);
+        k2 = e - (m == 0.5f);
+        over |= finite && k2 > 62;
+        k2 = k2 < -63 ? -63 : (k2 > 62 ? 62 : k2);
+        step = ldexpf(1.0f, k2);
+    }
+    if (!finite || over) step = 0.0f;
+    float inv = step > 0.0f ? 1.0f / step : 0.0f;
+    /* one branch-free loop per case, so that each vectorizes: signed codes are clamped
+     * to [-stop, stop] and offset by stop; unsigned ones to [lift, top] */
+    float lo_c = unsig ? 0.0f : -stop, hi_c = unsig ? top : stop, off = unsig ? 0.0f : stop;
+    float lift0 = unsig ? (lo == 0.0f ? 1.0f : 0.0f) : lo_c; /* the floor where v > 0 */
+    if (!finite) {
+        memset(q, 0, (size_t)n);
+    } else if (stochastic) {
+        for (int64_t k = 0; k < n; k++) {
+            float r = floorf(v[k] * inv + uniform(seed, (uint32_t)(i0 + k)));
+            r = r < lo_c ? lo_c : (r > hi_c ? hi_c : r);
+            float lift = v[k] > 0.0f ? lift0 : lo_c;
+            r = r > lift ? r : lift;
+            q[k] = (uint8_t)(int)(r + off);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t k = 0; k < n; k++) {
+            float r = rintf(v[k] * inv);
+            r = r < lo_c ? lo_c : (r > hi_c ? hi_c : r);
+            float lift = v[k] > 0.0f ? lift0 : lo_c;
+            r = r > lift ? r : lift;
+            q[k] = (uint8_t)(int)(r + off);
+        }
+    }
+    *step_out = step;
+    *exponent = k2;
+    return unsig | finite << 1 | over << 2;
+}
+
+/* Block-scaled codes of x (rows x channels, read in logical order through v): codes
+ * packed into out, one scale per block into scales (e8m0 bytes, or fp16 step / *ref with
+ * the sign bit set on unsigned blocks), info[0] = some block not finite, info[1] = some
+ * finite block's step overflowed its format. */
+static void k_quantize_blocks(const void *x, int dtype, int nd, const int64_t *sz,
+                              const int64_t *st, int64_t rows, int64_t channels, int64_t size,
+                              int bits, int rotate, int e8m0, const float *signs,
+                              int stochastic, uint32_t seed, uint8_t *out, void *scales,
+                              float *ref, int64_t *info, int nthreads) {
+    view_t v = {nd, sz, st};
+    int64_t per_row = (channels + size - 1) / size, nblocks = rows * per_row;
+    int64_t unit = block_unit_rows(channels), units = (rows + unit - 1) / unit;
+    float norm = (float)(1.0 / sqrt((double)size));
+    float *steps = e8m0 ? NULL : malloc((size_t)(nblocks > 0 ? nblocks : 1) * sizeof(float));
+    uint8_t *flags = e8m0 ? NULL : malloc((size_t)(nblocks > 0 ? nblocks : 1));
+    int64_t nonfinite = 0, overflow = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : nonfinite, overflow)
+    {
+        float *buf = malloc((size_t)channels * sizeof(float));
+        uint8_t *q = malloc((size_t)(unit * channels));
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t r0 = u * unit, r1 = r0 + unit < rows ? r0 + unit : rows;
+            for (int64_t r = r0; r < r1; r++) {
+                load_view(x, dtype, v, r * channels, channels, buf);
+                for (int64_t b = 0; b < per_row; b++) {
+                    int64_t c0 = b * size, n = channels - c0 < size ? channels - c0 : size;
+                    int64_t blk = r * per_row + b;
+                    float step;
+                    int k2;
+                    int f = encode_block(buf + c0, n, size, bits, rotate, e8m0, signs, norm,
+                                         stochastic, seed, r * channels + c0,
+                                         q + (r - r0) * channels + c0, &step, &k2);
+                    int unsig = f & 1, finite = (f >> 1) & 1;
+                    nonfinite |= !finite;
+                    overflow |= (f >> 2) & 1;
+                    if (e8m0) {
+                        int e = !finite ? 127 : (step > 0.0f ? k2 + 64 : 0);
+                        ((uint8_t *)scales)[blk] = (uint8_t)(e | unsig << 7);
+                    } else {
+                        steps[blk] = step;
+                        flags[blk] = (uint8_t)f;
+                    }
+                }
+            }
+            int64_t e0 = r0 * channels, e1 = r1 * channels;
+            pack_any(q, e1 - e0, bits, out + e0 * bits / 8);
+        }
+        free(q);
+        free(buf);
+    }
+    if (!e8m0) {
+        float largest = 0.0f;
+        for (int64_t g = 0; g < nblocks; g++) largest = steps[g] > largest ? steps[g] : largest;
+        float r = largest > 0.0f ? largest : 1.0f;
+        *ref = r;
+        _Float16 *h = (_Float16 *)scales;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t g = 0; g < nblocks; g++) {
+            int f = flags[g];
+            if (!((f >> 1) & 1)) {
+                uint16_t nanbits = 0x7e00u;
+                memcpy(h + g, &nanbits, 2);
+            } else {
+                _Float16 ratio = (_Float16)(steps[g] / r);
+                h[g] = (f & 1) ? -ratio : ratio;
+            }
+        }
+        free(steps);
+        free(flags);
+    }
+    info[0] = nonfinite;
+    info[1] = overflow;
+}
+
+/* The inverse: values (rows x channels, contiguous) of dtype into out. */
+static void k_dequantize_blocks(const uint8_t *codes, int bits, int64_t rows, int64_t channels,
+                                int64_t size, int rotate, int e8m0, const float *signs,
+                                const void *scales, float ref, int dtype, void *out,
+                                int nthreads) {
+    int64_t per_row = (channels + size - 1) / size;
+    float norm = (float)(1.0 / sqrt((double)size));
+    float stop = (float)((1 << (bits - 1)) - 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = malloc((size_t)channels * sizeof(float));
+        uint8_t *row = malloc((size_t)channels + 8);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            unpack_run(codes, r * channels, channels, bits, row);
+            for (int64_t b = 0; b < per_row; b++) {
+                int64_t c0 = b * size, n = channels - c0 < size ? channels - c0 : size;
+                int64_t blk = r * per_row + b;
+                float step;
+                int unsig;
+                if (e8m0) {
+                    uint8_t byte = ((const uint8_t *)scales)[blk];
+                    int e = byte & 127;
+                    unsig = byte >> 7;
+                    step = e == 127 ? NAN : (e == 0 ? 0.0f : ldexpf(1.0f, e - 64));
+                } else {
+                    _Float16 hv = ((const _Float16 *)scales)[blk];
+                    float f = (float)hv;
+                    unsig = signbit(f) ? 1 : 0;
+                    step = fabsf(f) * ref;
+                }
+                float shift = unsig ? 0.0f : stop;
+                float *w = buf + c0;
+                const uint8_t *qc = row + c0;
+                for (int64_t k = 0; k < n; k++) w[k] = ((float)qc[k] - shift) * step;
+                if (rotate && !unsig && n == size) {
+                    fwht(w, size);
+                    for (int64_t k = 0; k < n; k++) w[k] = (w[k] * norm) * signs[k];
+                }
+            }
+            store(out, dtype, r * channels, channels, buf);
+        }
+        free(row);
+        free(buf);
+    }
+}
+
 /* ---- the interface: one struct, filled by name ------------------------------------- */
 
 typedef struct {
@@ -879,6 +1171,12 @@ typedef struct {
     /* a restored tensor or mask */
     void *out;
     int64_t threads;
+    /* block-scaled codes: rows x channels in blocks of `block`, their scales and ref */
+    int64_t rows, block, rotate, e8m0;
+    const float *signs;
+    void *block_scales;
+    float *ref;
+    float ref_in;
 } tm_call;
 
 int64_t tm_call_size(void) { return (int64_t)sizeof(tm_call); }
@@ -947,4 +1245,17 @@ void tm_pack_nonzero(const tm_call *c) {
 
 void tm_unpack_nonzero(const tm_call *c) {
     k_unpack_nonzero(c->codes, c->n, (int)c->dtype, c->value, c->out, (int)c->threads);
+}
+
+void tm_quantize_blocks(const tm_call *c) {
+    k_quantize_blocks(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->rows,
+                      c->channels, c->block, (int)c->bits, (int)c->rotate, (int)c->e8m0,
+                      c->signs, (int)c->stochastic, c->seed, c->codes, c->block_scales, c->ref,
+                      c->info, (int)c->threads);
+}
+
+void tm_dequantize_blocks(const tm_call *c) {
+    k_dequantize_blocks(c->codes, (int)c->bits, c->rows, c->channels, c->block, (int)c->rotate,
+                        (int)c->e8m0, c->signs, c->block_scales, c->ref_in, (int)c->dtype,
+                        c->out, (int)c->threads);
 }

@@ -48,6 +48,8 @@ class Call(ctypes.Structure):
         ("lo", _ptr), ("hi", _ptr), ("scale", _ptr), ("shift_out", _ptr), ("range_out", _ptr),
         ("marked", _ptr), ("seen_out", _ptr), ("info", _ptr),
         ("out", _ptr), ("threads", _i64),
+        ("rows", _i64), ("block", _i64), ("rotate", _i64), ("e8m0", _i64), ("signs", _ptr),
+        ("block_scales", _ptr), ("ref", _ptr), ("ref_in", _f32),
     ]  # fmt: skip
 
 
@@ -66,6 +68,8 @@ RETURNS: dict[str, Any] = {
     "tm_two_level": _f32,
     "tm_pack_nonzero": None,
     "tm_unpack_nonzero": None,
+    "tm_quantize_blocks": None,
+    "tm_dequantize_blocks": None,
 }
 
 _lock = threading.Lock()

@@ -71,3 +71,44 @@ class GroupLayout:
                 return values
             return values.repeat_interleave(self.group_size)[: self.channels]
         return values.view((1,) * ndim) if ndim else values.view(())
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one tensor's elements map to scale blocks (``PerBlock``): the tensor read in
+    logical order as ``rows`` rows of ``channels``, each cut into blocks of ``block``
+    elements (the last one of a row smaller when ``block`` does not divide it).
+
+    ``scale`` is how a block's step is stored (``"fp16"`` or ``"e8m0"``); ``rotate``:
+    whole blocks of mixed signs are Hadamard-rotated before quantizing.
+    """
+
+    block: int
+    rows: int
+    channels: int
+    scale: Literal["fp16", "e8m0"]
+    rotate: bool
+
+    @staticmethod
+    def of(
+        shape: torch.Size | tuple[int, ...], size: int, scale: Literal["fp16", "e8m0"], rotate: bool
+    ) -> BlockLayout:
+        """The layout of a tensor of ``shape`` (a 0-dim tensor is one row of one)."""
+        channels = shape[-1] if len(shape) else 1
+        numel = 1
+        for n in shape:
+            numel *= n
+        rows = numel // channels if channels else 0
+        return BlockLayout(size, rows, channels, scale, rotate)
+
+    @property
+    def blocks_per_row(self) -> int:
+        return -(-self.channels // self.block)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.rows * self.blocks_per_row
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.channels

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmesa.quant.layout import GroupLayout
 
 BITS = (2, 4, 8)  # code widths a QuantizedTensor stores; masks use 1 bit (PackedMask)
+BLOCK_BITS = (2, 3, 4, 8)  # code widths a BlockCodes stores
 
 
 class QuantizedTensor:
@@ -66,7 +67,7 @@ class QuantizedView:
 
     def __init__(
         self,
-        base: QuantizedTensor,
+        base: QuantizedTensor | BlockCodes,
         size: torch.Size,
         stride: tuple[int, ...],
         offset: int,
@@ -131,15 +132,60 @@ class RunningStep(NamedTuple):
     overflows: bool | None  # some range overflows fp32 with finite ends; None: not looked at
 
 
+class BlockCodes:
+    """A block-scaled copy of one saved activation (``PerBlock``): codes, one step per block.
+
+    ``codes`` holds one code per element in logical order, packed (:func:`pack_bits`).
+    A signed block's code ``c`` stands for ``(c - Q)·step``, ``Q = 2^(bits-1) - 1``; an
+    unsigned one's (a block of values >= 0) for ``c·step``. ``scales`` holds one entry per
+    block: fp16 ``step / ref`` with the sign bit set for unsigned blocks (``ref`` an fp32
+    step per tensor), or one byte ``unsigned << 7 | e`` with step ``2^(e - 64)`` (e8m0;
+    ``e = 0``: step 0, ``e = 127``: NaN). NaN steps mark blocks that held NaN or Inf.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        ref: torch.Tensor | None,
+        layout: Any,
+        bits: int,
+        dtype: torch.dtype,
+        shape: torch.Size,
+    ) -> None:
+        self.codes, self.scales, self.ref = codes, scales, ref
+        self.layout, self.bits, self.dtype, self._shape = layout, bits, dtype, shape
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, block scales and the tensor's reference step."""
+        held = [self.codes, self.scales] + ([] if self.ref is None else [self.ref])
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 ``codes`` (each < 2^bits) densely, ``8 // bits`` per byte, flat.
+    """Pack uint8 ``codes`` (each < 2^bits) densely, flat: ``8 // bits`` per byte, or for
+    3 bits eight codes in three bytes (a 24-bit little-endian word).
 
     The first value sits in the lowest bits; the tail is padded with zeros.
     """
     if bits == 8:
         return codes.reshape(-1).clone()
+    if bits == 3:
+        flat = codes.reshape(-1)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        word = torch.zeros(flat.numel() // 8, dtype=torch.int32, device=flat.device)
+        for i, lane in enumerate(flat.view(-1, 8).int().unbind(1)):
+            word |= lane << (3 * i)
+        return torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], 1).to(torch.uint8).view(-1)
     if bits not in (1, 2, 4):
-        raise ValueError(f"pack_bits: bits must be 1, 2, 4 or 8, got {bits}")
+        raise ValueError(f"pack_bits: bits must be 1, 2, 3, 4 or 8, got {bits}")
     per = 8 // bits
     flat = codes.reshape(-1)
     pad = (-flat.numel()) % per
@@ -156,8 +202,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``numel`` codes, flat uint8."""
     if bits == 8:
         return packed[:numel]
+    if bits == 3:
+        b = packed.view(-1, 3).int()
+        word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
+        return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(-1)[:numel]
     if bits not in (1, 2, 4):
-        raise ValueError(f"unpack_bits: bits must be 1, 2, 4 or 8, got {bits}")
+        raise ValueError(f"unpack_bits: bits must be 1, 2, 3, 4 or 8, got {bits}")
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
     out = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return out.reshape(-1)[:numel]

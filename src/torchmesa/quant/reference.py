@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from torchmesa.config import Rounding
-from torchmesa.quant.layout import GroupLayout
+from torchmesa.quant import blocks
+from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.records import (
+    BlockCodes,
     EmaStep,
     PackedMask,
     QuantizedTensor,
@@ -280,6 +282,20 @@ class Reference:
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         return dequantize_codes(q.unpacked_codes(), q.layout, q.shift, q.scale, q.dtype)
+
+    def quantize_blocks(
+        self,
+        x: torch.Tensor,
+        layout: BlockLayout,
+        bits: int,
+        rounding: Rounding,
+        generator: torch.Generator | None,
+    ) -> tuple[BlockCodes, bool, bool]:
+        """Block-scaled codes, whether a block held NaN/Inf, whether a step overflowed."""
+        return blocks.quantize_blocks(x, layout, bits, rounding, generator)
+
+    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor:
+        return blocks.dequantize_blocks(q)
 
     def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
         """A bool ``x`` (``value`` None), or ``x != 0`` for zeros and ``value``, in 1 bit."""

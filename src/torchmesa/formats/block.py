@@ -1,0 +1,58 @@
+"""Block-scaled codes: each block of ``PerBlock(n)`` elements with its own step (rules 5, 7, 8).
+
+Microscaling in place of Mesa's per-channel ranges: an outlier token stretches one block,
+not a whole channel, which is what lets 4 bits hold (README, "Convergence"). The codes'
+arithmetic is :mod:`torchmesa.quant.blocks`; blocks need no running estimate. The record
+is the affine format's :class:`~torchmesa.formats.QuantizedRecord` (``quant.dequantize``
+restores either kind of codes).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from torchmesa import quant
+from torchmesa.config import Config
+from torchmesa.decide import BlockQuantize
+from torchmesa.estimator import Site
+from torchmesa.formats.affine import QuantizedRecord, ViewRecord, nonfinite_error
+from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.exact import compact
+
+
+class BlockFormat:
+    """Quantizes a :class:`~torchmesa.decide.BlockQuantize` decision; a view of an earlier
+    quantized tensor costs nothing (rule 7)."""
+
+    decision: ClassVar[type] = BlockQuantize
+
+    def pack(
+        self,
+        t: torch.Tensor,
+        decision: BlockQuantize,
+        config: Config,
+        site: Site,
+        session: Session,
+    ) -> torch.Tensor | Record:
+        view = session.covering_base(t)
+        if view is not None:
+            return ViewRecord(view, saved_stride(t))
+        stochastic = decision.rounding == "stochastic"
+        generator = session.generator(t.device, config.seed) if stochastic else None
+        q, nonfinite, overflows = quant.quantize_blocks(
+            t, decision.layout, bits=decision.bits, rounding=decision.rounding, generator=generator
+        )
+        if config.check_finite and nonfinite:
+            raise nonfinite_error(t, site, session)
+        if overflows:
+            session.warn_once(
+                "block-overflow",
+                "torchmesa: a saved activation holds values whose block step its scale "
+                f"format ({decision.layout.scale}) cannot hold; it is kept exact (engine "
+                "rule 8).",
+            )
+            return compact(t)
+        session.add_base(t, q)
+        return QuantizedRecord(q, saved_stride(t))
