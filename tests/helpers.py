@@ -21,6 +21,20 @@ def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(s.square().sum() / n.square().sum().clamp_min(1e-300)))
 
 
+def block_input(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian rows with an outlier channel, then (as rows allow) a row of values >= 0, a
+    ReLU row (exact zeros) and a row holding one NaN: what block kernels must agree on."""
+    x = torch.randn(shape) * 3
+    x[..., 0] *= 20
+    flat = x.view(-1, shape[-1])
+    if flat.shape[0] > 2:
+        flat[1] = flat[1].abs()
+        flat[2] = torch.relu(flat[2])
+    if flat.shape[0] > 3:
+        flat[3, 0] = float("nan")
+    return x.to(dtype)
+
+
 # A gradient this small against the model's whole gradient is zero in exact arithmetic
 # (key biases under softmax, conv biases before BatchNorm): its direction is rounding noise,
 # so cosine is undefined there. For those we check that nothing real was invented instead.

@@ -95,14 +95,13 @@ def e8m0_exponent(step: torch.Tensor) -> torch.Tensor:
 
 class _Encoded(NamedTuple):
     """Blocks ``(N, n)`` encoded: codes ``(N, n)`` uint8, and per block its step (fp32;
-    e8m0: the power of two), whether it is unsigned, whether it is finite, its e8m0
-    exponent; and whether some finite block's step overflowed its format."""
+    e8m0: the power of two), whether it is unsigned, whether it is finite; and whether
+    some finite block's step overflowed its format."""
 
     codes: torch.Tensor
     step: torch.Tensor
     unsigned: torch.Tensor
     finite: torch.Tensor
-    exponent: torch.Tensor
     overflow: bool
 
 
@@ -126,7 +125,6 @@ def _encode(
     step = a / torch.where(unsigned, float(top), float(signed_top))
     step = torch.where(a > 0, step.clamp_min(FP32_TINY), 0.0)
     overflow = finite & ~torch.isfinite(step)
-    exponent = torch.zeros_like(step, dtype=torch.int32)
     if e8m0:
         exponent = e8m0_exponent(step)
         overflow |= finite & (step > 0) & (exponent > E8M0_MAX)
@@ -145,7 +143,7 @@ def _encode(
     codes_s = r.clamp(-signed_top, signed_top) + signed_top
     codes = torch.where(unsigned.unsqueeze(1), codes_u, codes_s)
     codes = torch.where(finite.unsqueeze(1), codes, 0.0).to(torch.uint8)  # NaN has no code
-    return _Encoded(codes, step, unsigned, finite, exponent, bool(overflow.any()))
+    return _Encoded(codes, step, unsigned, finite, bool(overflow.any()))
 
 
 def quantize_blocks(
@@ -174,23 +172,27 @@ def quantize_blocks(
         return torch.cat([getattr(p, field).reshape(rows, n) for p, n in parts], 1).reshape(-1)
 
     step, unsigned, finite = per_block("step"), per_block("unsigned"), per_block("finite")
-    exponent = per_block("exponent")
     overflow = any(p.overflow for p, _ in parts)
     nonfinite = not bool(finite.all())
-    ref = None
-    if e8m0:
-        e = torch.where(step > 0, exponent + 64, E8M0_ZERO)
-        e = torch.where(finite, e, E8M0_NAN)
-        scales = (e | (unsigned.int() << 7)).to(torch.uint8)
-    else:
-        largest = step.max() if step.numel() else step.new_zeros(())
-        ref = torch.where(largest > 0, largest, 1.0).reshape(1)
-        ratio = (step / ref).half()
-        ratio = torch.where(finite, ratio, torch.nan)
-        scales = torch.where(unsigned & finite, -ratio, ratio)
+    scales, ref = stored_scales(step, unsigned, finite, e8m0)
     packed = pack_bits(codes, bits)
     q = BlockCodes(packed, scales, ref, layout, bits, x.dtype, x.shape)
     return q, nonfinite, overflow
+
+
+def stored_scales(
+    step: torch.Tensor, unsigned: torch.Tensor, finite: torch.Tensor, e8m0: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-block steps (fp32; e8m0: powers of two) as stored: the scales and, for fp16,
+    the tensor's reference step (see the module docstring)."""
+    if e8m0:
+        e = torch.where(step > 0, e8m0_exponent(step) + 64, E8M0_ZERO)
+        e = torch.where(finite, e, E8M0_NAN)
+        return (e | (unsigned.int() << 7)).to(torch.uint8), None
+    largest = step.max() if step.numel() else step.new_zeros(())
+    ref = torch.where(largest > 0, largest, 1.0).reshape(1)
+    ratio = torch.where(finite, (step / ref).half(), torch.nan)
+    return torch.where(unsigned & finite, -ratio, ratio), ref
 
 
 def block_steps(q: BlockCodes) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 
 from torchmesa.config import Rounding
+from torchmesa.quant import blocks
 from torchmesa.quant.geometry import logical_geometry, per_param, to_groups
-from torchmesa.quant.layout import GroupLayout
-from torchmesa.quant.records import QuantizedTensor
+from torchmesa.quant.layout import BlockLayout, GroupLayout
+from torchmesa.quant.records import BlockCodes, QuantizedTensor
 from torchmesa.quant.reference import FLOAT_DTYPES, Reference, kernel_seed, scale_of
 
 try:
@@ -160,6 +161,127 @@ if AVAILABLE:
         scale = tl.load(scale_ptr + par, mask=mask, other=1.0)
         out = c.to(tl.float32) * scale + shift
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fwht(v, NBLK: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
+        """The reference's butterflies on each row of ``v`` ``(NBLK, B)``: stage ``h``
+        pairs ``(i, i + h)`` in each run of ``2h``, in the same order (bitwise)."""
+        for s in tl.static_range(LOG2B):
+            h: tl.constexpr = 1 << s
+            w = tl.permute(tl.reshape(v, (NBLK, B // (2 * h), 2, h)), (0, 1, 3, 2))
+            a, b = tl.split(w)
+            w = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+            v = tl.reshape(w, (NBLK, B))
+        return v
+
+    @triton.jit
+    def _block_tile(nblocks, C, per_row, B: tl.constexpr, NBLK: tl.constexpr,
+                    WIDE: tl.constexpr):  # fmt: skip
+        """This program's NBLK blocks (ids ``g``, in range ``g_ok``, index ``b`` within
+        their row), lanes, which lanes hold an element, and its flat index."""
+        g = tl.program_id(0) * NBLK + tl.arange(0, NBLK)
+        if WIDE:
+            g = g.to(tl.int64)
+        g_ok = g < nblocks
+        row, b = g // per_row, g % per_row
+        lane = tl.arange(0, B)
+        col = b[:, None] * B + lane[None, :]
+        valid = g_ok[:, None] & (col < C)
+        return g, g_ok, b, lane, valid, row[:, None] * C + col
+
+    @triton.jit
+    def _round_half_even(z):
+        r = tl.floor(z + 0.5)
+        odd_tie = ((r - z) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
+        return tl.where(odd_tie, r - 1.0, r)
+
+    @triton.jit
+    def _quantize_blocks_kernel(
+        x_ptr, codes_ptr, step_ptr, flag_ptr, signs_ptr, nblocks, C, per_row, norm, seed_bits,
+        B: tl.constexpr, LOG2B: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr,
+        ROTATE: tl.constexpr, E8M0: tl.constexpr, STOCHASTIC: tl.constexpr,
+        WIDE: tl.constexpr,
+    ):  # fmt: skip
+        """Codes of NBLK blocks (packed: 8 codes in BITS bytes), each block's step and
+        flags (bit 0 unsigned, bit 1 finite, bit 2 overflow): quant/blocks.py's _encode."""
+        g, g_ok, b, lane, valid, flat = _block_tile(nblocks, C, per_row, B, NBLK, WIDE)
+        x = tl.load(x_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+        lo = tl.min(tl.where(valid, x, float("inf")), axis=1)
+        hi = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+        nan = tl.max(tl.where(valid & (x != x), 1, 0), axis=1) > 0
+        finite = (~nan) & (lo > float("-inf")) & (hi < float("inf"))
+        unsigned = (~nan) & (lo >= 0.0)
+        y = x
+        if ROTATE:
+            full = (C - b * B) >= B
+            rot = full & finite & (~unsigned)
+            signs = tl.load(signs_ptr + lane)
+            turned = _fwht(x * signs[None, :], NBLK, B, LOG2B) * norm
+            y = tl.where(rot[:, None], turned, x)
+        top: tl.constexpr = (1 << BITS) - 1
+        stop: tl.constexpr = (1 << (BITS - 1)) - 1
+        absmax = tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1)
+        a = tl.where(unsigned, hi, absmax)
+        levels = tl.where(unsigned, float(top), float(stop))
+        step = tl.math.div_rn(a, levels)
+        step = tl.where(a > 0.0, tl.maximum(step, 1.1754943508222875e-38), 0.0)
+        over = finite & (step == float("inf"))
+        if E8M0:
+            sbits = step.to(tl.int32, bitcast=True)
+            k = ((sbits >> 23) & 255) - 127 + tl.where((sbits & 0x7FFFFF) != 0, 1, 0)
+            over = over | (finite & (step > 0.0) & (k > 62))
+            k = tl.minimum(tl.maximum(k, -63), 62)
+            pow2 = ((k + 127) << 23).to(tl.float32, bitcast=True)
+            step = tl.where(step > 0.0, pow2, 0.0)
+        step = tl.where(finite & (~over), step, 0.0)
+        inv = tl.where(step > 0.0, tl.math.div_rn(1.0, tl.where(step > 0.0, step, 1.0)), 0.0)
+        z = y * inv[:, None]
+        if STOCHASTIC:
+            r = tl.floor(z + _uniform(seed_bits.to(tl.uint32, bitcast=True), flat))
+        else:
+            r = _round_half_even(z)
+        lo_c = tl.where(unsigned, 0.0, -float(stop))[:, None]
+        hi_c = tl.where(unsigned, float(top), float(stop))[:, None]
+        r = tl.minimum(tl.maximum(r, lo_c), hi_c)
+        lift = tl.where(unsigned & (lo == 0.0), 1.0, 0.0)[:, None]
+        r = tl.where(y > 0.0, tl.maximum(r, lift), r)
+        r = r + tl.where(unsigned, 0.0, float(stop))[:, None]
+        code = tl.where(valid & finite[:, None], r, 0.0).to(tl.int64)
+        # 8 codes make BITS bytes (little endian), as reference.pack_bits lays them
+        eight = tl.reshape(code, (NBLK, B // 8, 8))
+        word = tl.sum(eight << (BITS * tl.arange(0, 8)).to(tl.int64)[None, None, :], axis=2)
+        grp = tl.reshape(flat, (NBLK, B // 8, 8))
+        grp_ok = tl.max(tl.reshape(valid.to(tl.int32), (NBLK, B // 8, 8)), axis=2) > 0
+        first = tl.min(tl.where(grp_ok[:, :, None], grp, 0), axis=2) // 8 * BITS
+        for j in tl.static_range(BITS):
+            tl.store(codes_ptr + first + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=grp_ok)
+        flags = tl.where(unsigned, 1, 0) | tl.where(finite, 2, 0) | tl.where(over, 4, 0)
+        tl.store(step_ptr + g, step, mask=g_ok)
+        tl.store(flag_ptr + g, flags.to(tl.int8), mask=g_ok)
+
+    @triton.jit
+    def _dequantize_blocks_kernel(
+        codes_ptr, out_ptr, step_ptr, unsigned_ptr, signs_ptr, nblocks, C, per_row, norm,
+        B: tl.constexpr, LOG2B: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr,
+        ROTATE: tl.constexpr, WIDE: tl.constexpr,
+    ):  # fmt: skip
+        """Values of NBLK blocks from their packed codes and per-block steps."""
+        g, g_ok, b, lane, valid, flat = _block_tile(nblocks, C, per_row, B, NBLK, WIDE)
+        byte = tl.load(codes_ptr + flat * BITS // 8, mask=valid, other=0).to(tl.int32)
+        nxt = tl.load(codes_ptr + flat * BITS // 8 + 1, mask=valid & (BITS == 3), other=0)
+        word = byte | (nxt.to(tl.int32) << 8)
+        c = (word >> ((flat * BITS) % 8).to(tl.int32)) & ((1 << BITS) - 1)
+        step = tl.load(step_ptr + g, mask=g_ok, other=0.0)
+        unsigned = tl.load(unsigned_ptr + g, mask=g_ok, other=0) != 0
+        stop: tl.constexpr = (1 << (BITS - 1)) - 1
+        shift = tl.where(unsigned, 0.0, float(stop))[:, None]
+        w = (c.to(tl.float32) - shift) * step[:, None]
+        if ROTATE:
+            full = (C - b * B) >= B
+            signs = tl.load(signs_ptr + lane)
+            back = (_fwht(w, NBLK, B, LOG2B) * norm) * signs[None, :]
+            w = tl.where((full & (~unsigned))[:, None], back, w)
+        tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _pow2(n: int) -> int:
@@ -302,6 +424,50 @@ def dequantize_codes(
     return out
 
 
+NBLK = 32  # blocks a block-scaled program covers
+
+
+def quantize_blocks(
+    x: torch.Tensor, layout: BlockLayout, bits: int, seed: int | None
+) -> tuple[BlockCodes, bool, bool]:
+    """:func:`torchmesa.quant.blocks.quantize_blocks` in one pass over ``x`` (contiguous,
+    rows a multiple of 8 long), bit for bit for nearest rounding."""
+    x = x.contiguous()
+    n, size = x.numel(), layout.block
+    nblocks = layout.num_blocks
+    codes = torch.empty(n * bits // 8, dtype=torch.uint8, device=x.device)
+    step = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    flags = torch.empty(nblocks, dtype=torch.int8, device=x.device)
+    signs = blocks.hadamard_signs(size, x.device)
+    seed_bits = 0 if seed is None else seed - (1 << 32) * (seed >= 1 << 31)
+    _quantize_blocks_kernel[(triton.cdiv(nblocks, NBLK),)](
+        x, codes, step, flags, signs, nblocks, layout.channels, layout.blocks_per_row,
+        float(blocks.hadamard_norm(size)), seed_bits, B=size, LOG2B=size.bit_length() - 1,
+        NBLK=NBLK, BITS=bits, ROTATE=layout.rotate, E8M0=layout.scale == "e8m0",
+        STOCHASTIC=seed is not None, WIDE=n >= _WIDE, enable_fp_fusion=False,
+    )  # fmt: skip
+    f = flags.int()
+    unsigned, finite = (f & 1).bool(), (f & 2).bool()
+    scales, ref = blocks.stored_scales(step, unsigned, finite, layout.scale == "e8m0")
+    q = BlockCodes(codes, scales, ref, layout, bits, x.dtype, x.shape)
+    return q, not bool(finite.all()), bool((f & 4).any())
+
+
+def dequantize_blocks(q: BlockCodes) -> torch.Tensor:
+    """:func:`torchmesa.quant.blocks.dequantize_blocks` in one pass, bit for bit."""
+    layout = q.layout
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.codes.device)
+    step, unsigned = blocks.block_steps(q)
+    size = layout.block
+    _dequantize_blocks_kernel[(triton.cdiv(layout.num_blocks, NBLK),)](
+        q.codes, out, step, unsigned.to(torch.int8), blocks.hadamard_signs(size, out.device),
+        layout.num_blocks, layout.channels, layout.blocks_per_row,
+        float(blocks.hadamard_norm(size)), B=size, LOG2B=size.bit_length() - 1, NBLK=NBLK,
+        BITS=q.bits, ROTATE=layout.rotate, WIDE=out.numel() >= _WIDE, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
 _DTYPES = (*FLOAT_DTYPES, torch.uint8)  # what the kernels read, or the codes they wrote
 
 
@@ -350,6 +516,25 @@ class TritonBackend(Reference):
         if self.serves(q.codes):
             return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
         return super().dequantize(q)
+
+    def quantize_blocks(
+        self,
+        x: torch.Tensor,
+        layout: BlockLayout,
+        bits: int,
+        rounding: Rounding,
+        generator: torch.Generator | None,
+    ) -> tuple[BlockCodes, bool, bool]:
+        """The kernel where rows are a multiple of 8 long (packed codes then never straddle
+        a block's bytes), else the reference."""
+        if not (self.serves(x) and layout.channels % 8 == 0):
+            return super().quantize_blocks(x, layout, bits, rounding, generator)
+        return quantize_blocks(x, layout, bits, kernel_seed(rounding, generator, x.device))
+
+    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor:
+        if self.serves(q.codes) and q.layout.channels % 8 == 0:
+            return dequantize_blocks(q)
+        return super().dequantize_blocks(q)
 
 
 BACKEND = TritonBackend()

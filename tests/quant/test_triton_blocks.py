@@ -1,0 +1,61 @@
+"""Triton block kernels against the reference: codes, scales and flags bit for bit; values
+bit for bit in fp32 and within one rounding of bf16/fp16. On the CPU they run in Triton's
+interpreter (conftest); TORCHMESA_TEST_DEVICE=cuda runs them on the GPU."""
+
+import os
+
+import pytest
+import torch
+from helpers import block_input
+
+from torchmesa.quant import blocks
+from torchmesa.quant import triton as kernels
+from torchmesa.quant.layout import BlockLayout
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="triton is a dev dependency")
+DEVICE = os.environ.get("TORCHMESA_TEST_DEVICE", "cpu")
+SHAPES = [(7, 48), (3, 5, 64), (33, 40), (2, 1000)]  # ragged last blocks in 40 and 1000
+
+
+def _input(shape, dtype):
+    return block_input(shape, dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_and_values_match_the_reference(shape, dtype, bits):
+    x = _input(shape, dtype)
+    for size, scale, rotate in [(16, "fp16", True), (32, "e8m0", True), (32, "fp16", False)]:
+        layout = BlockLayout.of(x.shape, size, scale, rotate)
+        qr, nr, orr = blocks.quantize_blocks(x, layout, bits)
+        qt, nt, ot = kernels.quantize_blocks(x, layout, bits, None)
+        assert torch.equal(qr.codes, qt.codes)
+        assert torch.equal(qr.scales.view(torch.uint8), qt.scales.view(torch.uint8))
+        assert (nr, orr) == (nt, ot)
+        yr, yt = blocks.dequantize_blocks(qr), kernels.dequantize_blocks(qt)
+        assert yt.dtype == dtype and yt.shape == x.shape
+        ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(
+            yt.float().nan_to_num(7.0), yr.float().nan_to_num(7.0), rtol=ulp, atol=0.0
+        )
+
+
+def test_stochastic_codes_are_seeded_and_unbiased():
+    x = torch.randn(1, 64).expand(512, 64).contiguous().to(DEVICE)
+    layout = BlockLayout.of(x.shape, 32, "fp16", True)
+    q1, *_ = kernels.quantize_blocks(x, layout, 4, 7)
+    q2, *_ = kernels.quantize_blocks(x, layout, 4, 7)
+    q3, *_ = kernels.quantize_blocks(x, layout, 4, 8)
+    assert torch.equal(q1.codes, q2.codes) and not torch.equal(q1.codes, q3.codes)
+    nearest = blocks.dequantize_blocks(blocks.quantize_blocks(x, layout, 4)[0])[0]
+    mean = kernels.dequantize_blocks(q1).mean(0)
+    assert (mean - x[0]).norm() < 0.5 * (nearest - x[0]).norm()
+
+
+def test_rows_not_a_multiple_of_8_use_the_reference():
+    backend = kernels.BACKEND
+    x = torch.randn(4, 45)
+    layout = BlockLayout.of(x.shape, 32, "fp16", False)
+    q, *_ = backend.quantize_blocks(x, layout, 4, "nearest", None)
+    assert torch.equal(q.codes, blocks.quantize_blocks(x, layout, 4)[0].codes)
