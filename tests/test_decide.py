@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchmesa import Config, PerChannelGroup, PerHead, PerTensor, PerToken
+from torchmesa import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.decide import (
     EXACT,
     BlockQuantize,
@@ -76,7 +76,7 @@ def test_granularity_follows_the_saving_module_and_the_rank():
 
 
 def test_per_token_layouts_always_take_the_batch_ranges():
-    x = torch.randn(32, 64)
+    x = torch.randn(32, 64, requires_grad=True) * 1  # an activation: it has history
     norm = decide(x, Config(estimator="ema"), True)
     plain = decide(x, Config(estimator="ema"), False)
     assert norm.layout.kind == "per_token" and norm.estimator == "dynamic"
@@ -107,3 +107,24 @@ def test_parameters_buffers_and_frozen_autocast_copies_are_not_activations():
 def test_every_decision_type_has_one_format():
     assert set(FORMATS) == {Exact, Mask, Quantize, BlockQuantize, Derive}
     assert all(fmt.decision is kind for kind, fmt in FORMATS.items())
+
+
+def test_below_8_bits_statistics_without_history_stay_exact():
+    stats = torch.rand(16, 4, 64) + 2  # a fused attention's log-sum-exp: no history
+    assert isinstance(decide(stats, CFG, False), Quantize)  # 8 bits: stored as before
+    for config in (Config(bits=4, rounding="stochastic"), Config(bits=4, groups=PerBlock(32))):
+        assert decide(stats, config, False) == EXACT
+        assert decide(stats.clone().requires_grad_() * 1, config, False) != EXACT
+        mask = (torch.rand(64, 64) > 0.1).float() / 0.9  # still 1 bit
+        assert isinstance(decide(mask, config, False), Mask)
+
+
+def test_attention_bits_apply_to_tensors_of_four_dims():
+    config = Config(bits=4, groups=PerBlock(32), attention_bits=8)
+    q = torch.randn(2, 4, 64, 16, requires_grad=True) * 1
+    h = torch.randn(2, 64, 64, requires_grad=True) * 1
+    assert (decide(q, config, False).bits, decide(h, config, False).bits) == (8, 4)
+    plain = Config(bits=4, rounding="stochastic", attention_bits=8)
+    assert (decide(q, plain, False).bits, decide(h, plain, False).bits) == (8, 4)
+    flat = Config(bits=4, groups=PerBlock(32), attention_bits=8, head_wise=False)
+    assert decide(q, flat, False).bits == 4

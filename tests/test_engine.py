@@ -470,8 +470,8 @@ def test_low_bit_storage_is_denser_and_still_correct(bits):
     ratios = {}
     for b in (8, bits):
         twin = torchmesa.compress(copy.deepcopy(model), Config(bits=b, rounding="stochastic"))
-        with torchmesa.track() as t:
-            out = twin(torch.randn(128, 64)).sum()
+        with torchmesa.track() as t:  # an input with history: data would stay exact (rule 4)
+            out = twin(torch.randn(128, 64, requires_grad=True) * 1).sum()
         out.backward()
         ratios[b] = t.ratio
         assert t.held_bytes == 0
@@ -487,7 +487,8 @@ def test_stochastic_rounding_gives_unbiased_weight_gradients_at_two_bits():
     """A linear layer's weight gradient is linear in its saved input, so with unbiased
     rounding the mean over many steps converges to the exact gradient."""
     layer = nn.Linear(64, 32)
-    x, g = torch.randn(256, 64), torch.randn(256, 32)
+    # an input with history, as inside a network (data without it would stay exact, rule 4)
+    x, g = torch.randn(256, 64, requires_grad=True) * 1, torch.randn(256, 32)
     exact = torch.autograd.grad(layer(x), layer.weight, g)[0]
     means = {}
     for rounding in ("nearest", "stochastic"):

@@ -161,6 +161,13 @@ class Config:
             layout copies (transpose, reshape, cast) and products (dropout) of stored
             tensors (engine rule 12): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
             (README, "Derived tensors"). ``False`` is Mesa: every saved tensor is stored.
+        attention_bits: bits for tensors of 4 or more dims while ``head_wise`` is on
+            (Mesa's attention tensors: q, k, v, probabilities and outputs ``(B, H, N, ·)``;
+            a CNN's feature maps), ``None``: ``bits``. A fused attention's backward
+            exponentiates scores rebuilt from the stored q and k against its exact
+            log-sum-exp, so their error is amplified: at 4 bits the character GPT's
+            gradient error was 0.16 with them at 4 bits and 0.05 at 8 (README, "Four
+            bits"). ``Config(bits=4, groups=PerBlock(32), attention_bits=8)`` keeps them.
         rotation: ``"hadamard"`` (with ``groups=PerBlock(..)``): each whole block of mixed
             signs is multiplied by a randomized Hadamard matrix (orthonormal: exact in
             exact arithmetic) before it is quantized, and by its inverse after, which
@@ -179,6 +186,7 @@ class Config:
     check_finite: bool = False
     derive: bool = True
     rotation: Rotation = "none"
+    attention_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)
@@ -225,6 +233,13 @@ class Config:
             raise ValueError(f"Config.check_finite must be a bool, got {self.check_finite!r}")
         if not isinstance(self.derive, bool):
             raise ValueError(f"Config.derive must be a bool, got {self.derive!r}")
+        if self.attention_bits is not None:
+            _check_int("attention_bits", self.attention_bits)
+            if self.attention_bits not in SUPPORTED_BITS:
+                raise ValueError(
+                    f"Config.attention_bits must be None or one of {SUPPORTED_BITS}, got "
+                    f"{self.attention_bits!r}"
+                )
         if self.rotation not in ROTATIONS:
             raise ValueError(f"Config.rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         blocks = isinstance(self.groups, PerBlock)
@@ -233,11 +248,12 @@ class Config:
                 f"Config.rotation={self.rotation!r} rotates blocks: it needs "
                 f"groups=PerBlock(..), got groups={self.groups!r}"
             )
-        if self.bits == 3 and not blocks:
-            raise ValueError(
-                f"Config.bits=3 is served by block scales only: give groups=PerBlock(..), "
-                f"got groups={self.groups!r}"
-            )
+        for name in ("bits", "attention_bits"):
+            if getattr(self, name) == 3 and not blocks:
+                raise ValueError(
+                    f"Config.{name}=3 is served by block scales only: give "
+                    f"groups=PerBlock(..), got groups={self.groups!r}"
+                )
 
     @property
     def levels(self) -> int:
