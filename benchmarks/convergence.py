@@ -43,7 +43,16 @@ import torchmesa
 from torchmesa.apps.datasets import VOCAB, ByteBatches, load_digits, stdlib_text
 from torchmesa.apps.models import Decoder, TinyViT
 
-SETTINGS: dict[str, torchmesa.Config | None] = {
+
+@dataclass(frozen=True)
+class PlanAt:
+    """``torchmesa.plan`` at a budget of ``fraction`` of exact training's saved bytes,
+    planned on the run's first batch at its initial weights."""
+
+    fraction: float
+
+
+SETTINGS: dict[str, torchmesa.Config | PlanAt | None] = {
     "exact": None,
     "8-bit ema": torchmesa.Config(estimator="ema", derive=False),
     "8-bit dynamic": torchmesa.Config(estimator="dynamic", derive=False),
@@ -55,19 +64,26 @@ SETTINGS: dict[str, torchmesa.Config | None] = {
         bits=2, rounding="stochastic", estimator="dynamic", derive=False
     ),
     "4-bit block": torchmesa.Config(bits=4, groups=torchmesa.PerBlock(32)),
-    "4-bit block rotated": torchmesa.Config(
-        bits=4, groups=torchmesa.PerBlock(32), rotation="hadamard"
+    "4-bit block, attention 8": torchmesa.Config(
+        bits=4, groups=torchmesa.PerBlock(32), attention_bits=8
     ),
-    "4-bit block e8m0": torchmesa.Config(bits=4, groups=torchmesa.PerBlock(32, "e8m0")),
-    "4-bit block e8m0 rotated": torchmesa.Config(
-        bits=4, groups=torchmesa.PerBlock(32, "e8m0"), rotation="hadamard"
+    "4-bit block rotated, attention 8": torchmesa.Config(
+        bits=4, groups=torchmesa.PerBlock(32), attention_bits=8, rotation="hadamard"
     ),
-    "3-bit block rotated": torchmesa.Config(
-        bits=3, groups=torchmesa.PerBlock(32), rotation="hadamard"
+    "4-bit block e8m0 rotated, attention 8": torchmesa.Config(
+        bits=4, groups=torchmesa.PerBlock(32, "e8m0"), attention_bits=8, rotation="hadamard"
     ),
-    "2-bit block rotated": torchmesa.Config(
-        bits=2, groups=torchmesa.PerBlock(32), rotation="hadamard", rounding="stochastic"
+    "3-bit block, attention 8": torchmesa.Config(
+        bits=3, groups=torchmesa.PerBlock(32), attention_bits=8
     ),
+    "2-bit block rotated, attention 8": torchmesa.Config(
+        bits=2,
+        groups=torchmesa.PerBlock(32),
+        attention_bits=8,
+        rotation="hadamard",
+        rounding="stochastic",
+    ),
+    "plan 10x": PlanAt(0.1),
 }
 # (accuracy points, relative validation loss) a setting may lose against exact training
 TARGETS = {
@@ -75,6 +91,11 @@ TARGETS = {
     "8-bit dynamic": (0.5, 0.01),
     "8-bit derived": (0.5, 0.01),
     "4-bit stochastic": (1.0, 0.02),
+    "4-bit block": (1.0, 0.01),
+    "4-bit block, attention 8": (1.0, 0.01),
+    "4-bit block rotated, attention 8": (1.0, 0.01),
+    "4-bit block e8m0 rotated, attention 8": (1.0, 0.01),
+    "plan 10x": (1.0, 0.01),
 }
 
 
@@ -96,9 +117,12 @@ class Task:
     metric: str  # "accuracy" (higher is better) or "val_loss" (lower is better)
     build: Callable[[], nn.Module]
     batches: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # per seed
-    loss: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, target) -> loss
     score: Callable[[nn.Module], float]
     lr: float
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.criterion(model(batch[0]), batch[1])
 
 
 def vision_task(name: str, build: Callable[[], nn.Module], epochs: int, batch: int) -> Task:
@@ -120,8 +144,7 @@ def vision_task(name: str, build: Callable[[], nn.Module], epochs: int, batch: i
         model.train()
         return acc
 
-    return Task(name, "accuracy", build, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-                score, 2e-3)  # fmt: skip
+    return Task(name, "accuracy", build, batches, F.cross_entropy, score, 2e-3)
 
 
 def language_task(steps: int, batch: int, seq: int) -> Task:
@@ -134,23 +157,38 @@ def language_task(steps: int, batch: int, seq: int) -> Task:
     valid = ByteBatches(text, seq, seed=12345)
     held_out = [valid.sample(32, "valid") for _ in range(8)]
 
-    def loss(model: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(model(b[0]).flatten(0, 1), b[1].flatten())
+    def criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
     def score(model: nn.Module) -> float:
         model.eval()
         with torch.no_grad():
-            value = statistics.fmean(loss(model, b).item() for b in held_out)
+            value = statistics.fmean(criterion(model(b[0]), b[1]).item() for b in held_out)
         model.train()
         return value
 
     build = lambda: Decoder(VOCAB, seq, 64, 2, 4)  # noqa: E731
-    return Task("stdlib-gpt", "val_loss", build, batches, loss, score, 1e-3)
+    return Task("stdlib-gpt", "val_loss", build, batches, criterion, score, 1e-3)
 
 
-def train(task: Task, seed: int, config: torchmesa.Config | None, batches: list) -> nn.Module:
+def planned(task: Task, model: nn.Module, setting: PlanAt, batch) -> torchmesa.Policy:
+    """The plan's policy for ``model`` at its weights now, on ``batch``."""
+    with torchmesa.track() as t:
+        model(batch[0])
+    budget = int(t.exact_bytes * setting.fraction)
+    chosen = torchmesa.plan(
+        model, batch[0], budget, loss_fn=lambda out: task.criterion(out, batch[1])
+    )
+    print(chosen.table(), flush=True)
+    return chosen.policy
+
+
+def train(task: Task, seed: int, config, batches: list) -> nn.Module:
     torch.manual_seed(seed)
     model = task.build().train()
+    if isinstance(config, PlanAt):
+        config = planned(task, model, config, batches[0])
+        torch.manual_seed(seed)
     if config is not None:
         torchmesa.compress(model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.05)
@@ -163,8 +201,10 @@ def train(task: Task, seed: int, config: torchmesa.Config | None, batches: list)
     return model
 
 
-def gradient_cosines(task: Task, weights: nn.Module, config: torchmesa.Config, batch) -> dict:
+def gradient_cosines(task: Task, weights: nn.Module, config, batch) -> dict:
     """Per parameter: cosine of the compressed gradient to the exact one, same weights."""
+    if isinstance(config, PlanAt):
+        config = planned(task, copy.deepcopy(weights).train(), config, batch)
     grads = []
     for cfg in (None, config):
         model = copy.deepcopy(weights).train()

@@ -10,6 +10,9 @@ rounds: each ratio is the median of ratios taken within one round.
 
     python benchmarks/kernels.py                 # CPU: reference vs fused C kernels
     python benchmarks/kernels.py --device cuda   # GPU: reference vs Triton kernels
+
+Block-scaled codes (``PerBlock(32)``, 4 and 3 bits, with and without rotation) are
+measured the same way on the MLP and attention tensors.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from torchmesa import quant
 from torchmesa.config import PerChannelGroup, PerHead, PerToken
-from torchmesa.quant import cpu, cpu_library, reference
+from torchmesa.quant import blocks, cpu, cpu_library, reference
 
 # DeiT-S activations at batch 8: an MLP hidden state, attention probabilities, a norm input
 SHAPES = {
@@ -190,6 +193,78 @@ def measure_masks(device: str, repeats: int) -> list[dict]:
     return rows
 
 
+# block-scaled codes (PerBlock(32)): the widths and options the planner weighs
+BLOCK_SETTINGS = {
+    "4-bit fp16": (4, "fp16", False),
+    "4-bit fp16 rotated": (4, "fp16", True),
+    "4-bit e8m0 rotated": (4, "e8m0", True),
+    "3-bit fp16 rotated": (3, "fp16", True),
+}
+
+
+def measure_blocks(device: str, repeats: int, cold_bytes: int) -> list[dict]:
+    """Block-scaled quantize and dequantize (fused and reference) against a copy, hot and
+    cold, on the MLP hidden state and the attention probabilities."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for name in ("mlp (8, 197, 1536) per channel", "attn (8, 6, 197, 197) per head"):
+            shape = SHAPES[name][0]
+            x = torch.randn(shape, device=device).to(dtype)
+            count = max(2, cold_bytes // (x.numel() * x.element_size()))
+            xs = [x.clone() for _ in range(count)]
+            for setting, (bits, scale, rotate) in BLOCK_SETTINGS.items():
+                layout = quant.BlockLayout.of(x.shape, 32, scale, rotate)
+                q = quant.quantize_blocks(x, layout, bits=bits)[0]
+                qs = [quant.quantize_blocks(t, layout, bits=bits)[0] for t in xs]
+                hot = side_by_side({
+                    "copy": lambda: x.clone(),
+                    "quantize": lambda: quant.quantize_blocks(x, layout, bits=bits),
+                    "dequantize": lambda: quant.dequantize(q),
+                }, device, repeats, warm=True)  # fmt: skip
+                ref = side_by_side({
+                    "copy": lambda: x.clone(),
+                    "ref_quantize": lambda: blocks.quantize_blocks(x, layout, bits),
+                    "ref_dequantize": lambda: blocks.dequantize_blocks(q),
+                }, device, max(3, repeats // 3), warm=True)  # fmt: skip
+                it = iter(range(1 << 62))
+                cold = side_by_side({
+                    "copy": lambda: xs[next(it) % count].clone(),
+                    "quantize": lambda: quant.quantize_blocks(
+                        xs[next(it) % count], layout, bits=bits),
+                    "dequantize": lambda: quant.dequantize(qs[next(it) % count]),
+                }, device, repeats, warm=False)  # fmt: skip
+                rows.append({
+                    "tensor": name.split(" per ")[0], "dtype": str(dtype).removeprefix("torch."),
+                    "setting": setting, "copy_ms": hot.pop("copy") * 1e3,
+                    "bits_per_element": q.nbytes * 8 / x.numel(),
+                    **{f"{k}_vs_copy": v for k, v in hot.items()},
+                    **{f"{k}_vs_copy": v for k, v in ref.items() if k != "copy"},
+                    **{f"{k}_cold_vs_copy": v for k, v in cold.items() if k != "copy"},
+                })  # fmt: skip
+    return rows
+
+
+def block_table(rows: list[dict]) -> str:
+    lines = [f"{'block-scaled (PerBlock(32))':22} {'dtype':8} {'setting':20} {'bits':>5} "
+             f"{'quant/copy':>10} {'deq/copy':>8} {'cold q':>6} {'cold d':>6} "
+             f"{'ref q':>6} {'ref d':>6}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['tensor']:22} {r['dtype']:8} {r['setting']:20} {r['bits_per_element']:5.2f} "
+            f"{r['quantize_vs_copy']:10.2f} {r['dequantize_vs_copy']:8.2f} "
+            f"{r['quantize_cold_vs_copy']:6.2f} {r['dequantize_cold_vs_copy']:6.2f} "
+            f"{r['ref_quantize_vs_copy']:6.2f} {r['ref_dequantize_vs_copy']:6.2f}"
+        )
+    for setting in BLOCK_SETTINGS:
+        for dtype in ("float32", "bfloat16"):
+            mine = [r for r in rows if r["setting"] == setting and r["dtype"] == dtype]
+            worst = max(max(r["quantize_vs_copy"], r["dequantize_vs_copy"]) for r in mine)
+            verdict = "met" if worst <= TARGET else "missed"
+            lines.append(f"worst {setting} {dtype} / copy (hot): {worst:.2f}x "
+                         f"(<= {TARGET}x: {verdict})")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'tensor':31} {'dtype':8} {'MiB':>5} {'copy ms':>7}  {'quantize / copy':>28}  "
     head += f"{'dequantize / copy':>17}  {'cold: copy ms':>13} {'quant':>5} {'delay':>5} "
@@ -230,6 +305,8 @@ def main() -> None:
     steady = args.device == "cpu" and steady_allocator()
     rows = measure(args.device, args.repeats, args.cold_mib << 20)
     print(table(rows))
+    block_rows = measure_blocks(args.device, args.repeats, args.cold_mib << 20)
+    print(block_table(block_rows))
     masks = measure_masks(args.device, args.repeats)
     for m in masks:
         print(f"{m['tensor']:31} {m['dtype']:8} copy {m['copy_ms']:.2f} ms, 1-bit pack "
@@ -251,6 +328,7 @@ def main() -> None:
         f"{args.cold_mib} MiB, against a copy measured the same way",
         "target": f"fused quantize and dequantize each <= {TARGET}x a copy",
         "rows": rows,
+        "blocks": block_rows,
         "masks": masks,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -58,8 +58,7 @@ def test_a_plan_fits_its_budget_and_tighter_budgets_cost_accuracy():
 
 def test_a_plan_beats_one_width_for_all_within_the_same_budget():
     model = mlp()
-    # every tensor stored, as the plan stores them (its default base)
-    uniform = Config(bits=4, rounding="stochastic", derive=False)
+    uniform = Config(bits=4, rounding="stochastic")
     uniform_bytes, _ = measured(model, uniform)
     # three rounding-noise streams: the claim must hold against the luckiest of them
     uniform_errors = [measured(model, dataclasses.replace(uniform, seed=s))[1] for s in range(3)]
@@ -82,7 +81,7 @@ def test_plan_leaves_the_model_as_it_was():
 
 def test_plan_errors_say_what_to_do():
     model = mlp()
-    with pytest.raises(ValueError, match="cannot be met; at 2 bits everywhere"):
+    with pytest.raises(ValueError, match="cannot be met; with the narrowest option everywhere"):
         torchmesa.plan(model, X, 1000, loss_fn=loss_fn)
     with pytest.raises(ValueError, match="budget_bytes must be an int >= 0"):
         torchmesa.plan(model, X, -1, loss_fn=loss_fn)
@@ -106,3 +105,38 @@ def test_plan_on_a_hugging_face_model_reads_its_loss():
     assert any(r.path.startswith("transformer.h.1") for r in p.rows)
     torchmesa.compress(model, p.policy)
     model(**batch).loss.backward()
+
+
+def test_the_table_says_why_and_splits_the_saving_between_the_levers():
+    model = mlp()
+    exact_bytes, _ = measured(model, torchmesa.Policy(default=None))
+    p = torchmesa.plan(model, X, exact_bytes // 8, loss_fn=loss_fn)
+    assert all(r.why for r in p.rows)
+    assert {r.option for r in p.rows} <= {o.name for o in torchmesa.OPTIONS} | {"exact"}
+    assert sum(p.levers.values()) == pytest.approx(1.0)
+    assert p.stored_without_derive >= p.stored_bytes  # derived tensors only ever save
+    table = p.table()
+    assert "from quantizing" in table and "from derived tensors" in table
+    for r in p.rows:
+        assert r.path in table and r.why in table
+
+
+def test_options_limit_what_the_plan_may_choose():
+    model = mlp()
+    exact_bytes, _ = measured(model, torchmesa.Policy(default=None))
+    eight = torchmesa.Option("8-bit", 8)
+    p = torchmesa.plan(model, X, exact_bytes // 3, loss_fn=loss_fn, options=[eight])
+    assert {r.option for r in p.rows} <= {"8-bit", "exact"}
+    with pytest.raises(ValueError, match="cannot be met"):
+        torchmesa.plan(model, X, exact_bytes // 8, loss_fn=loss_fn, options=[eight])
+    with pytest.raises(ValueError, match="options must be one or more torchmesa.Option"):
+        torchmesa.plan(model, X, exact_bytes, loss_fn=loss_fn, options=[Config()])
+
+
+def test_an_option_is_its_config():
+    option = torchmesa.Option("3-bit e8m0", 3, 64, scale="e8m0", rotation=True, stochastic=True)
+    c = option.config(Config(attention_bits=8, derive=False))
+    assert (c.bits, c.groups, c.rotation, c.rounding) == (
+        3, torchmesa.PerBlock(64, "e8m0"), "hadamard", "stochastic"
+    )  # fmt: skip
+    assert c.attention_bits is None and c.derive is False

@@ -7,16 +7,18 @@ rest, running EMA estimates), dequantized when backward needs it.
 
 from torchmesa.api import clip_stats, compress, decompress, is_compressed
 from torchmesa.config import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, PerToken
-from torchmesa.planner import Plan, plan
+from torchmesa.planner import OPTIONS, Option, Plan, plan
 from torchmesa.policy import ClassNamed, Policy, Rule
 from torchmesa.report import Report, report
 from torchmesa.track import Tracker, track
 
 __all__ = [
+    "OPTIONS",
     "ClassNamed",
     "HFCallback",
     "LightningCallback",
     "Config",
+    "Option",
     "PerBlock",
     "PerChannelGroup",
     "PerHead",

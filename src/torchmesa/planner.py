@@ -1,57 +1,107 @@
-"""``plan()``: per-module bit widths that fit a memory budget with the least gradient error.
+"""``plan()``: a storage option per module that fits a memory budget with the least error.
 
 GACT's adaptive idea made explicit: on one sample batch, measure each module's saved bytes
-at every width (exact, 8, 4, 2 bits) and the gradient error that compressing that module
-alone causes, then choose widths greedily: start exact and repeatedly take the step that
-frees the most bytes per unit of added error, until the total fits the budget; then spend
-what the budget has left on widening where a byte removes the most error. The result
-is a :class:`Plan` to read (``table()``) and apply (``compress(model, plan.policy)``).
+under every option (Mesa's 8 bits; block-scaled 4, 3 and 2 bits, with an fp16 or e8m0
+scale, rotated or not) and the gradient error that compressing that module alone causes,
+then choose greedily: start exact and repeatedly take the move that frees the most bytes
+per unit of added error, until the total fits the budget; then spend what the budget has
+left on moves that remove the most error per byte. Modules whose error is large for
+their bytes (a fused attention's q, k and log-sum-exp, the first layers) stay wide.
 
-Cost: two passes per width, plus one forward and backward per module and width.
+Derived tensors (``Config(derive=True)``, the default base) couple modules: a tensor one
+module rebuilds from another's stored input costs nothing, and the measurement per option
+is taken with the whole model at that option. So the choice is checked by one more
+forward pass under the plan itself; where it stores more than the budget, the plan is
+chosen again for a budget smaller by the overshoot (a few rounds at most). The result is
+a :class:`Plan` to read (``table()``: what it chose for each module and why, and which
+share of the saving each lever gave) and apply (``compress(model, plan.policy)``).
+
+Cost: one pass per option for bytes, one forward and backward per module and option for
+errors, and one or two passes per check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from torchmesa.api import compress, decompress, is_compressed
-from torchmesa.config import Config
+from torchmesa.config import Config, PerBlock
 from torchmesa.policy import Policy, Rule
 from torchmesa.report import call_with
 from torchmesa.track import track
 
-WIDTHS = (8, 4, 2)
+
+@dataclass(frozen=True)
+class Option:
+    """One way the planner may store a module's saved activations: ``bits`` wide, with
+    Mesa's ranges (``block`` None) or block scales of ``block`` elements (``scale``,
+    ``rotation``), rounded stochastically or to nearest."""
+
+    name: str
+    bits: int
+    block: int | None = None
+    scale: Literal["fp16", "e8m0"] = "fp16"
+    rotation: bool = False
+    stochastic: bool = False
+
+    def config(self, base: Config) -> Config:
+        """``base`` with this option's storage (and no attention override: the plan
+        decides per module)."""
+        groups = base.groups if self.block is None else PerBlock(self.block, self.scale)
+        return dataclasses.replace(
+            base,
+            bits=self.bits,
+            groups=groups,
+            rotation="hadamard" if self.rotation else "none",
+            rounding="stochastic" if self.stochastic else base.rounding,
+            attention_bits=None,
+        )
+
+
+OPTIONS = (
+    Option("8-bit", 8),
+    Option("4-bit block", 4, 32),
+    Option("4-bit block rotated", 4, 32, rotation=True),
+    Option("4-bit block e8m0", 4, 32, scale="e8m0"),
+    Option("3-bit block", 3, 32),
+    Option("2-bit block rotated", 2, 32, rotation=True, stochastic=True),
+)
+EXACT = "exact"
+CHECKS = 4  # rounds of choosing again when the plan, measured, overshoots its budget
 
 
 @dataclass(frozen=True)
 class PlanRow:
-    """One module: its saved bytes exact, the width chosen, and what that costs."""
+    """One module: its saved bytes exact, the option chosen, what that costs, and why."""
 
     path: str
     exact_bytes: int
+    option: str  # an Option's name, or "exact"
     bits: int | None  # None: kept exact
     stored_bytes: int
     gradient_error: float  # relative squared gradient error, this module compressed alone
+    sensitivity: float  # its 4-bit error per byte against the median module's
+    why: str
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Widths per module that fit ``budget_bytes``; apply with ``compress(model, plan.policy)``."""
+    """Options per module that fit ``budget_bytes``; apply with
+    ``compress(model, plan.policy)``. ``stored_bytes`` is measured under the plan."""
 
     rows: tuple[PlanRow, ...]
     budget_bytes: int
     base: Config
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(r.stored_bytes for r in self.rows)
+    options: tuple[Option, ...]
+    stored_bytes: int
+    stored_without_derive: int  # the same plan with every tensor stored: the levers' split
 
     @property
     def exact_bytes(self) -> int:
@@ -63,24 +113,43 @@ class Plan:
         return sum(r.gradient_error for r in self.rows)
 
     @property
+    def levers(self) -> dict[str, float]:
+        """Which share of the bytes saved came from quantizing and which from deriving."""
+        saved = self.exact_bytes - self.stored_bytes
+        if saved <= 0:
+            return {"quantize": 0.0, "derive": 0.0}
+        derive = max(0, self.stored_without_derive - self.stored_bytes) / saved
+        return {"quantize": 1.0 - derive, "derive": derive}
+
+    @property
     def policy(self) -> Policy:
-        """One rule per module, deepest first, so each module gets exactly its own width."""
+        """One rule per module, deepest first, so each module gets exactly its own option."""
+        by_name = {o.name: o for o in self.options}
         ordered = sorted(self.rows, key=lambda r: -r.path.count(".") - bool(r.path))
-        rules = tuple(Rule(_exact_glob(r.path), _config(self.base, r.bits)) for r in ordered)
+        rules = tuple(
+            Rule(_exact_glob(r.path), _config(self.base, by_name.get(r.option))) for r in ordered
+        )
         return Policy(rules, default=None)
 
     def table(self) -> str:
-        lines = [f"{'module':40} {'exact KiB':>10} {'bits':>5} {'stored KiB':>11} {'grad err':>9}"]
+        lines = [
+            f"{'module':32} {'exact KiB':>9} {'chosen':>20} {'KiB':>8} {'grad err':>9} "
+            f"{'sens':>6}  why"
+        ]
         for r in self.rows:
-            bits = "exact" if r.bits is None else str(r.bits)
             lines.append(
-                f"{r.path or '(root)':40} {r.exact_bytes / 1024:>10.1f} {bits:>5} "
-                f"{r.stored_bytes / 1024:>11.1f} {r.gradient_error:>9.2e}"
+                f"{r.path or '(root)':32} {r.exact_bytes / 1024:>9.1f} {r.option:>20} "
+                f"{r.stored_bytes / 1024:>8.1f} {r.gradient_error:>9.2e} {r.sensitivity:>5.1f}x"
+                f"  {r.why}"
             )
+        levers = self.levers
         lines.append(
-            f"{'total':40} {self.exact_bytes / 1024:>10.1f} {'':>5} "
-            f"{self.stored_bytes / 1024:>11.1f} {self.gradient_error:>9.2e}  "
-            f"(budget {self.budget_bytes / 1024:.1f} KiB)"
+            f"{'total':32} {self.exact_bytes / 1024:>9.1f} {'':>20} "
+            f"{self.stored_bytes / 1024:>8.1f} {self.gradient_error:>9.2e}  "
+            f"(budget {self.budget_bytes / 1024:.1f} KiB; "
+            f"{self.exact_bytes / max(self.stored_bytes, 1):.1f}x smaller than exact: "
+            f"{levers['quantize']:.0%} of the saving from quantizing, "
+            f"{levers['derive']:.0%} from derived tensors)"
         )
         return "\n".join(lines)
 
@@ -91,8 +160,9 @@ def plan(
     budget_bytes: int,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     base: Config | None = None,
+    options: Sequence[Option] = OPTIONS,
 ) -> Plan:
-    """Choose each module's width so saved activations fit ``budget_bytes``.
+    """Choose each module's storage so saved activations fit ``budget_bytes``.
 
     Args:
         model: an uncompressed model in training mode.
@@ -101,100 +171,181 @@ def plan(
         budget_bytes: the saved-activation bytes to fit, as ``track()`` counts them.
         loss_fn: maps the model's output to a scalar loss; by default the output itself
             when it is a scalar, or its ``.loss`` (Hugging Face models given labels).
-        base: the settings besides ``bits`` (``Config(derive=False)`` by default); below
-            8 bits rounding is stochastic. Every tensor is stored by default because the
-            plan weighs modules one at a time, while a derived tensor (rule 12) couples
-            two (a Linear's input rebuilt from the GELU before it).
+        base: the settings the options leave alone (``Config()`` by default: derived
+            tensors on).
+        options: the ways a module may be stored (:data:`OPTIONS` by default); keeping it
+            exact is always one.
 
     Raises:
-        ValueError: a bad budget, a compressed model, or a budget below what 2 bits reach.
+        ValueError: a bad budget, a compressed model, no options, or a budget below what
+            the narrowest options reach.
         TypeError: no loss can be read from the output; pass ``loss_fn``.
     """
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
         raise ValueError(f"plan: budget_bytes must be an int >= 0, got {budget_bytes!r}")
     if is_compressed(model):
         raise ValueError("plan needs an uncompressed model: call torchmesa.decompress first")
-    base = Config(derive=False) if base is None else base
+    options = tuple(options)
+    if not options or not all(isinstance(o, Option) for o in options):
+        raise ValueError(f"plan: options must be one or more torchmesa.Option, got {options!r}")
+    base = Config() if base is None else base
     with _preserved(model):
         run = _runner(model, sample_batch, loss_fn)
         exact_bytes, reference = run(Policy(default=None))
         if not exact_bytes:
             raise ValueError("plan: the model saved no activations on the sample batch")
-        stored: dict[int | None, dict] = {None: exact_bytes}
-        for bits in WIDTHS:
-            stored[bits], _ = run(Policy(default=_config(base, bits)))
-        errors: dict[tuple[str, int], float] = {}
+        stored: dict[str, dict] = {EXACT: exact_bytes}
+        for o in options:
+            stored[o.name], _ = run(Policy(default=o.config(base)))
+        errors: dict[tuple[str, str], float] = {}
         for path in exact_bytes:
-            for bits in WIDTHS:
+            for o in options:
                 alone = [Rule(_exact_glob(p), None) for p in _children(path, exact_bytes)]
-                alone.append(Rule(_exact_glob(path), _config(base, bits)))
+                alone.append(Rule(_exact_glob(path), o.config(base)))
                 _, grads = run(Policy(tuple(alone), default=None))
-                errors[path, bits] = _relative_error(grads, reference)
-    return _choose(exact_bytes, stored, errors, budget_bytes, base)
-
-
-def _choose(exact: dict, stored: dict, errors: dict, budget: int, base: Config) -> Plan:
-    """Greedy: from all exact, take the width step with the most bytes freed per error."""
-    choice: dict[str, int | None] = dict.fromkeys(exact)
-    total = sum(exact.values())
-    while total > budget:
-        best = None
-        for path, bits in choice.items():
-            steps = WIDTHS if bits is None else WIDTHS[WIDTHS.index(bits) + 1 :]
-            for nxt in steps:
-                freed = stored[bits].get(path, 0) - stored[nxt].get(path, 0)
-                if freed <= 0:
-                    continue
-                added = errors[path, nxt] - (0.0 if bits is None else errors[path, bits])
-                score = max(added, 1e-12) / freed
-                if best is None or score < best[0]:
-                    best = (score, path, nxt, freed)
-        if best is None:
-            floor = sum(stored[2].get(p, exact[p]) for p in exact)
+                errors[path, o.name] = _relative_error(grads, reference)
+        target = budget_bytes
+        for _ in range(CHECKS):
+            choice, why = _choose(exact_bytes, stored, errors, target, options)
+            candidate = _plan(exact_bytes, stored, errors, choice, why, budget_bytes, base, options)
+            measured, _ = run(candidate.policy)
+            total = sum(measured.values())
+            if total <= budget_bytes:
+                break
+            target = max(0, target - (total - budget_bytes))  # choose again, tighter
+        else:
             raise ValueError(
-                f"plan: a budget of {budget} bytes cannot be met; at 2 bits everywhere the "
-                f"saved activations take {floor} bytes"
+                f"plan: a budget of {budget_bytes} bytes cannot be met: the plan chosen for "
+                f"{target} bytes still stores {total} (derived tensors it counted on are "
+                "stored where a module they come from stays exact)"
             )
-        _, path, nxt, freed = best
-        choice[path] = nxt
-        total -= freed
-    _spend_slack(choice, total, stored, errors, budget)
+        every_tensor = dataclasses.replace(base, derive=False)
+        flat, _ = run(dataclasses.replace(candidate, base=every_tensor).policy)
+    return _plan(exact_bytes, stored, errors, choice, why, budget_bytes, base, options,
+                 measured, sum(flat.values()))  # fmt: skip
+
+
+def _plan(
+    exact: dict,
+    stored: dict,
+    errors: dict,
+    choice: dict[str, str],
+    why: dict[str, str],
+    budget: int,
+    base: Config,
+    options: tuple[Option, ...],
+    measured: dict | None = None,
+    flat: int = 0,
+) -> Plan:
+    """The plan of ``choice``; each module's bytes as ``measured`` under the plan itself
+    when given, else as estimated from the whole model at its option."""
+    bits = {o.name: o.bits for o in options}
+    four = next((o.name for o in options if o.bits == 4), options[0].name)
+    per_byte = {p: errors[p, four] / max(exact[p], 1) for p in exact}
+    median = sorted(per_byte.values())[len(per_byte) // 2] or 1e-30
+    got = {
+        p: (measured if measured is not None else stored[o]).get(p, 0) for p, o in choice.items()
+    }
     rows = tuple(
         PlanRow(
             path,
             exact[path],
-            bits,
-            stored[bits].get(path, exact[path]),
-            0.0 if bits is None else errors[path, bits],
+            option,
+            bits.get(option),
+            got[path],
+            0.0 if option == EXACT else errors[path, option],
+            per_byte[path] / median,
+            why[path],
         )
-        for path, bits in choice.items()
+        for path, option in choice.items()
     )
-    return Plan(rows, budget, base)
+    return Plan(rows, budget, base, options, sum(got.values()), flat)
+
+
+def _choose(
+    exact: dict, stored: dict, errors: dict, budget: int, options: tuple[Option, ...]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Greedy: from all exact, take the move with the most bytes freed per added error;
+    then spend what is left of the budget. Returns each module's option and why."""
+    names = [o.name for o in options]
+    choice = dict.fromkeys(exact, EXACT)
+    why = dict.fromkeys(exact, "")
+
+    def cost(path: str, option: str) -> int:
+        return stored[option].get(path, exact[path])
+
+    def err(path: str, option: str) -> float:
+        return 0.0 if option == EXACT else errors[path, option]
+
+    total = sum(exact.values())
+    last = 0.0
+    while total > budget:
+        best = None
+        for path, now in choice.items():
+            for nxt in names:
+                freed = cost(path, now) - cost(path, nxt)
+                if freed <= 0:
+                    continue
+                score = max(err(path, nxt) - err(path, now), 1e-12) / freed
+                if best is None or score < best[0]:
+                    best = (score, path, nxt, freed)
+        if best is None:
+            floor = sum(min(cost(p, o) for o in names) for p in exact)
+            raise ValueError(
+                f"plan: a budget of {budget} bytes cannot be met; with the narrowest "
+                f"option everywhere the saved activations take {floor} bytes (at 2 bits "
+                "everywhere, if it is offered)"
+            )
+        last, path, nxt, freed = best
+        choice[path] = nxt
+        total -= freed
+    total = _spend_slack(choice, total, budget, cost, err, names, why)
+    for path, now in choice.items():
+        if why[path]:
+            continue
+        if now != EXACT and cost(path, now) == 0:
+            why[path] = "rebuilt in backward from what another module stores (derived)"
+            continue
+        narrower = [
+            (max(err(path, o) - err(path, now), 1e-12) / (cost(path, now) - cost(path, o)), o)
+            for o in names
+            if cost(path, o) < cost(path, now)
+        ]
+        if not narrower:
+            why[path] = "the narrowest option" if now != EXACT else "nothing saved narrower"
+        elif total <= budget and last == 0.0:
+            why[path] = "the budget needs nothing narrower"
+        else:
+            score, o = min(narrower)
+            why[path] = (
+                f"{o} costs {score / max(last, 1e-30):.1f}x the error per byte of the last step"
+            )
+    return choice, why
 
 
 def _spend_slack(
-    choice: dict[str, int | None], total: int, stored: dict, errors: dict, budget: int
-) -> None:
-    """Greedy narrowing can overshoot: spend the bytes the budget still has on widening
-    the modules where a byte removes the most error (each step lowers the error, so it
-    ends)."""
+    choice: dict, total: int, budget: int, cost: Callable, err: Callable, names: list, why: dict
+) -> int:
+    """Greedy narrowing can overshoot: spend the bytes the budget still has on the moves
+    that remove the most error per byte (a move that costs nothing first); each move
+    lowers the error, so it ends."""
     while True:
         best = None
-        for path, bits in choice.items():
-            if bits is None:
-                continue
-            for wider in (None, *WIDTHS[: WIDTHS.index(bits)]):
-                cost = stored[wider].get(path, 0) - stored[bits].get(path, 0)
-                gain = errors[path, bits] - (0.0 if wider is None else errors[path, wider])
-                if cost <= 0 or gain <= 0 or total + cost > budget:
+        for path, now in choice.items():
+            for other in (EXACT, *names):
+                extra = cost(path, other) - cost(path, now)
+                gain = err(path, now) - err(path, other)
+                if gain <= 0 or total + extra > budget:
                     continue
-                if best is None or gain / cost > best[0]:
-                    best = (gain / cost, path, wider, cost)
+                score = float("inf") if extra <= 0 else gain / extra
+                if best is None or score > best[0]:
+                    best = (score, path, other, extra)
         if best is None:
-            return
-        _, path, wider, cost = best
-        choice[path] = wider
-        total += cost
+            return total
+        _, path, other, extra = best
+        choice[path] = other
+        why[path] = "less error for the bytes the budget had left"
+        total += extra
 
 
 def _runner(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Callable:
@@ -252,11 +403,8 @@ def _children(path: str, paths: dict) -> list[str]:
     return [p for p in paths if p != path and p.startswith(prefix)]
 
 
-def _config(base: Config, bits: int | None) -> Config | None:
-    if bits is None:
-        return None
-    rounding = base.rounding if bits == 8 else "stochastic"
-    return dataclasses.replace(base, bits=bits, rounding=rounding)
+def _config(base: Config, option: Option | None) -> Config | None:
+    return None if option is None else option.config(base)
 
 
 def _exact_glob(path: str) -> str:

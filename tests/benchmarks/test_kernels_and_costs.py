@@ -59,6 +59,11 @@ def test_kernel_benchmark_reports_every_ratio(tmp_path):
         for key in ("quantize", "delayed_quantize", "dequantize"):
             assert row[f"fused_{key}_vs_copy"] > 0 and row[f"fused_{key}_cold_vs_copy"] > 0
         assert row["copy_cold_ms"] > 0
+    assert len(report["blocks"]) == 16  # two tensors, two dtypes, four block settings
+    for row in report["blocks"]:
+        assert row["quantize_vs_copy"] > 0 and row["dequantize_cold_vs_copy"] > 0
+        assert 3.2 < row["bits_per_element"] < 4.6
+    assert "worst 4-bit fp16 rotated float32 / copy (hot)" in done.stdout
     assert [m["dtype"] for m in report["masks"]] == ["float32", "bool"]
     assert all(m["pack_vs_copy"] > 0 and m["unpack_vs_copy"] > 0 for m in report["masks"])
 
