@@ -30,20 +30,22 @@ step() {  # step NAME SECONDS COMMAND...: run it, log it, keep its exit status
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG" || exit 1
 
 # 1. the Triton kernels on the GPU, against the reference (the suite CI runs interpreted)
-step triton-tests 150 env TORCHMESA_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
-    tests/quant/test_triton.py --junitxml="$OUT/triton-tests.xml"
+step triton-tests 120 env TORCHMESA_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+    tests/quant/test_triton.py tests/quant/test_triton_blocks.py \
+    --junitxml="$OUT/triton-tests.xml"
 
-# 2. kernel speed: quantize and dequantize against a plain copy, hot and cold
+# 2. kernel speed: quantize and dequantize against a plain copy, hot and cold (block-scaled
+#    codes too)
 step kernels 120 "$PY" benchmarks/kernels.py --device cuda --out "$OUT/kernels-cuda.json"
 
 # 3. Mesa's table in shape: DeiT-Ti/S/B at batch 128 under bf16 autocast, exact vs Mesa's
 #    storage (torchmesa-dynamic) vs the default with derived tensors (torchmesa)
-step mesa-bf16 240 "$PY" benchmarks/bench.py --preset mesa --device cuda --precision bf16 \
-    --configs exact torchmesa-dynamic torchmesa checkpoint --steps 4 \
+step mesa-bf16 210 "$PY" benchmarks/bench.py --preset mesa --device cuda --precision bf16 \
+    --configs exact torchmesa-dynamic torchmesa torchmesa-4bit checkpoint --steps 4 \
     --out "$OUT/bench-cuda-bf16-mesa.json"
 
 # 4. the compiled path on CUDA: fused-QKV attention, both orders of compress and compile
-step compiled 150 "$PY" - "$OUT/compiled-cuda.json" <<'PYTHON'
+step compiled 120 "$PY" - "$OUT/compiled-cuda.json" <<'PYTHON'
 import json, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
 import torchmesa

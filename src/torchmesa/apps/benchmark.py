@@ -51,6 +51,11 @@ CONFIGS = {  # name: (checkpoint each block, compression)
     "torchmesa": (False, torchmesa.Config()),
     "checkpoint": (True, None),
     "checkpoint+torchmesa": (True, torchmesa.Config()),
+    # block-scaled 4-bit codes, attention tensors at 8 bits (README, "Four bits")
+    "torchmesa-4bit": (
+        False,
+        torchmesa.Config(bits=4, groups=torchmesa.PerBlock(32), attention_bits=8),
+    ),
 }
 PRESETS = {  # name: {model: batch size}
     "quick": {"deit-s": 8, "gpt2-s-4l": 1},
