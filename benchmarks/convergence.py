@@ -233,11 +233,22 @@ def study(
     for task in tasks:
         scores: dict[str, list[float]] = {s: [] for s in chosen}
         cosines: dict = {}
+        unreachable: dict[str, str] = {}  # a plan's budget this task cannot meet, and why
         start = time.perf_counter()
         for seed in seeds:
             batches = task.batches(seed)[:max_steps]
             for setting, config in chosen.items():
-                model = train(task, seed, config, batches)
+                if setting in unreachable:
+                    continue
+                try:
+                    model = train(task, seed, config, batches)
+                except ValueError as err:
+                    if not isinstance(config, PlanAt):
+                        raise
+                    unreachable[setting] = str(err)
+                    del scores[setting]
+                    print(f"  {task.name}: {setting} skipped: {err}", flush=True)
+                    continue
                 scores[setting].append(round(task.score(model), 4))
                 if setting == "exact" and seed == seeds[0]:
                     final_exact = model
@@ -245,7 +256,7 @@ def study(
                 f"{s} {v[-1]:.4g}" for s, v in scores.items()), flush=True)  # fmt: skip
         probe = task.batches(seeds[0])[0]
         for setting, config in chosen.items():
-            if config is not None:
+            if config is not None and setting not in unreachable:
                 per_layer = gradient_cosines(task, final_exact, config, probe)
                 cosines[setting] = {
                     "min": min(per_layer.values()),
@@ -256,6 +267,7 @@ def study(
             "metric": task.metric,
             "scores": scores,
             "gradient_cosine": cosines,
+            "unreachable": unreachable,
             "seconds": round(time.perf_counter() - start, 1),
         }
     return results

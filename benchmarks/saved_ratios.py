@@ -21,7 +21,7 @@ from torchmesa.apps.benchmark import CONFIGS
 from torchmesa.apps.models import SPECS
 
 DEFAULT_RUNS = [("deit-s", "fp32", 8), ("deit-s", "bf16", 8), ("hf-gpt2", "fp32", 1)]
-SETTINGS = ("exact", "torchmesa-dynamic", "torchmesa")
+SETTINGS = ("exact", "torchmesa-dynamic", "torchmesa", "torchmesa-4bit")
 
 
 def saved(model_name: str, precision: str, batch_size: int, config: str) -> dict:

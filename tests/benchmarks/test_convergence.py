@@ -14,10 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_convergence_smoke(tmp_path):
     out = tmp_path / "convergence.json"
+    settings = ["8-bit ema", "8-bit dynamic", "8-bit derived", "4-bit stochastic"]
+    settings += ["2-bit stochastic", "4-bit block rotated, attention 8"]
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "convergence.py"),
         "--quick",
+        "--settings",
+        *settings,
         "--out",
         str(out),
     ]
@@ -26,8 +30,7 @@ def test_convergence_smoke(tmp_path):
     assert "grad cos min/median" in done.stdout
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"digits-vit", "digits-cnn", "stdlib-gpt"}
-    settings = {"exact", "8-bit ema", "8-bit dynamic", "8-bit derived"}
-    settings |= {"4-bit stochastic", "2-bit stochastic"}
+    settings = {"exact", *settings}
     for task, r in report["results"].items():
         assert set(r["scores"]) == settings
         assert set(r["gradient_cosine"]) == settings - {"exact"}
@@ -41,3 +44,16 @@ def test_convergence_smoke(tmp_path):
         assert verdict["exact"]["gap_to_exact"] == 0
         assert verdict["8-bit ema"]["target_met"] in (True, False)
         assert verdict["2-bit stochastic"]["target"] is None  # reported, not targeted
+
+
+@pytest.mark.slow
+def test_a_planned_setting_plans_each_run_and_prints_its_table(tmp_path):
+    out = tmp_path / "convergence.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--tasks",
+           "stdlib-gpt", "--settings", "plan 10x", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "from derived tensors" in done.stdout  # the plan's table
+    report = json.loads(out.read_text())
+    assert report["results"]["stdlib-gpt"]["gradient_cosine"]["plan 10x"]["min"] > 0.9
+    assert report["verdicts"]["stdlib-gpt"]["plan 10x"]["target"] == 0.01

@@ -928,31 +928,39 @@ static void unpack_run(const uint8_t *p, int64_t i0, int64_t n, int bits, uint8_
     for (; k < n; k++) q[k] = unpack_one(p, i0 + k, bits);
 }
 
-/* The butterflies of an unnormalized Walsh-Hadamard transform, in the reference's order;
- * one copy per block size, so that the compiler unrolls and vectorizes each. */
-#define FWHT_N(N)                                                                          \
-    static inline void fwht_##N(float *restrict v) {                                       \
-        for (int64_t h = 1; h < N; h *= 2)                                                 \
-            for (int64_t i = 0; i < N; i += 2 * h)                                         \
-                for (int64_t j = i; j < i + h; j++) {                                      \
-                    float a = v[j], b = v[j + h];                                          \
-                    v[j] = a + b;                                                          \
-                    v[j + h] = a - b;                                                      \
-                }                                                                          \
-    }
-FWHT_N(16)
-FWHT_N(32)
-FWHT_N(64)
-FWHT_N(128)
-#undef FWHT_N
+/* The butterflies of an unnormalized Walsh-Hadamard transform, in the reference's order:
+ * stage h (1, 2, 4, ...) maps each pair (i, i + h) in a run of 2h to (a + b, a - b). The
+ * stages inside 8 floats are shuffles, a + s * b with s = +-1 (exact: a + -b is a - b);
+ * the wider ones add and subtract whole 8-float vectors. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+static inline v8f butterfly8(v8f v, v8i lo, v8i hi, v8f sign) {
+    return __builtin_shuffle(v, lo) + sign * __builtin_shuffle(v, hi);
+}
 
 static inline void fwht(float *v, int64_t size) {
-    switch (size) {
-    case 16: fwht_16(v); break;
-    case 32: fwht_32(v); break;
-    case 64: fwht_64(v); break;
-    default: fwht_128(v); break;
+    const v8i lo1 = {0, 0, 2, 2, 4, 4, 6, 6}, hi1 = {1, 1, 3, 3, 5, 5, 7, 7};
+    const v8i lo2 = {0, 1, 0, 1, 4, 5, 4, 5}, hi2 = {2, 3, 2, 3, 6, 7, 6, 7};
+    const v8i lo4 = {0, 1, 2, 3, 0, 1, 2, 3}, hi4 = {4, 5, 6, 7, 4, 5, 6, 7};
+    const v8f s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1};
+    const v8f s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+    v8f w[16]; /* size <= 128 */
+    int64_t nv = size / 8;
+    memcpy(w, v, (size_t)size * sizeof(float));
+    for (int64_t k = 0; k < nv; k++) {
+        w[k] = butterfly8(w[k], lo1, hi1, s1);
+        w[k] = butterfly8(w[k], lo2, hi2, s2);
+        w[k] = butterfly8(w[k], lo4, hi4, s4);
     }
+    for (int64_t h = 1; h < nv; h *= 2)
+        for (int64_t i = 0; i < nv; i += 2 * h)
+            for (int64_t j = i; j < i + h; j++) {
+                v8f a = w[j], b = w[j + h];
+                w[j] = a + b;
+                w[j + h] = a - b;
+            }
+    memcpy(v, w, (size_t)size * sizeof(float));
 }
 
 /* Quantize one block of n values v (n <= size; rotated in place when asked): codes into
