@@ -59,3 +59,13 @@ def test_rows_not_a_multiple_of_8_use_the_reference():
     layout = BlockLayout.of(x.shape, 32, "fp16", False)
     q, *_ = backend.quantize_blocks(x, layout, 4, "nearest", None)
     assert torch.equal(q.codes, blocks.quantize_blocks(x, layout, 4)[0].codes)
+
+
+def test_strided_inputs_are_read_in_logical_order():
+    base = torch.randn(4, 64, 48).to(DEVICE)
+    for x in (base.transpose(1, 2), base[:, ::2, :], base[..., 8:40]):
+        layout = BlockLayout.of(x.shape, 16, "fp16", True)
+        qr, *_ = blocks.quantize_blocks(x, layout, 4)
+        qt, *_ = kernels.quantize_blocks(x, layout, 4, None)
+        assert torch.equal(qr.codes, qt.codes)
+        assert torch.equal(qr.scales.view(torch.uint8), qt.scales.view(torch.uint8))
