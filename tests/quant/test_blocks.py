@@ -148,6 +148,21 @@ def _same(qr, qc):
         assert torch.equal(qr.ref, qc.ref)
 
 
+def _kernels_match_reference(x: torch.Tensor, size: int, bits: int) -> None:
+    """Codes, scales, flags and restored values of the C kernels equal the reference's
+    for both scale formats, with and without rotation."""
+    for scale in ("fp16", "e8m0"):
+        for rotate in (False, True):
+            layout = BlockLayout.of(x.shape, size, scale, rotate)
+            qr, nr, orr = blocks.quantize_blocks(x, layout, bits)
+            qc, nc, oc = cpu.quantize_blocks(x, layout, bits, None)
+            _same(qr, qc)
+            assert (nr, orr) == (nc, oc)
+            yr, yc = blocks.dequantize_blocks(qr), cpu.dequantize_blocks(qc)
+            assert yc.dtype == x.dtype and yc.shape == x.shape
+            assert torch.equal(yr.nan_to_num(7.0), yc.nan_to_num(7.0))
+
+
 @cpu_only
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,16 +172,34 @@ def test_cpu_kernels_match_the_reference_bitwise(shape, dtype, bits):
     if x.shape[0] > 3:
         x[3, 0] = float("nan")
     for size in (16, 32, 128):
-        for scale in ("fp16", "e8m0"):
-            for rotate in (False, True):
-                layout = BlockLayout.of(x.shape, size, scale, rotate)
-                qr, nr, orr = blocks.quantize_blocks(x, layout, bits)
-                qc, nc, oc = cpu.quantize_blocks(x, layout, bits, None)
-                _same(qr, qc)
-                assert (nr, orr) == (nc, oc)
-                yr, yc = blocks.dequantize_blocks(qr), cpu.dequantize_blocks(qc)
-                assert yc.dtype == dtype and yc.shape == x.shape
-                assert torch.equal(yr.nan_to_num(7.0), yc.nan_to_num(7.0))
+        _kernels_match_reference(x, size, bits)
+
+
+def _edge_rows(size: int) -> torch.Tensor:
+    """One block per row of each kind whose step or codes sit on an edge: an overflow for
+    e8m0, subnormals (the FLT_MIN step floor), zeros of both signs, infinities, steps that
+    are powers of two (frexp's 0.5 mantissa), exact code boundaries, ReLU zeros."""
+    g = torch.Generator().manual_seed(size)
+    base = torch.randn(size, generator=g)
+    rows = [
+        base * 1e30, base * 1e-40, torch.zeros(size), -torch.zeros(size),
+        base.abs() * 1e-40, torch.full((size,), float("inf")), -base.abs() - 1,
+        torch.arange(size) - size / 2.0, torch.full((size,), 7.0), torch.relu(base),
+        torch.where(base > 0, base, -0.0), base * 2.0**-126, base.abs() + 1e30,
+    ]  # fmt: skip
+    edge = torch.stack(rows)
+    edge[5, 1] = float("-inf")
+    edge[6, 0] = float("inf")
+    return edge
+
+
+@cpu_only
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_kernels_match_the_reference_on_edge_blocks(size, bits):
+    x = torch.cat([_edge_rows(size), _edge_rows(size)[:, : size // 2 + 1]], 1)  # ragged too
+    for dtype in DTYPES:
+        _kernels_match_reference(x.to(dtype), size, bits)
 
 
 @cpu_only

@@ -30,7 +30,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -874,6 +874,19 @@ static void pack_any(const uint8_t *q, int64_t n, int bits, uint8_t *out) {
         memcpy(out, q, (size_t)n);
         return;
     }
+    if (bits == 4) { /* the common widths with their codes per byte a constant: vectorized */
+        int64_t j = 0;
+        for (; j < n / 2; j++) out[j] = (uint8_t)(q[2 * j] | q[2 * j + 1] << 4);
+        if (n % 2) out[j] = q[2 * j];
+        return;
+    }
+    if (bits == 2) {
+        int64_t j = 0;
+        for (; j < n / 4; j++)
+            out[j] = (uint8_t)(q[4 * j] | q[4 * j + 1] << 2 | q[4 * j + 2] << 4 | q[4 * j + 3] << 6);
+        if (n % 4) pack(q + 4 * j, n % 4, bits, out + j);
+        return;
+    }
     if (bits != 3) {
         pack(q, n, bits, out);
         return;
@@ -930,28 +943,25 @@ static void unpack_run(const uint8_t *p, int64_t i0, int64_t n, int bits, uint8_
 
 /* The butterflies of an unnormalized Walsh-Hadamard transform, in the reference's order:
  * stage h (1, 2, 4, ...) maps each pair (i, i + h) in a run of 2h to (a + b, a - b). The
- * stages inside 8 floats are shuffles, a + s * b with s = +-1 (exact: a + -b is a - b);
- * the wider ones add and subtract whole 8-float vectors. */
+ * stages inside 8 floats take each lane's partner p and add s * v, s = +1 on a pair's
+ * first lane (b + a) and -1 on its second (a + -b): the reference's sums, exactly. The
+ * wider stages add and subtract whole 8-float vectors. */
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
 
-static inline v8f butterfly8(v8f v, v8i lo, v8i hi, v8f sign) {
-    return __builtin_shuffle(v, lo) + sign * __builtin_shuffle(v, hi);
+static inline v8f butterfly8(v8f v, v8i partner, v8f sign) {
+    return __builtin_shuffle(v, partner) + sign * v;
 }
 
-static inline void fwht(float *v, int64_t size) {
-    const v8i lo1 = {0, 0, 2, 2, 4, 4, 6, 6}, hi1 = {1, 1, 3, 3, 5, 5, 7, 7};
-    const v8i lo2 = {0, 1, 0, 1, 4, 5, 4, 5}, hi2 = {2, 3, 2, 3, 6, 7, 6, 7};
-    const v8i lo4 = {0, 1, 2, 3, 0, 1, 2, 3}, hi4 = {4, 5, 6, 7, 4, 5, 6, 7};
+static inline __attribute__((always_inline)) void fwht_vectors(v8f *w, int64_t nv) {
+    const v8i p1 = {1, 0, 3, 2, 5, 4, 7, 6}, p2 = {2, 3, 0, 1, 6, 7, 4, 5};
+    const v8i p4 = {4, 5, 6, 7, 0, 1, 2, 3};
     const v8f s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1};
     const v8f s4 = {1, 1, 1, 1, -1, -1, -1, -1};
-    v8f w[16]; /* size <= 128 */
-    int64_t nv = size / 8;
-    memcpy(w, v, (size_t)size * sizeof(float));
     for (int64_t k = 0; k < nv; k++) {
-        w[k] = butterfly8(w[k], lo1, hi1, s1);
-        w[k] = butterfly8(w[k], lo2, hi2, s2);
-        w[k] = butterfly8(w[k], lo4, hi4, s4);
+        w[k] = butterfly8(w[k], p1, s1);
+        w[k] = butterfly8(w[k], p2, s2);
+        w[k] = butterfly8(w[k], p4, s4);
     }
     for (int64_t h = 1; h < nv; h *= 2)
         for (int64_t i = 0; i < nv; i += 2 * h)
@@ -960,6 +970,13 @@ static inline void fwht(float *v, int64_t size) {
                 w[j] = a + b;
                 w[j + h] = a - b;
             }
+}
+
+/* fwht_vectors on size floats (size <= 128, a multiple of 8) anywhere in memory */
+static inline void fwht(float *v, int64_t size) {
+    v8f w[16];
+    memcpy(w, v, (size_t)size * sizeof(float));
+    fwht_vectors(w, size / 8);
     memcpy(v, w, (size_t)size * sizeof(float));
 }
 
@@ -1032,10 +1049,211 @@ static inline int encode_block(float *restrict v, int64_t n, int64_t size, int b
     return unsig | finite << 1 | over << 2;
 }
 
+/* Eight whole blocks at once, nearest rounding: encode_block's arithmetic, bit for bit,
+ * with each block's statistics in one lane, so that the scalar chain from a block's
+ * extremes to its step (two reductions and two divisions) is paid once per eight blocks.
+ * The largest magnitude is an integer max over the bits of |v|: for non-negative floats
+ * it orders as the values do, and a NaN lands above +inf, so that one pass finds the
+ * step and whether the block is finite. */
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
+#ifdef __AVX2__ /* one instruction each; the lane loops below are not always vectorized */
+static inline v8f vmin(v8f a, v8f b) { return (v8f)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline v8f vmax(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
+static inline v8i imax(v8i a, v8i b) { return (v8i)_mm256_max_epi32((__m256i)a, (__m256i)b); }
+static inline v8f vrint(v8f a) {
+    return (v8f)_mm256_round_ps((__m256)a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline v8f codes8(const uint8_t *p) { /* eight codes as floats */
+    return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#else /* a < b ? a : b lane by lane: what _mm256_min_ps computes, NaNs included */
+static inline v8f vmin(v8f a, v8f b) {
+    v8f r;
+    for (int j = 0; j < 8; j++) r[j] = a[j] < b[j] ? a[j] : b[j];
+    return r;
+}
+
+static inline v8f vmax(v8f a, v8f b) {
+    v8f r;
+    for (int j = 0; j < 8; j++) r[j] = a[j] > b[j] ? a[j] : b[j];
+    return r;
+}
+
+static inline v8i imax(v8i a, v8i b) {
+    v8i r;
+    for (int j = 0; j < 8; j++) r[j] = a[j] > b[j] ? a[j] : b[j];
+    return r;
+}
+
+static inline v8f vrint(v8f a) {
+    for (int j = 0; j < 8; j++) a[j] = rintf(a[j]);
+    return a;
+}
+
+static inline v8f codes8(const uint8_t *p) {
+    v8f r;
+    for (int j = 0; j < 8; j++) r[j] = (float)p[j];
+    return r;
+}
+#endif
+
+static inline v8f vsel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
+
+/* Lane b of the result: the min (max) over the lanes of m[b], in three rounds of pairs. */
+static const v8i FOLD_E1 = {0, 8, 2, 10, 4, 12, 6, 14}, FOLD_O1 = {1, 9, 3, 11, 5, 13, 7, 15};
+static const v8i FOLD_E2 = {0, 1, 8, 9, 4, 5, 12, 13}, FOLD_O2 = {2, 3, 10, 11, 6, 7, 14, 15};
+static const v8i FOLD_E4 = {0, 1, 2, 3, 8, 9, 10, 11}, FOLD_O4 = {4, 5, 6, 7, 12, 13, 14, 15};
+
+#define FOLD(NAME, T, OP)                                                                    \
+    static inline T NAME(const T *m) {                                                       \
+        T c[4], d[2];                                                                        \
+        for (int i = 0; i < 4; i++)                                                          \
+            c[i] = OP(__builtin_shuffle(m[2 * i], m[2 * i + 1], FOLD_E1),                    \
+                      __builtin_shuffle(m[2 * i], m[2 * i + 1], FOLD_O1));                   \
+        for (int i = 0; i < 2; i++)                                                          \
+            d[i] = OP(__builtin_shuffle(c[2 * i], c[2 * i + 1], FOLD_E2),                    \
+                      __builtin_shuffle(c[2 * i], c[2 * i + 1], FOLD_O2));                   \
+        return OP(__builtin_shuffle(d[0], d[1], FOLD_E4), __builtin_shuffle(d[0], d[1], FOLD_O4)); \
+    }
+FOLD(fold_min, v8f, vmin)
+FOLD(fold_max, v8i, imax)
+#undef FOLD
+
+/* The bits of the largest |v| over a block's nv vectors, per lane */
+static inline v8i magnitudes(const v8f *w, int64_t nv) {
+    const v8i clear = (v8i){0} + 0x7fffffff;
+    v8i m = (v8i)w[0] & clear;
+    for (int64_t k = 1; k < nv; k++) m = imax(m, (v8i)w[k] & clear);
+    return m;
+}
+
+/* Encode the blocks src[0..8) of nv vectors each (codes into q[b], step, e8m0 exponent
+ * and encode_block's flags into the arrays); the caller repeats its last block to fill 8,
+ * and pads a ragged block with its own first value (which moves none of its statistics)
+ * and leaves it out of whole, the lanes that rotate. */
+static inline __attribute__((always_inline)) void encode8(
+    const float *const *src, int64_t nv, int bits, int rotate, int whole, int e8m0,
+    const float *signs, float norm, uint8_t *const *q, float *step_out, int *exponent,
+    int *flags) {
+    v8f w[8][16]; /* size <= 128 */
+    v8f mn[8];
+    v8i mg[8];
+    for (int b = 0; b < 8; b++) {
+        memcpy(w[b], src[b], (size_t)nv * sizeof(v8f));
+        mn[b] = w[b][0];
+        for (int64_t k = 1; k < nv; k++) mn[b] = vmin(mn[b], w[b][k]);
+        mg[b] = magnitudes(w[b], nv);
+    }
+    const v8i inf = (v8i){0} + 0x7f800000, mantissa = (v8i){0} + 0x7fffff;
+    const v8f zero = {0};
+    v8f lo = fold_min(mn);
+    v8i top = fold_max(mg);
+    v8i finite = top < inf, nan = top > inf;
+    v8i unsig = ~nan & (lo >= zero);
+    if (rotate) {
+        v8i turn = finite & ~unsig;
+        int any = 0;
+        for (int b = 0; b < 8; b++) {
+            if (!turn[b] || !(whole >> b & 1)) continue;
+            v8f s[16];
+            memcpy(s, signs, (size_t)nv * sizeof(v8f));
+            for (int64_t k = 0; k < nv; k++) w[b][k] = w[b][k] * s[k];
+            fwht_vectors(w[b], nv);
+            for (int64_t k = 0; k < nv; k++) w[b][k] = w[b][k] * norm;
+            mg[b] = magnitudes(w[b], nv);
+            any = 1;
+        }
+        if (any) top = fold_max(mg);
+    }
+    float topc = (float)((1 << bits) - 1), stopc = (float)((1 << (bits - 1)) - 1);
+    v8f a = (v8f)top;
+    v8f step = a / vsel(unsig, zero + topc, zero + stopc);
+    step = vsel(a > zero, vsel(step < zero + FLT_MIN, zero + FLT_MIN, step), zero);
+    v8i bits_s = (v8i)step;
+    v8i over = finite & ((bits_s & ((v8i){0} + 0x7fffffff)) >= inf);
+    v8i k2 = (v8i){0};
+    if (e8m0) { /* frexp's exponent, less one where the mantissa is 0.5, as encode_block */
+        v8i ok = (step > zero) & ((bits_s & ((v8i){0} + 0x7fffffff)) < inf);
+        v8i k = (bits_s >> 23) - 126 + ((bits_s & mantissa) == 0);
+        over |= finite & ok & (k > 62);
+        k = imax(k, (v8i){0} - 63);
+        k = -imax(-k, (v8i){0} - 62);
+        k2 = ok & k;
+        step = vsel(ok, (v8f)((k + 127) << 23), step);
+    }
+    step = vsel(finite & ~over, step, zero);
+    v8f inv = vsel(step > zero, (zero + 1.0f) / step, zero);
+    for (int b = 0; b < 8; b++) {
+        step_out[b] = step[b];
+        exponent[b] = k2[b];
+        flags[b] = (unsig[b] & 1) | (finite[b] & 1) << 1 | (over[b] & 1) << 2;
+        uint8_t *qb = q[b];
+        const v8f *wb = w[b];
+        const v8f vi = zero + inv[b];
+        if (!finite[b]) {
+            memset(qb, 0, (size_t)nv * 8);
+        } else if (!unsig[b]) { /* codes in [-stop, stop], offset by stop */
+            const v8f vlo = zero - stopc, vhi = zero + stopc;
+            for (int64_t k = 0; k < nv; k++) {
+                v8f r = vrint(wb[k] * vi);
+                r = vmax(vmin(r, vhi), vlo) + vhi;
+                v8u8 c = __builtin_convertvector(__builtin_convertvector(r, v8i), v8u8);
+                memcpy(qb + 8 * k, &c, 8);
+            }
+        } else { /* codes in [0, top], off 0 where v > 0 in a block whose minimum is 0 */
+            const v8f vhi = zero + topc, lift = zero + (lo[b] == 0.0f ? 1.0f : 0.0f);
+            for (int64_t k = 0; k < nv; k++) {
+                v8f r = vrint(wb[k] * vi);
+                r = vmax(vmin(r, vhi), zero);
+                r = vmax(r, vsel(wb[k] > zero, lift, zero));
+                v8u8 c = __builtin_convertvector(__builtin_convertvector(r, v8i), v8u8);
+                memcpy(qb + 8 * k, &c, 8);
+            }
+        }
+    }
+}
+
+/* encode8 with the blocks' size a constant, so that its loops unroll */
+static void encode8_sized(const float *const *src, int64_t size, int bits, int rotate,
+                          int whole, int e8m0, const float *signs, float norm,
+                          uint8_t *const *q, float *step, int *exponent, int *flags) {
+#define SIZED(NV) encode8(src, NV, bits, rotate, whole, e8m0, signs, norm, q, step, exponent, flags)
+    switch (size) {
+    case 16:
+        SIZED(2);
+        break;
+    case 32:
+        SIZED(4);
+        break;
+    case 64:
+        SIZED(8);
+        break;
+    default:
+        SIZED(16);
+    }
+#undef SIZED
+}
+
+/* Where one block's step and flags go: its e8m0 byte, or the step and flags that the fp16
+ * ratios are made from once every block's step is known. */
+static inline void keep_block(int64_t blk, int f, float step, int k2, int e8m0, void *scales,
+                              float *steps, uint8_t *flags) {
+    if (e8m0) {
+        int finite = (f >> 1) & 1;
+        int e = !finite ? 127 : (step > 0.0f ? k2 + 64 : 0);
+        ((uint8_t *)scales)[blk] = (uint8_t)(e | (f & 1) << 7);
+    } else {
+        steps[blk] = step;
+        flags[blk] = (uint8_t)f;
+    }
+}
+
 /* Block-scaled codes of x (rows x channels, read in logical order through v): codes
  * packed into out, one scale per block into scales (e8m0 bytes, or fp16 step / *ref with
  * the sign bit set on unsigned blocks), info[0] = some block not finite, info[1] = some
- * finite block's step overflowed its format. */
+ * finite block's step overflowed its format. Whole blocks go eight at a time (encode8);
+ * ragged last blocks and stochastic rounding one at a time (encode_block). */
 static void k_quantize_blocks(const void *x, int dtype, int nd, const int64_t *sz,
                               const int64_t *st, int64_t rows, int64_t channels, int64_t size,
                               int bits, int rotate, int e8m0, const float *signs,
@@ -1050,38 +1268,68 @@ static void k_quantize_blocks(const void *x, int dtype, int nd, const int64_t *s
     int64_t nonfinite = 0, overflow = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : nonfinite, overflow)
     {
-        float *buf = malloc((size_t)channels * sizeof(float));
-        uint8_t *q = malloc((size_t)(unit * channels));
+        float *in = malloc((size_t)(unit * channels) * sizeof(float)), buf[128];
+        float pad[8][128];
+        uint8_t *q = malloc((size_t)(unit * channels)), spare[8][128];
+        const float *src[8];
+        uint8_t *dst[8];
+        int64_t which[8], ragged[8], at8[8];
+        float step8[8];
+        int k8[8], f8[8], pending = 0, whole = 0;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; u++) {
             int64_t r0 = u * unit, r1 = r0 + unit < rows ? r0 + unit : rows;
+            int64_t e0 = r0 * channels, e1 = r1 * channels;
+            const float *part = view_block(x, dtype, v, e0, e1 - e0, in);
             for (int64_t r = r0; r < r1; r++) {
-                load_view(x, dtype, v, r * channels, channels, buf);
                 for (int64_t b = 0; b < per_row; b++) {
                     int64_t c0 = b * size, n = channels - c0 < size ? channels - c0 : size;
-                    int64_t blk = r * per_row + b;
-                    float step;
-                    int k2;
-                    int f = encode_block(buf + c0, n, size, bits, rotate, e8m0, signs, norm,
-                                         stochastic, seed, r * channels + c0,
-                                         q + (r - r0) * channels + c0, &step, &k2);
-                    int unsig = f & 1, finite = (f >> 1) & 1;
-                    nonfinite |= !finite;
-                    overflow |= (f >> 2) & 1;
-                    if (e8m0) {
-                        int e = !finite ? 127 : (step > 0.0f ? k2 + 64 : 0);
-                        ((uint8_t *)scales)[blk] = (uint8_t)(e | unsig << 7);
-                    } else {
-                        steps[blk] = step;
-                        flags[blk] = (uint8_t)f;
+                    int64_t blk = r * per_row + b, at = (r - r0) * channels + c0;
+                    if (stochastic) {
+                        float step;
+                        int k2;
+                        int f = encode_block(memcpy(buf, part + at, (size_t)n * 4), n, size,
+                                             bits, rotate, e8m0, signs, norm, stochastic,
+                                             seed, e0 + at, q + at, &step, &k2);
+                        nonfinite |= !((f >> 1) & 1);
+                        overflow |= (f >> 2) & 1;
+                        keep_block(blk, f, step, k2, e8m0, scales, steps, flags);
+                        continue;
                     }
+                    int g = pending++;
+                    which[g] = blk;
+                    at8[g] = at;
+                    ragged[g] = n < size ? n : 0;
+                    if (n == size) {
+                        src[g] = part + at;
+                        dst[g] = q + at;
+                        whole |= 1 << g;
+                    } else {
+                        for (int64_t k = 0; k < size; k++) pad[g][k] = part[at + (k < n ? k : 0)];
+                        src[g] = pad[g];
+                        dst[g] = spare[g];
+                    }
+                    int last = r == r1 - 1 && b == per_row - 1;
+                    if (pending < 8 && !last) continue;
+                    for (int h = pending; h < 8; h++) { /* fill with the last again */
+                        src[h] = src[pending - 1];
+                        dst[h] = spare[h];
+                    }
+                    encode8_sized(src, size, bits, rotate, whole, e8m0, signs, norm, dst, step8,
+                                  k8, f8);
+                    for (int h = 0; h < pending; h++) {
+                        nonfinite |= !((f8[h] >> 1) & 1);
+                        overflow |= (f8[h] >> 2) & 1;
+                        keep_block(which[h], f8[h], step8[h], k8[h], e8m0, scales, steps, flags);
+                        if (ragged[h]) memcpy(q + at8[h], spare[h], (size_t)ragged[h]);
+                    }
+                    pending = whole = 0;
                 }
             }
-            int64_t e0 = r0 * channels, e1 = r1 * channels;
             pack_any(q, e1 - e0, bits, out + e0 * bits / 8);
         }
         free(q);
-        free(buf);
+        free(in);
     }
     if (!e8m0) {
         float largest = 0.0f;
@@ -1107,7 +1355,44 @@ static void k_quantize_blocks(const void *x, int dtype, int nd, const int64_t *s
     info[1] = overflow;
 }
 
-/* The inverse: values (rows x channels, contiguous) of dtype into out. */
+/* One whole block's values from its codes, in vector registers (the loop below, bit for
+ * bit): (code - shift) * step, then the inverse rotation where the block was rotated. */
+static inline __attribute__((always_inline)) void decode_whole(
+    const uint8_t *restrict qc, int64_t nv, float step, float shift, int turn, float norm,
+    const float *signs, float *restrict w_out) {
+    v8f w[16];
+    const v8f zero = {0}, vs = zero + step, vh = zero + shift;
+    for (int64_t k = 0; k < nv; k++) {
+        w[k] = (codes8(qc + 8 * k) - vh) * vs;
+    }
+    if (turn) {
+        v8f sg[16];
+        memcpy(sg, signs, (size_t)nv * sizeof(v8f));
+        fwht_vectors(w, nv);
+        for (int64_t k = 0; k < nv; k++) w[k] = (w[k] * norm) * sg[k];
+    }
+    memcpy(w_out, w, (size_t)nv * sizeof(v8f));
+}
+
+static void decode_sized(const uint8_t *qc, int64_t size, float step, float shift, int turn,
+                         float norm, const float *signs, float *w_out) {
+    switch (size) {
+    case 16:
+        decode_whole(qc, 2, step, shift, turn, norm, signs, w_out);
+        break;
+    case 32:
+        decode_whole(qc, 4, step, shift, turn, norm, signs, w_out);
+        break;
+    case 64:
+        decode_whole(qc, 8, step, shift, turn, norm, signs, w_out);
+        break;
+    default:
+        decode_whole(qc, 16, step, shift, turn, norm, signs, w_out);
+    }
+}
+
+/* The inverse: values (rows x channels, contiguous) of dtype into out (fp32 rows straight
+ * into out, others through a row of fp32). */
 static void k_dequantize_blocks(const uint8_t *codes, int bits, int64_t rows, int64_t channels,
                                 int64_t size, int rotate, int e8m0, const float *signs,
                                 const void *scales, float ref, int dtype, void *out,
@@ -1121,6 +1406,7 @@ static void k_dequantize_blocks(const uint8_t *codes, int bits, int64_t rows, in
         uint8_t *row = malloc((size_t)channels + 8);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
+            float *vals = dtype == F32 ? (float *)out + r * channels : buf;
             unpack_run(codes, r * channels, channels, bits, row);
             for (int64_t b = 0; b < per_row; b++) {
                 int64_t c0 = b * size, n = channels - c0 < size ? channels - c0 : size;
@@ -1139,15 +1425,15 @@ static void k_dequantize_blocks(const uint8_t *codes, int bits, int64_t rows, in
                     step = fabsf(f) * ref;
                 }
                 float shift = unsig ? 0.0f : stop;
-                float *w = buf + c0;
+                float *w = vals + c0;
                 const uint8_t *qc = row + c0;
-                for (int64_t k = 0; k < n; k++) w[k] = ((float)qc[k] - shift) * step;
-                if (rotate && !unsig && n == size) {
-                    fwht(w, size);
-                    for (int64_t k = 0; k < n; k++) w[k] = (w[k] * norm) * signs[k];
+                if (n == size) {
+                    decode_sized(qc, size, step, shift, rotate && !unsig, norm, signs, w);
+                    continue;
                 }
+                for (int64_t k = 0; k < n; k++) w[k] = ((float)qc[k] - shift) * step;
             }
-            store(out, dtype, r * channels, channels, buf);
+            if (dtype != F32) store(out, dtype, r * channels, channels, buf);
         }
         free(row);
         free(buf);
