@@ -72,10 +72,24 @@ NOTE [ Engine rules ]
      the backward pass that rebuilt it; a second backward (``retain_graph``) rebuilds it
      again. Masks and tensors kept exact stay as they are.
 
+ 13. Compiled graphs (PyTorch 2.8+). Under ``torch.compile``, the root's hooks run
+     outside Dynamo (before and after the compiled forward) and make
+     :class:`torchmesa.compiled.GraphHooks` ambient: graph-module hooks that AOTAutograd
+     inlines into the compiled forward and backward, so Inductor fuses the quantization
+     and no graph breaks at torchmesa. Each saved intermediate is decided at trace time
+     by rules 5 and 6 (rule 4 does not apply: no tensor in a graph has history) with
+     each batch's ranges: per token where a normalization op reads it, per head for 4+
+     dims, per channel otherwise; inputs and parameters (and their casts) stay exact.
+     Module hooks traced into the graph do nothing. A config the graphs cannot store
+     (below 8 bits, ``PerBlock``, stochastic rounding, ``check_finite``, different
+     configs per module) or an older PyTorch warns once, and the eager hooks store what
+     the compiled graphs save, in Python at run time.
+
 Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7, 9,
 11 and 12 are the engine's (12 with :mod:`torchmesa.derive`); rule 8 is the quantizing
 format's (it needs the ranges); rule 10 is every record's
-(:class:`torchmesa.formats.Record`).
+(:class:`torchmesa.formats.Record`); rule 13 is the engine's with
+:mod:`torchmesa.compiled`.
 """
 
 from __future__ import annotations
@@ -150,10 +164,12 @@ def is_activation(
     return True
 
 
-def decide(t: torch.Tensor, config: Config, in_norm: bool) -> Decision:
+def decide(t: torch.Tensor, config: Config, in_norm: bool, compiled: bool = False) -> Decision:
     """How to keep activation ``t``, saved by a module with ``config`` (a normalization
-    layer when ``in_norm``): rules 4 to 6."""
-    if type(t) is not torch.Tensor:
+    layer when ``in_norm``): rules 4 to 6. ``compiled``: a compiled graph saves ``t``
+    (rule 13), where no tensor has autograd history, so that rule 4 does not apply, and
+    where it may be a fake tensor being traced, whose metadata alone can be read."""
+    if type(t) is not torch.Tensor and not compiled:
         return Exact(type(t).__name__)
     unusual = unusual_layout(t)
     if unusual:
@@ -183,7 +199,7 @@ def decide(t: torch.Tensor, config: Config, in_norm: bool) -> Decision:
         decision = Quantize(layout, bits, config.rounding, estimator)
     if storage_nbytes(t) <= packed:
         return EXACT
-    if t.grad_fn is None and not t.requires_grad:  # a dropout mask, or statistics
+    if not compiled and t.grad_fn is None and not t.requires_grad:  # a mask, or statistics
         value = quant.two_level_value(t)
         if value is not None:
             return Mask(value)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmesa import quant
+from torchmesa import compiled, quant
 from torchmesa.config import NORM_CLASS_SUFFIXES, Config
 from torchmesa.decide import Exact, Mask, decide, is_activation
 from torchmesa.derive import OUTPUT, Derive, Known, is_derivable, trace
@@ -80,6 +80,7 @@ class _Forward:
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
         self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
+        self.compiled = False  # a torch.compile-d call, its saves made by compiled graphs
 
     def push(self, path: str, in_norm: bool, config: Config | None) -> _Frame:
         index = self.calls.get(path, 0)
@@ -189,12 +190,17 @@ def _make_inert_hook() -> Any:
 
 class _Call:
     """One call of the module tree on one thread, from its outermost module: the forward
-    state when compression is on for it (else None) and how deep the modules are nested."""
+    state when the eager hooks are on for it (else None), the compiled path's hooks when
+    those are (rule 13), and how deep the modules are nested."""
 
-    __slots__ = ("forward", "depth")
+    __slots__ = ("forward", "graph", "depth")
 
-    def __init__(self, forward: _Forward | None) -> None:
-        self.forward, self.depth = forward, 0
+    def __init__(
+        self,
+        forward: _Forward | None,
+        graph: torch.autograd.graph.saved_tensors_hooks | None = None,
+    ) -> None:
+        self.forward, self.graph, self.depth = forward, graph, 0
 
 
 def _raised(output: Any) -> bool:
@@ -231,6 +237,7 @@ class Engine:
         self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         self._warned: set[str] = set()
         self._spent: dict[str, float] | None = None
+        self.graph_hooks, self.graph_refusal = _graph_hooks(self.settings)
 
     # -- hooks on the module tree -------------------------------------------------------
 
@@ -238,18 +245,20 @@ class Engine:
         """Register the forward pre/post hooks on every module of the tree."""
         root = self._root()
         assert root is not None
+        outside = _outside_graphs()
         for path, module in root.named_modules():
             in_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
             config = self.settings[path]
+            make = outside if module is root else _Hook
             if config is not None and config.derive and is_derivable(module):
                 own_params = next(module.parameters(recurse=False), None) is not None
-                enter = _Hook(self, self._enter_derivable, path, in_norm, config, own_params)
+                enter = make(self, self._enter_derivable, path, in_norm, config, own_params)
                 handle = module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True)
             else:
-                enter = _Hook(self, self._enter, path, in_norm, config)
+                enter = make(self, self._enter, path, in_norm, config)
                 handle = module.register_forward_pre_hook(enter, prepend=True)
             self._handles.append(handle)
-            exit_ = _Hook(self, self._exit, path)
+            exit_ = make(self, self._exit, path)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
         _forget_compiled_modules()
 
@@ -278,6 +287,8 @@ class Engine:
     def _enter(
         self, path: str, in_norm: bool, config: Config | None, module: nn.Module, args: Any
     ) -> None:
+        if _compiling():  # traced into a compiled graph: the root's call holds the hooks
+            return
         self._open(path, in_norm, config, module)  # a pre-hook returning a value sets args
 
     def _open(
@@ -286,7 +297,8 @@ class Engine:
         """Enter ``module``: its frame, when compression is on for this call."""
         stack = self._stack()
         if not stack:  # the outermost module of the tree to run starts the call (Rule 1)
-            stack.append(_Call(self._begin(module)))
+            graph = self._begin_graph(module)
+            stack.append(_Call(None if graph is not None else self._begin(module), graph))
         call = stack[-1]
         call.depth += 1
         if call.forward is not None:
@@ -306,6 +318,8 @@ class Engine:
         """Enter a derivable module (rule 12): note how to run it again on its input; not
         one with parameters that a sharding engine frees between uses (a rerun before the
         module's own backward would find them sharded)."""
+        if _compiling():
+            return
         frame = self._open(path, in_norm, config, module)
         if frame is None or _compiling():
             return
@@ -320,6 +334,8 @@ class Engine:
             )
 
     def _exit(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
+        if _compiling():
+            return
         stack = self._stack()
         if not stack:
             return
@@ -332,6 +348,8 @@ class Engine:
         call.depth -= 1
         if call.depth == 0:
             stack.pop()
+            if call.graph is not None:
+                call.graph.__exit__(None, None, None)
             forward = call.forward
             if forward is not None:
                 forward.hooks.__exit__(None, None, None)
@@ -339,11 +357,34 @@ class Engine:
                 if not _raised(output):
                     self.ranges.commit(forward.staged)
 
-    def _begin(self, module: nn.Module) -> _Forward | None:
-        """Start a call of the tree at ``module``: activate the hooks, or not (Rules 1, 2)."""
+    def _begin_graph(self, module: nn.Module) -> torch.autograd.graph.saved_tensors_hooks | None:
+        """Start a call of the tree on the compiled path (rule 13): when ``torch.compile``
+        runs it, make the graph hooks ambient, so that AOTAutograd inlines them; None when
+        the call runs eagerly, or when the compiled path cannot serve it (warned once: then
+        the eager hooks store what the compiled graphs save, in Python, at run time)."""
+        if not _in_compiled_module():
+            return None
+        if self.graph_hooks is None:
+            self.warn_once(
+                "graph",
+                "torchmesa: the compiled graphs' saved tensors are stored by Python hooks "
+                f"outside the compiled graph ({self.graph_refusal}), at the cost of a "
+                "Python call per tensor (engine rule 13).",
+            )
+            return None
+        if not self._in_scope(module):  # not training, or another pair of hooks wins
+            return None
+        hooks = torch.autograd.graph.saved_tensors_hooks(
+            self.graph_hooks.pack, self.graph_hooks.unpack
+        )
+        hooks.__enter__()
+        return hooks
+
+    def _in_scope(self, module: nn.Module) -> bool:
+        """Whether a call of the tree starting at ``module`` is compressed (rules 1, 2)."""
         root = self._root()
         if root is None or not (module.training and torch.is_grad_enabled()) or in_backward():
-            return None
+            return False
         if _foreign_hooks_active():
             self.warn_once(
                 "foreign-hooks",
@@ -351,6 +392,13 @@ class Engine:
                 "save_on_cpu) is active around the compressed module; its rule applies and "
                 "activations there are not compressed (engine rule 2).",
             )
+            return False
+        return True
+
+    def _begin(self, module: nn.Module) -> _Forward | None:
+        """Start a call of the tree at ``module``: activate the hooks, or not (Rules 1, 2)."""
+        root = self._root()
+        if root is None or not self._in_scope(module):
             return None
         params = {storage_ptr(t) for t in chain(root.parameters(), root.buffers()) if t.numel() > 0}
         sharded = any(_sharded(p) for p in root.parameters())
@@ -365,6 +413,7 @@ class Engine:
         hooks.__enter__()
         forward = _Forward(self, hooks, params, frozen)
         forward.sharded = sharded
+        forward.compiled = _in_compiled_module()
         return forward
 
     # -- pack / unpack -----------------------------------------------------------------
@@ -430,7 +479,7 @@ class Engine:
         and what can be rebuilt from stored tensors is derived (rule 12)."""
         config = frame.config
         assert config is not None
-        decision: Any = decide(t, config, frame.in_norm)
+        decision: Any = decide(t, config, frame.in_norm, forward.compiled)
         rerun = frame.rerun
         # the input key of a derivable module still waiting for its anchor, else None
         wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
@@ -538,3 +587,41 @@ def _forget_compiled_modules() -> None:
         return
     with convert_frame.compile_lock:
         reset_code(external_utils.wrap_inline(_forget_compiled_modules).__code__)
+
+
+def _graph_hooks(settings: dict[str, Config | None]) -> tuple[compiled.GraphHooks | None, str]:
+    """The compiled path's hooks for a tree whose modules share one config (rule 13), or
+    None and why not."""
+    if not compiled.inlining_available():
+        return None, f"PyTorch {torch.__version__} cannot inline them; 2.8 and later can"
+    configs = set(settings.values())
+    if len(configs) != 1 or None in configs:
+        return None, "its modules have different configs, which graphs cannot tell apart"
+    (config,) = configs
+    assert config is not None
+    refusal = compiled.unsupported(config)
+    if refusal:
+        return None, f"the compiled path stores 8-bit codes only, not {refusal}"
+    return compiled.GraphHooks(config), ""
+
+
+def _in_compiled_module() -> bool:
+    """Whether this call runs inside a ``torch.compile``-d module's call (Dynamo's own
+    flag: the hooks of the module it wraps run outside the graph)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    flag = getattr(eval_frame, "_is_in_optimized_module", None)
+    return bool(flag is not None and flag())
+
+
+def _outside_graphs() -> Any:
+    """The class of the root's hooks: Dynamo does not trace them, so that under
+    ``torch.compile`` they run before and after the compiled forward and make the hooks
+    ambient around it (rule 13). Importing Dynamo for it costs about a second, once."""
+    global _RootHook
+    if _RootHook is None:
+        disable = torch.compiler.disable
+        _RootHook = type("_RootHook", (_Hook,), {"__call__": disable(_Hook.__call__)})
+    return _RootHook
+
+
+_RootHook: Any = None

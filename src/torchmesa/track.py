@@ -12,6 +12,9 @@ Inside compressed modules the engine reports each save; elsewhere (the loss, unc
 code) the tracker's own saved-tensor hooks count the tensor as kept exact, so the totals
 cover the whole graph. A storage's address is trusted only while a tensor of it is alive:
 a compressed original may be freed and its address reused by a new activation.
+
+Inside compiled graphs no hook runs per tensor (engine rule 13): :func:`graph_held`
+counts what a compiled forward's graphs hold instead, from its output.
 """
 
 from __future__ import annotations
@@ -186,3 +189,35 @@ def track() -> Tracker:
         assert t.held_bytes == 0
     """
     return Tracker()
+
+
+@dataclass
+class GraphHeld:
+    """What the compiled graphs behind one output hold for backward, counted as DESIGN.md
+    counts saved-activation bytes: ``nbytes`` once per storage, parameters excluded, and
+    ``codes`` the number of 8-bit code tensors among them."""
+
+    nbytes: int
+    codes: int
+
+
+def graph_held(output: torch.Tensor, params: Any) -> GraphHeld:
+    """:class:`GraphHeld` of the compiled graphs in ``output``'s autograd graph;
+    ``params`` are the model's parameters (never counted)."""
+    excluded = {p.untyped_storage().data_ptr() for p in params}
+    seen: set[int] = set()
+    held, todo, visited = GraphHeld(0, 0), [output.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if type(node).__name__ == "CompiledFunctionBackward":
+            for t in getattr(node, "saved_tensors", ()):  # a Python Function's node
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in excluded and ptr not in seen:
+                    seen.add(ptr)
+                    held.nbytes += t.untyped_storage().nbytes()
+                    held.codes += t.dtype == torch.uint8
+        todo.extend(n for n, _ in node.next_functions)
+    return held

@@ -139,21 +139,24 @@ def quantize_codes(
     bits: int,
     rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
+    traced: bool = False,
 ) -> torch.Tensor:
     """Codes ``clamp(round((x - shift) * (1 / scale)), 0, 2^bits - 1)`` as uint8, shape of ``x``.
 
     Elementwise ops keep ``x``'s memory layout when it is dense (a transposed q/k/v stays
-    transposed), so dequantizing restores the same strides without a copy.
+    transposed), so dequantizing restores the same strides without a copy. ``traced``:
+    inside a compiled graph, where nothing may depend on values, the floor for zero-minimum
+    groups is always computed (the same codes, without the two checks that skip it).
     """
     ndim = x.dim()
     y = x.float() - layout.broadcast(shift, ndim)
     y = y.mul_(layout.broadcast(scale.reciprocal(), ndim))
     zero_min = shift == 0
     lift = None
-    if bool(zero_min.any()):
+    if traced or bool(zero_min.any()):
         # 1 exactly where y > 0 in a group whose minimum is 0: the floor for such codes
         lift = torch.ceil(y).clamp_(0, 1)
-        if not bool(zero_min.all()):
+        if traced or not bool(zero_min.all()):
             lift = lift.mul_(layout.broadcast(zero_min.float(), ndim))
     if rounding == "stochastic":
         noise = torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)

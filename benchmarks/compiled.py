@@ -1,0 +1,127 @@
+"""The compiled path (engine rule 13): ``torch.compile(torchmesa.compress(model))`` against
+``torch.compile(model)`` side by side, on the same weights and batch.
+
+Per model: compile time of each (first step: forward and backward), saved-activation
+bytes after forward (what the compiled graphs hold for backward, once per storage,
+parameters excluded: DESIGN.md), median step time interleaved over steps after warm-up
+(ratio), forward equality and the worst gradient cosine, and Dynamo's graph-break count.
+
+    python benchmarks/compiled.py                        # DeiT-S, batch 8, CPU fp32
+    python benchmarks/compiled.py --models deit-s hf-gpt2 --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import torchmesa
+from torchmesa.apps.models import SPECS
+from torchmesa.track import graph_held
+
+
+def measure(name: str, batch: int, steps: int, device: str, dtype: str) -> dict:
+    from torch._dynamo.utils import counters
+
+    spec = SPECS[name]
+    torch.manual_seed(0)
+    exact = spec.build().to(device)
+    mine = copy.deepcopy(exact)
+    x, target = (t.to(device) for t in spec.batch(batch))
+    autocast = torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16")
+    runs = {"exact": torch.compile(exact), "torchmesa": torch.compile(torchmesa.compress(mine))}
+    models = {"exact": exact, "torchmesa": mine}
+
+    def step(which: str) -> tuple[torch.Tensor, int]:
+        with autocast:  # the losses of Spec.loss, with the output kept for held()
+            if spec.kind == "hf-gpt2":
+                result = runs[which](input_ids=x, labels=target)
+                out, loss = result.logits, result.loss
+            else:
+                out = runs[which](x)
+                loss = (
+                    F.cross_entropy(out, target)
+                    if spec.kind == "vit"
+                    else F.cross_entropy(out[:, :-1].flatten(0, 1), target[:, 1:].flatten())
+                )
+        nbytes = graph_held(out, models[which].parameters()).nbytes
+        loss.backward()
+        return out.detach(), nbytes
+
+    record: dict = {"model": name, "batch": batch, "device": device, "dtype": dtype}
+    outs = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for which in runs:
+        start = time.perf_counter()
+        outs[which], record[f"{which}_saved_bytes"] = step(which)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        record[f"{which}_compile_s"] = time.perf_counter() - start
+    record["graph_breaks"] = sum(counters["graph_break"].values())
+    record["forward_equal"] = bool(torch.equal(outs["exact"], outs["torchmesa"]))
+    record["forward_max_abs_diff"] = float((outs["exact"] - outs["torchmesa"]).abs().max())
+    record["min_grad_cosine"] = min(
+        F.cosine_similarity(a.grad.flatten().float(), b.grad.flatten().float(), 0).item()
+        for a, b in zip(exact.parameters(), mine.parameters())
+        if a.grad is not None and a.grad.norm() > 0
+    )
+    times: dict[str, list[float]] = {w: [] for w in runs}
+    for _ in range(steps):
+        for which in runs:
+            for p in models[which].parameters():
+                p.grad = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(which)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[which].append(time.perf_counter() - start)
+    med = {w: statistics.median(v[1:]) for w, v in times.items()}
+    record["step_s"] = med
+    record["step_ratio"] = med["torchmesa"] / med["exact"]
+    record["saved_ratio"] = record["torchmesa_saved_bytes"] / record["exact_saved_bytes"]
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["deit-s"], choices=sorted(SPECS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args()
+    rows = [measure(m, args.batch, args.steps, args.device, args.dtype) for m in args.models]
+    print(f"{'model':10} {'compile s exact/tm':>19} {'saved/exact':>11} {'step ratio':>10} "
+          f"{'breaks':>6} {'fwd equal':>9} {'min cos':>8}")  # fmt: skip
+    for r in rows:
+        print(f"{r['model']:10} {r['exact_compile_s']:9.1f}/{r['torchmesa_compile_s']:<9.1f} "
+              f"{r['saved_ratio']:11.3f} {r['step_ratio']:10.3f} {r['graph_breaks']:6d} "
+              f"{r['forward_equal']!s:>9} {r['min_grad_cosine']:8.5f}")  # fmt: skip
+    out = args.out or Path(__file__).parent / "results" / f"compiled-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{args.device} ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "command": " ".join(["benchmarks/compiled.py", *sys.argv[1:]]),
+        "rows": rows,
+    }, indent=2) + "\n")  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The compiled path: torchmesa's quantizer inside ``torch.compile`` graphs.
+
+Since PyTorch 2.8, AOTAutograd inlines ambient saved-tensor hooks that are ``torch.fx``
+graph modules: it traces the pack hook once per tensor the compiled forward saves (a
+fake tensor, with the graph node that produced it) into the end of the forward graph, and
+the unpack hook into the start of the backward graph. Inductor then fuses the
+quantization with the kernels around it, and no Python runs per saved tensor.
+
+:class:`GraphHooks` is that pair for one config. What to store is decided at trace time
+from what the graph knows, with the eager rules (:func:`torchmesa.decide.decide`): 8-bit
+codes with one range per head for 4+-dim tensors, per token for a tensor that a
+normalization op reads, per channel otherwise; small, integer and bool tensors exact.
+Parameters and inputs never reach the hooks: AOTAutograd hands them only intermediates of
+the graph (``torch._functorch.config.saved_tensors_hooks_filtering_mode="donated"``).
+Ranges are each batch's own (``estimator="dynamic"``); running estimates and derived
+tensors are eager-only. Outside a compiled region (after a graph break) the same hooks
+run as ordinary Python hooks on real tensors, with the same results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchmesa import quant
+from torchmesa.config import Config, PerBlock
+from torchmesa.decide import Quantize, decide
+
+PackedSave = tuple[torch.Tensor, ...]
+NORM_OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm")
+LAYOUT_OPS = ("convert_element_type", "_to_copy", "view", "reshape", "permute", "transpose",
+              "expand", "aten.t.", "clone", "alias")  # fmt: skip
+
+
+def inlining_available() -> bool:
+    """Whether this PyTorch inlines graph-module saved-tensor hooks (2.8 and later)."""
+    try:
+        from torch._functorch._aot_autograd import utils
+    except ImportError:
+        return False
+    return hasattr(utils, "saved_tensors_hooks_are_inlineable")
+
+
+def unsupported(config: Config) -> str:
+    """What in ``config`` the compiled path cannot store, or ``""``: it stores Mesa's
+    8-bit codes with each batch's ranges, rounded to nearest."""
+    if config.bits != 8 or config.attention_bits not in (None, 8):
+        return f"bits={config.bits}, attention_bits={config.attention_bits}"
+    if isinstance(config.groups, PerBlock):
+        return "groups=PerBlock(...)"
+    if config.rounding != "nearest":
+        return f"rounding={config.rounding!r}"
+    if config.check_finite:
+        return "check_finite=True"
+    return ""
+
+
+class _HookGraph(torch.fx.GraphModule):
+    """A graph module whose forward is a Python function: AOTAutograd inlines only graph
+    modules, and traces whatever their forward runs, once per saved tensor.
+
+    Its graph is one call of that function. The graph is all that AOTAutograd's cache of
+    compiled graphs can see of a hook, and a call of a Python function makes it bypass
+    the cache (an empty graph would let a graph compiled with other decisions, another
+    config or torchmesa version, be served from disk)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        graph = torch.fx.Graph()
+        graph.output(graph.call_function(fn, (graph.placeholder("saved"),)))
+        super().__init__(nn.Module(), graph)
+        self.forward = fn
+
+
+def _saved_node() -> Any:
+    """The forward graph's node whose value is being packed, or None outside a trace."""
+    try:
+        from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+    except ImportError:
+        return None
+    state = _get_saved_tensor_hook_context()
+    return state.get("_node") if state else None
+
+
+def _read_by_norm(node: Any) -> bool:
+    """Whether a normalization op reads the saved node, directly or through views
+    (eager's ``in_norm``: per-token ranges)."""
+    todo, seen = [node] if node is not None else [], set()
+    while todo:
+        for user in todo.pop().users:
+            target = str(user.target)
+            if any(op in target for op in NORM_OPS):
+                return True
+            if user not in seen and any(op in target for op in LAYOUT_OPS):
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def _copy_of_input(node: Any) -> bool:
+    """Whether the saved node is an input of the graph (a parameter) reshaped or cast:
+    autocast's bf16 copy of a weight is an intermediate of the graph, and a parameter's
+    copy is never quantized (engine rule 3)."""
+    while node is not None and node.op == "call_function":
+        if not any(op in str(node.target) for op in LAYOUT_OPS):
+            return False
+        node = node.args[0] if node.args else None
+    return node is not None and getattr(node, "op", None) == "placeholder"
+
+
+class GraphHooks:
+    """The pack / unpack pair for one config, as graph modules (see the module docstring).
+
+    A save that stays exact packs to ``(x,)``; a quantized one to ``(codes, shift,
+    scale, tag)``: uint8 codes in ``x``'s shape and layout, its groups' shift and scale
+    already shaped to broadcast against them, and an empty tensor of ``x``'s dtype.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pack = _HookGraph(self._pack)
+        self.unpack = _HookGraph(self._unpack)
+
+    def _pack(self, x: torch.Tensor) -> PackedSave:
+        node = _saved_node()  # None when this runs eagerly, on a real tensor
+        if _copy_of_input(node):
+            return (x,)
+        decision = decide(x, self.config, _read_by_norm(node), compiled=node is not None)
+        if not isinstance(decision, Quantize):  # exact, masks too: Inductor draws a
+            return (x,)  # dropout mask again from its seed rather than save it
+        layout, ndim = decision.layout, x.dim()
+        with torch.no_grad():
+            lo, hi = quant.reference.group_minmax(x, layout)
+            scale = quant.reference.scale_of(hi - lo, 8)
+            codes = quant.reference.quantize_codes(x, layout, lo, scale, 8, traced=True)
+        shift, step = layout.broadcast(lo, ndim), layout.broadcast(scale, ndim)
+        return codes, shift, step, x.new_empty(0)
+
+    @staticmethod
+    def _unpack(packed: PackedSave) -> torch.Tensor:
+        if len(packed) == 1:
+            return packed[0]
+        codes, shift, step, tag = packed
+        out = torch.addcmul(shift, codes.float(), step)  # as quant.reference.dequantize_codes
+        return out if tag.dtype == torch.float32 else out.to(tag.dtype)
