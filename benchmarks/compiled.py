@@ -4,10 +4,13 @@
 Per model: compile time of each (first step: forward and backward), saved-activation
 bytes after forward (what the compiled graphs hold for backward, once per storage,
 parameters excluded: DESIGN.md), median step time interleaved over steps after warm-up
-(ratio), forward equality and the worst gradient cosine, and Dynamo's graph-break count.
+(ratio), forward equality and the worst gradient cosine, Dynamo's graph-break count, and
+on a GPU the peak memory of a step. Compile times are cold (an empty Inductor cache for
+the run; the exact model compiles first, so kernels both share count once, there).
 
     python benchmarks/compiled.py                        # DeiT-S, batch 8, CPU fp32
-    python benchmarks/compiled.py --models deit-s hf-gpt2 --device cuda --dtype bf16
+    python benchmarks/compiled.py --models hf-gpt2 --batch 1      # GPT-2 small, 1024 tokens
+    python benchmarks/compiled.py --models deit-b --batch 128 --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,23 +64,37 @@ def measure(name: str, batch: int, steps: int, device: str, dtype: str) -> dict:
         return out.detach(), nbytes
 
     record: dict = {"model": name, "batch": batch, "device": device, "dtype": dtype}
+    eager = torchmesa.compress(copy.deepcopy(exact))  # the same config, run eagerly
+    with autocast, torchmesa.track() as tracked:
+        if spec.kind == "hf-gpt2":
+            eager(input_ids=x, labels=target)
+        else:
+            eager(x)
+    record["eager_torchmesa_saved_bytes"] = tracked.stored_bytes
+    del eager
     outs = {}
     torch._dynamo.reset()
-    counters.clear()
     for which in runs:
+        counters.clear()
+        torch.manual_seed(1)  # the same dropout masks in both
         start = time.perf_counter()
         outs[which], record[f"{which}_saved_bytes"] = step(which)
         if device == "cuda":
             torch.cuda.synchronize()
         record[f"{which}_compile_s"] = time.perf_counter() - start
-    record["graph_breaks"] = sum(counters["graph_break"].values())
+        record[f"{which}_graph_breaks"] = sum(counters["graph_break"].values())
+    # what torchmesa adds to the model's own graph breaks (Hugging Face models have some)
+    record["graph_breaks"] = record["torchmesa_graph_breaks"] - record["exact_graph_breaks"]
     record["forward_equal"] = bool(torch.equal(outs["exact"], outs["torchmesa"]))
     record["forward_max_abs_diff"] = float((outs["exact"] - outs["torchmesa"]).abs().max())
-    record["min_grad_cosine"] = min(
-        F.cosine_similarity(a.grad.flatten().float(), b.grad.flatten().float(), 0).item()
-        for a, b in zip(exact.parameters(), mine.parameters())
+    cosines = {
+        name: F.cosine_similarity(a.grad.flatten().float(), b.grad.flatten().float(), 0).item()
+        for (name, a), b in zip(exact.named_parameters(), mine.parameters())
         if a.grad is not None and a.grad.norm() > 0
-    )
+    }
+    worst = sorted(cosines, key=cosines.__getitem__)[:5]
+    record["min_grad_cosine"] = cosines[worst[0]]
+    record["worst_grad_cosines"] = {name: cosines[name] for name in worst}
     times: dict[str, list[float]] = {w: [] for w in runs}
     for _ in range(steps):
         for which in runs:
@@ -88,10 +107,21 @@ def measure(name: str, batch: int, steps: int, device: str, dtype: str) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             times[which].append(time.perf_counter() - start)
+    if device == "cuda":  # peak of one more step each, as DESIGN.md measures it on a GPU
+        for which in runs:
+            for p in models[which].parameters():
+                p.grad = None
+            torch.cuda.reset_peak_memory_stats()
+            step(which)
+            record[f"{which}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        record["peak_ratio"] = record["torchmesa_peak_mib"] / record["exact_peak_mib"]
     med = {w: statistics.median(v[1:]) for w, v in times.items()}
     record["step_s"] = med
     record["step_ratio"] = med["torchmesa"] / med["exact"]
     record["saved_ratio"] = record["torchmesa_saved_bytes"] / record["exact_saved_bytes"]
+    record["saved_vs_eager_torchmesa"] = (
+        record["torchmesa_saved_bytes"] / record["eager_torchmesa_saved_bytes"]
+    )
     return record
 
 
@@ -104,12 +134,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args()
+    # compile times are measured cold: Inductor's kernel cache starts empty for this run
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tm-inductor-"))
     rows = [measure(m, args.batch, args.steps, args.device, args.dtype) for m in args.models]
-    print(f"{'model':10} {'compile s exact/tm':>19} {'saved/exact':>11} {'step ratio':>10} "
-          f"{'breaks':>6} {'fwd equal':>9} {'min cos':>8}")  # fmt: skip
+    print(f"{'model':10} {'compile s exact/tm':>19} {'saved/exact':>11} {'/eager tm':>9} "
+          f"{'step ratio':>10} {'breaks':>6} {'fwd equal':>9} {'min cos':>8}")  # fmt: skip
     for r in rows:
         print(f"{r['model']:10} {r['exact_compile_s']:9.1f}/{r['torchmesa_compile_s']:<9.1f} "
-              f"{r['saved_ratio']:11.3f} {r['step_ratio']:10.3f} {r['graph_breaks']:6d} "
+              f"{r['saved_ratio']:11.3f} {r['saved_vs_eager_torchmesa']:9.3f} "
+              f"{r['step_ratio']:10.3f} {r['graph_breaks']:6d} "
               f"{r['forward_equal']!s:>9} {r['min_grad_cosine']:8.5f}")  # fmt: skip
     out = args.out or Path(__file__).parent / "results" / f"compiled-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

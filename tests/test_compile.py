@@ -250,3 +250,34 @@ def test_a_pytorch_that_cannot_inline_the_hooks_gets_the_eager_hooks_with_one_wa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         compiled(x)
+
+
+@pytest.mark.slow
+def test_a_vit_trains_compiled_like_compiled_exact():
+    """Decomposed graphs save a norm's input where no norm op reads it (the partitioner
+    recomputes the embedding sum in backward): it still gets per-token ranges."""
+    from torchmesa.apps.models import Spec
+
+    torch._dynamo.reset()
+    spec = Spec("vit", "vit", dim=96, depth=2, heads=3, image=32, patch=4)
+    torch.manual_seed(0)
+    model = spec.build()
+    exact = copy.deepcopy(model)
+    x, target = spec.batch(8)
+    y = torch.compile(torchmesa.compress(model))(x)
+    y_exact = torch.compile(exact)(x)
+    assert torch.equal(y, y_exact)
+    node = y.grad_fn
+    while type(node).__name__ != "CompiledFunctionBackward":
+        node = node.next_functions[0][0]
+    saved = node.saved_tensors
+    hidden = (8, 65, 96)  # 64 patches and the class token
+    per_token = [
+        i for i, t in enumerate(saved[:-1])
+        if t.dtype == torch.uint8 and tuple(t.shape) == hidden
+        and tuple(saved[i + 1].shape) == hidden[:-1] + (1,)
+    ]  # fmt: skip
+    assert len(per_token) >= 2 * 2 + 1  # each norm's input or normalized value
+    F.cross_entropy(y, target).backward()
+    F.cross_entropy(y_exact, target).backward()
+    assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999

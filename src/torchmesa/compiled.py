@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from torchmesa import quant
-from torchmesa.config import Config, PerBlock
+from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerBlock
 from torchmesa.decide import Quantize, decide
 
 PackedSave = tuple[torch.Tensor, ...]
@@ -74,28 +74,50 @@ class _HookGraph(torch.fx.GraphModule):
         self.forward = fn
 
 
-def _saved_node() -> Any:
-    """The forward graph's node whose value is being packed, or None outside a trace."""
+def _trace_state() -> dict[str, Any] | None:
+    """AOTAutograd's note of the saved value being packed (its forward node, both
+    graphs), or None when the hook runs eagerly, on a real tensor."""
     try:
         from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
     except ImportError:
         return None
-    state = _get_saved_tensor_hook_context()
-    return state.get("_node") if state else None
+    return _get_saved_tensor_hook_context()
 
 
-def _read_by_norm(node: Any) -> bool:
-    """Whether a normalization op reads the saved node, directly or through views
-    (eager's ``in_norm``: per-token ranges)."""
-    todo, seen = [node] if node is not None else [], set()
+def _norm_module(node: Any) -> bool:
+    """Whether a graph node was traced inside a normalization module."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return False
+    cls = list(stack.values())[-1][1]
+    return str(getattr(cls, "__name__", cls)).endswith(NORM_CLASS_SUFFIXES)
+
+
+def _read_by_norm(state: dict[str, Any]) -> bool:
+    """Eager's ``in_norm`` (per-token ranges) for a saved node of a decomposed graph: it
+    was made inside a normalization module (a norm's normalized input), or backward
+    uses it, within two ops, inside one (a norm's input, from which its normalized value
+    is computed again), or a normalization op reads it, through views."""
+    node, backward = state["_node"], state.get("_bw_graph")
+    if _norm_module(node):
+        return True
+    inputs = backward.find_nodes(op="placeholder") if backward is not None else []
+    todo = [(user, 1) for p in inputs if p.name == node.name for user in p.users]
     while todo:
-        for user in todo.pop().users:
+        user, depth = todo.pop()
+        if _norm_module(user):
+            return True
+        if depth < 2:
+            todo.extend((u, depth + 1) for u in user.users)
+    views, seen = [node], set()
+    while views:
+        for user in views.pop().users:
             target = str(user.target)
             if any(op in target for op in NORM_OPS):
                 return True
             if user not in seen and any(op in target for op in LAYOUT_OPS):
                 seen.add(user)
-                todo.append(user)
+                views.append(user)
     return False
 
 
@@ -124,10 +146,12 @@ class GraphHooks:
         self.unpack = _HookGraph(self._unpack)
 
     def _pack(self, x: torch.Tensor) -> PackedSave:
-        node = _saved_node()  # None when this runs eagerly, on a real tensor
+        state = _trace_state()  # None when this runs eagerly, on a real tensor
+        node = state["_node"] if state else None
         if _copy_of_input(node):
             return (x,)
-        decision = decide(x, self.config, _read_by_norm(node), compiled=node is not None)
+        in_norm = state is not None and _read_by_norm(state)
+        decision = decide(x, self.config, in_norm, compiled=state is not None)
         if not isinstance(decision, Quantize):  # exact, masks too: Inductor draws a
             return (x,)  # dropout mask again from its seed rather than save it
         layout, ndim = decision.layout, x.dim()
