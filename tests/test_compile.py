@@ -281,3 +281,16 @@ def test_a_vit_trains_compiled_like_compiled_exact():
     F.cross_entropy(y, target).backward()
     F.cross_entropy(y_exact, target).backward()
     assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999
+
+
+@pytest.mark.slow
+def test_running_ranges_are_eager_only_and_the_graphs_say_so_once():
+    torch._dynamo.reset()
+    compiled = torch.compile(torchmesa.compress(Block(), torchmesa.Config(estimator="ema")))
+    x = torch.randn(8, 64, 64)
+    with pytest.warns(RuntimeWarning, match="estimator='ema' keeps running ranges in eager"):
+        y = compiled(x)
+    assert compiled_saved(y, compiled)[1] > 0  # still quantized in the graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x)

@@ -374,6 +374,13 @@ class Engine:
             return None
         if not self._in_scope(module):  # not training, or another pair of hooks wins
             return None
+        if self.graph_hooks.config.estimator != "dynamic":
+            self.warn_once(
+                "graph-estimator",
+                f"torchmesa: estimator={self.graph_hooks.config.estimator!r} keeps running "
+                "ranges in eager forwards only; compiled graphs quantize with each batch's "
+                "own ranges (engine rule 13).",
+            )
         hooks = torch.autograd.graph.saved_tensors_hooks(
             self.graph_hooks.pack, self.graph_hooks.unpack
         )
