@@ -84,6 +84,12 @@ def _trace_state() -> dict[str, Any] | None:
     return _get_saved_tensor_hook_context()
 
 
+def _target_in(node: Any, ops: tuple[str, ...]) -> bool:
+    """Whether a graph node's op is one of ``ops`` (matched by name)."""
+    target = str(node.target)
+    return any(op in target for op in ops)
+
+
 def _norm_module(node: Any) -> bool:
     """Whether a graph node was traced inside a normalization module."""
     stack = node.meta.get("nn_module_stack")
@@ -112,10 +118,9 @@ def _read_by_norm(state: dict[str, Any]) -> bool:
     views, seen = [node], set()
     while views:
         for user in views.pop().users:
-            target = str(user.target)
-            if any(op in target for op in NORM_OPS):
+            if _target_in(user, NORM_OPS):
                 return True
-            if user not in seen and any(op in target for op in LAYOUT_OPS):
+            if user not in seen and _target_in(user, LAYOUT_OPS):
                 seen.add(user)
                 views.append(user)
     return False
@@ -126,7 +131,7 @@ def _copy_of_input(node: Any) -> bool:
     autocast's bf16 copy of a weight is an intermediate of the graph, and a parameter's
     copy is never quantized (engine rule 3)."""
     while node is not None and node.op == "call_function":
-        if not any(op in str(node.target) for op in LAYOUT_OPS):
+        if not _target_in(node, LAYOUT_OPS):
             return False
         node = node.args[0] if node.args else None
     return node is not None and getattr(node, "op", None) == "placeholder"

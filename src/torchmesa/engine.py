@@ -321,7 +321,7 @@ class Engine:
         if _compiling():
             return
         frame = self._open(path, in_norm, config, module)
-        if frame is None or _compiling():
+        if frame is None:
             return
         if own_params and self._current_sharded():
             return
