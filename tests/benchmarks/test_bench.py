@@ -44,6 +44,11 @@ def test_bench_smoke(tmp_path):
     # forward of the compressed model holds less, measured by the process, not by track()
     assert mesa["held_after_forward_bytes"] < exact["held_after_forward_bytes"]
     assert {"when", "device", "torch", "command", "definitions", "precision"} <= set(report)
+    for r in rows.values():  # the largest batch: on the line through the reported peaks
+        per = (r["peak_bytes_2x_batch"] - r["peak_bytes"]) / r["batch"]
+        budget = report["budget_gib"] * 2**30
+        want = int((budget - (r["peak_bytes"] - per * r["batch"])) // per) if per > 0 else None
+        assert r["max_batch_in_budget"] == want
     assert report["precision"] == "fp32"
 
 

@@ -243,9 +243,10 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
     for config in configs:
         small = peak_in_subprocess(name, config, batch_size, setup)
         large = peak_in_subprocess(name, config, 2 * batch_size, setup)
-        # a line through the two peaks: bytes per sample and fixed bytes
-        per_sample = (large["peak"] - small["peak"]) / batch_size
-        fixed = small["peak"] - per_sample * batch_size
+        # a line through the two peaks (DESIGN.md's, as reported): bytes per sample and
+        # fixed bytes
+        per_sample = (_peak(large, setup) - _peak(small, setup)) / batch_size
+        fixed = _peak(small, setup) - per_sample * batch_size
         max_batch = int((budget - fixed) // per_sample) if per_sample > 0 else None
         rows.append(
             {
