@@ -112,7 +112,8 @@ def test_decoder_spec_trains_compressed_and_checkpointed():
 def _row(model: str, config: str, peak: int, exact: bool = True) -> dict:
     ratio = None if not exact else 1.0
     return {
-        "model": model, "config": config, "batch": 128, "saved_bytes": 2**20,
+        "model": model, "kind": "vit" if model.startswith("deit") else "decoder",
+        "config": config, "batch": 128, "saved_bytes": 2**20,
         "saved_vs_exact": ratio, "held_vs_exact": ratio, "peak_bytes": peak,
         "peak_vs_exact": ratio, "step_time_vs_exact": ratio, "first_step_seconds": 0.5,
         "max_batch_in_budget": 300,

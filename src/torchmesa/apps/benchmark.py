@@ -38,7 +38,15 @@ from typing import Any
 import torch
 
 import torchmesa
-from torchmesa.apps.models import SPECS, Spec
+from torchmesa.apps.sources import (
+    Sizes,
+    SourceError,
+    Workload,
+    add_size_arguments,
+    resolve,
+    sizes_from_args,
+    to_device,
+)
 from torchmesa.quant import cpu, cpu_library
 
 CONFIGS = {  # name: (checkpoint each block, compression)
@@ -139,7 +147,7 @@ def _mallinfo2() -> _MallInfo2 | None:
     return None if libc is None else libc.mallinfo2()
 
 
-def build(spec: Spec, config: str, setup: Setup) -> torch.nn.Module:
+def build(spec: Workload, config: str, setup: Setup) -> torch.nn.Module:
     torch.manual_seed(0)
     model = spec.build()
     checkpointing, mesa = CONFIGS[config]
@@ -150,11 +158,11 @@ def build(spec: Spec, config: str, setup: Setup) -> torch.nn.Module:
     return model.to(setup.device).train()
 
 
-def batch_on(spec: Spec, size: int, setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(t.to(setup.device) for t in spec.batch(size))  # type: ignore[return-value]
+def batch_on(spec: Workload, size: int, setup: Setup) -> Any:
+    return to_device(spec.batch(size), setup.device)
 
 
-def step(spec: Spec, model: torch.nn.Module, opt: torch.optim.Optimizer, batch, setup: Setup,
+def step(spec: Workload, model: torch.nn.Module, opt: torch.optim.Optimizer, batch, setup: Setup,
          held: list[int] | None = None) -> None:  # fmt: skip
     """One training step; with ``held`` given, append the memory its forward left held."""
     if held is not None:
@@ -179,10 +187,11 @@ def rss_kib(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(model_name: str, config: str, batch_size: int, steps: int, setup: Setup) -> dict:
+def worker(model_name: str, config: str, batch_size: int, steps: int, setup: Setup,
+           sizes: Sizes = Sizes()) -> dict:  # fmt: skip
     """In a fresh process: memory before the first step, the peak over ``steps`` steps,
     and what the last step's forward left held (activations kept for backward)."""
-    spec = SPECS[model_name]
+    spec = resolve(model_name, sizes)
     model = build(spec, config, setup)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = batch_on(spec, batch_size, setup)
@@ -196,10 +205,12 @@ def worker(model_name: str, config: str, batch_size: int, steps: int, setup: Set
     return {"before": before, "peak": setup.peak(), "held_after_forward": held[-1]}
 
 
-def peak_in_subprocess(model_name: str, config: str, batch_size: int, setup: Setup) -> dict:
+def peak_in_subprocess(model_name: str, config: str, batch_size: int, setup: Setup,
+                       sizes: Sizes = Sizes()) -> dict:  # fmt: skip
     cmd = [
         sys.executable, "-m", "torchmesa.apps.benchmark", "--device", setup.device,
-        "--precision", setup.precision, "--worker", model_name, config, str(batch_size),
+        "--precision", setup.precision, "--sizes", json.dumps(sizes.to_json()),
+        "--worker", model_name, config, str(batch_size),
     ]  # fmt: skip
     env = {**os.environ, **PEAK_ENV}
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -209,8 +220,8 @@ def peak_in_subprocess(model_name: str, config: str, batch_size: int, setup: Set
 
 
 def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, steps: int,
-                  budget: int, setup: Setup) -> list[dict]:  # fmt: skip
-    spec = SPECS[name]
+                  budget: int, setup: Setup, sizes: Sizes = Sizes()) -> list[dict]:  # fmt: skip
+    spec = resolve(name, sizes)
     models = {c: build(spec, c, setup) for c in configs}
     opts = {c: torch.optim.AdamW(m.parameters(), lr=1e-4) for c, m in models.items()}
     batch = batch_on(spec, batch_size, setup)
@@ -241,16 +252,17 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
     release_memory(setup)  # before the workers: their peaks share this machine's memory
     rows = []
     for config in configs:
-        small = peak_in_subprocess(name, config, batch_size, setup)
-        large = peak_in_subprocess(name, config, 2 * batch_size, setup)
-        # a line through the two peaks (DESIGN.md's, as reported): bytes per sample and
-        # fixed bytes
+        small = peak_in_subprocess(name, config, batch_size, setup, sizes)
+        large = peak_in_subprocess(name, config, 2 * batch_size, setup, sizes)
+        # a line through the two peaks (DESIGN.md's, as reported and as `torchmesa fit`
+        # measures them): bytes per sample and fixed bytes
         per_sample = (_peak(large, setup) - _peak(small, setup)) / batch_size
         fixed = _peak(small, setup) - per_sample * batch_size
         max_batch = int((budget - fixed) // per_sample) if per_sample > 0 else None
         rows.append(
             {
                 "model": name,
+                "kind": spec.kind,
                 "config": config,
                 "batch": batch_size,
                 "saved_bytes": saved[config],
@@ -331,7 +343,7 @@ def mesa_table(rows: list[dict]) -> str:
     by = {(r["model"], r["config"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
         exact, mesa = by.get((model, "exact")), by.get((model, "torchmesa-ema"))
-        if exact is None or mesa is None or SPECS[model].kind != "vit":  # the paper's models
+        if exact is None or mesa is None or exact.get("kind") != "vit":  # the paper's models
             continue
         paper = MESA_REPORTED.get(model)
         lines.append(
@@ -392,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="models and batch sizes (default: quick)")  # fmt: skip
-    parser.add_argument("--models", nargs="+", choices=sorted(SPECS), help="instead of a preset")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="instead of a preset: built-ins (deit-s, gpt2-s, ...), hf:CONFIG, "
+                        "timm:NAME or module.path:factory, shaped by the flags below")  # fmt: skip
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--batch", type=int,
                         help="batch size (default: the preset's, else the full one's)")  # fmt: skip
@@ -406,17 +420,26 @@ def main(argv: list[str] | None = None) -> None:
                         "the GPU's memory on cuda)")  # fmt: skip
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/"
                         "bench-DEVICE-PRECISION-PRESET.json)")  # fmt: skip
+    add_size_arguments(parser)
     parser.add_argument(
         "--worker", nargs=3, metavar=("MODEL", "CONFIG", "BATCH"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--sizes", help=argparse.SUPPRESS)  # the worker's, as JSON
     args = parser.parse_args(argv)
+    try:
+        sizes = Sizes.from_json(json.loads(args.sizes)) if args.sizes else sizes_from_args(args)
+        if args.models:
+            for model in args.models:
+                resolve(model, sizes)  # a bad name is said before minutes of measuring
+    except SourceError as err:
+        parser.error(str(err))
     setup = Setup(args.device, args.precision)
     if setup.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
     warnings.simplefilter("ignore", RuntimeWarning)  # checkpoint+torchmesa: rule 2 warning
     if args.worker:
         name, config, batch = args.worker
-        print(json.dumps(worker(name, config, int(batch), steps=2, setup=setup)))
+        print(json.dumps(worker(name, config, int(batch), steps=2, setup=setup, sizes=sizes)))
         return
     preset = PRESETS[args.preset]
     models = args.models or list(preset)
@@ -432,15 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for model, batch in plan.items():
         started = time.time()
-        rows += measure_model(model, batch, args.configs, args.warmup, args.steps, budget, setup)
+        rows += measure_model(model, batch, args.configs, args.warmup, args.steps, budget, setup,
+                              sizes)  # fmt: skip
         print(f"# {model}: {time.time() - started:.0f} s", file=sys.stderr)
         # written after every model: a run that fails later keeps what it measured
         out.write_text(json.dumps(_report(args, setup, budget_gib, rows), indent=2) + "\n")
         release_memory(setup)
     print(table(rows, budget_gib))
-    if any(SPECS[m].kind == "vit" for m in plan) and {"exact", "torchmesa-ema"} <= set(
-        args.configs
-    ):
+    if any(r["kind"] == "vit" for r in rows) and {"exact", "torchmesa-ema"} <= set(args.configs):
         print("\nPeak training memory, Mesa's table in shape:")
         print(mesa_table(rows))
     print(f"\nwrote {out}")

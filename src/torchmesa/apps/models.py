@@ -193,14 +193,24 @@ class Spec:
         ids = torch.randint(0, self.vocab, (size, self.seq), generator=g)
         return ids, ids
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        """What the model is called with: the tokens or images, or (Hugging Face) keyword
+        arguments with the labels, as its users call it."""
         x, y = batch
+        return {"input_ids": x, "labels": y} if self.kind == "hf-gpt2" else x
+
+    def loss_from(self, out: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The training loss of the model's output on ``batch``."""
         if self.kind == "hf-gpt2":
-            return model(input_ids=x, labels=y).loss
-        out = model(x)
+            return out.loss
+        y = batch[1]
         if self.kind == "vit":
             return F.cross_entropy(out, y)
         return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs = self.inputs(batch)
+        return self.loss_from(model(**inputs) if isinstance(inputs, dict) else model(inputs), batch)
 
 
 def _hf_gpt2(spec: Spec) -> nn.Module:
