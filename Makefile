@@ -39,7 +39,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(ZOO_STAMP) lint typecheck
 	$(BIN)/python -m pytest
-	$(ZOO)/bin/python -m pytest -m zoo
+	$(ZOO)/bin/python -m pytest -m zoo tests/zoo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
