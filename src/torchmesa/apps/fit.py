@@ -263,11 +263,16 @@ def search(run: Callable[[int], Trial], budget: int, start: int, cap: int) -> li
         value = _next(trials, lo, hi, line)
 
 
+def measured_fits(trials: list[Trial]) -> list[tuple[int, int]]:
+    """(value, peak) of the trials that fit with a measured peak, by value."""
+    return sorted({t.value: t.peak for t in trials if t.fits and t.peak is not None}.items())
+
+
 def _line(trials: list[Trial], budget: int) -> int | None:
     """Where the budget falls on the line from the largest fit to the nearest fit whose
     peak is a tenth of the budget below it (closer peaks give no slope: allocator noise
     and fixed costs dominate small batches); None without two such fits."""
-    fitting = sorted({t.value: t.peak for t in trials if t.fits and t.peak is not None}.items())
+    fitting = measured_fits(trials)
     if not fitting:
         return None
     v2, p2 = fitting[-1]
@@ -343,8 +348,7 @@ class Search:
 
     def per_step(self, config: str) -> float | None:
         """Bytes per unit of the varied value: the slope through the two largest fits."""
-        fits = sorted({t.value: t.peak for t in self.trials.get(config, ())
-                       if t.fits and t.peak is not None}.items())  # fmt: skip
+        fits = measured_fits(self.trials.get(config, []))
         if len(fits) < 2:
             return None
         (v1, p1), (v2, p2) = fits[-2:]
@@ -450,9 +454,8 @@ def plot(search: Search, path: str) -> str:
     job = search.job
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for config in search.configs:
-        fits = sorted((t.value, t.peak / 2**30) for t in search.trials[config]
-                      if t.fits and t.peak is not None)  # fmt: skip
-        line = ax.plot([v for v, _ in fits], [p for _, p in fits], "o-", label=f"{config}: "
+        fits = measured_fits(search.trials[config])
+        line = ax.plot([v for v, _ in fits], [p / 2**30 for _, p in fits], "o-", label=f"{config}: "
                        f"{search.largest(config)}")[0]  # fmt: skip
         misses = [t.value for t in search.trials[config] if not t.fits]
         ax.plot(misses, [job.budget / 2**30] * len(misses), "x", color=line.get_color())
