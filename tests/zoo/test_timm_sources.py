@@ -32,15 +32,17 @@ def test_profile_a_timm_model():
 
 
 def test_fit_a_timm_model(tmp_path):
+    # A ViT: timm checkpoints its blocks. (test_resnet's stages hold one block each, so
+    # checkpointing them saves about nothing: 108 against exact's 116 on the CI machine.)
     out = tmp_path / "fit.json"
-    done = cli("fit", "timm:test_resnet", "--image-size", "64", "--memory", "160MiB",
+    done = cli("fit", "timm:test_vit", "--image-size", "64", "--memory", "160MiB",
                "--configs", "exact", "torchmesa", "checkpoint", "--json", str(out),
                "--no-progress")  # fmt: skip
     assert done.returncode == 0, done.stderr
     results = {r["config"]: r for r in json.loads(out.read_text())["results"]}
     assert 0 < results["exact"]["largest"] < results["torchmesa"]["largest"]
     assert results["checkpoint"]["largest"] > results["exact"]["largest"]
-    assert "timm:test_resnet: the largest batch that trains in 0.16 GiB" in done.stdout
+    assert "timm:test_vit: the largest batch that trains in 0.16 GiB" in done.stdout
 
 
 def test_an_unknown_timm_model_names_close_ones():
