@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchmesa
+from torchmesa.estimator import RangeStore
 
 
 def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
@@ -159,3 +160,25 @@ class Lambda(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return self.fn(*args)
+
+
+class FormatSession:
+    """The least a format needs of a forward: no earlier copies, fresh estimates."""
+
+    def __init__(self):
+        self.staged, self.ranges, self.bases = {}, RangeStore(), []
+
+    def generator(self, device, seed):
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def warn_once(self, key, message):
+        raise AssertionError(message)
+
+    def module_name(self, site):
+        return site[0]
+
+    def covering_base(self, t):
+        return None
+
+    def add_base(self, t, q):
+        self.bases.append(q)

@@ -39,6 +39,8 @@ def test_defaults_are_mesa_but_for_the_estimator():
         ({"min_numel": 1.5}, "min_numel"),
         ({"seed": None}, "seed"),
         ({"check_finite": 1}, "check_finite"),
+        ({"batch_norm": "fp16"}, "batch_norm"),
+        ({"batch_norm": None}, "batch_norm"),
     ],
 )
 def test_invalid_fields_name_themselves(kwargs, field):
@@ -59,6 +61,18 @@ def test_allowed_values_are_listed():
         Config(groups=PerBlock(32), rotation="random")
     with pytest.raises(ValueError, match="masks .* are always stored in 1 bit"):
         Config(bits=1)
+    with pytest.raises(ValueError, match="'half', 'quantize', 'exact'"):
+        Config(batch_norm="bf16")
+
+
+def test_norm_kinds_come_from_class_names():
+    from torchmesa.config import norm_kind
+
+    assert [norm_kind(n) for n in ("LayerNorm", "LlamaRMSNorm", "T5LayerNorm")] == ["token"] * 3
+    kinds = [norm_kind(n) for n in ("BatchNorm2d", "BatchNormAct2d", "SyncBatchNorm")]
+    assert kinds == ["batch"] * 3
+    assert norm_kind("InstanceNorm1d") == "batch"
+    assert norm_kind("GroupNorm") == norm_kind("Linear") == ""
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

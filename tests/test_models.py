@@ -86,11 +86,17 @@ def test_hf_training_steps_track_exact(estimator, report):
 
 
 def test_cnn_fp32(report):
-    model, run = cnn_model()
-    check(compare(model, run), report, "cnn fp32", 3.8)
+    model, run = cnn_model()  # BatchNorm inputs in 16 bits (Config.batch_norm="half")
+    check(compare(model, run), report, "cnn fp32", 3.0)
+
+
+def test_cnn_fp32_with_batch_norm_inputs_quantized(report):
+    model, run = cnn_model()  # Mesa's setting: holds on a plain CNN, not on EfficientNet
+    res = compare(model, run, torchmesa.Config(batch_norm="quantize"))
+    check(res, report, "cnn fp32 bn-quantize", 3.8)
 
 
 def test_cnn_bf16_autocast(report):
     model, run = cnn_model()
     res = compare(model, run, autocast=torch.bfloat16)
-    check(res, report, "cnn bf16", 1.9)
+    check(res, report, "cnn bf16", 1.5)  # bf16 BatchNorm inputs: already 16 bits, kept

@@ -11,7 +11,7 @@ from torchmesa import Config
 from torchmesa.api import engine_of
 from torchmesa.policy import MesaPolicyError, from_mesa_file
 
-MESA = Config(estimator="ema", derive=False)  # Mesa's files: its running ranges, all stored
+MESA = Config(estimator="ema", derive=False, batch_norm="quantize")  # Mesa: EMA, all stored
 
 # the example from Mesa's README, comments and all
 MESA_README = """\
@@ -56,9 +56,11 @@ def test_levels_and_decays_become_bits_and_decays(tmp_path):
     text += "  by_index: 0\n  level: 4\n"
     settings = engine_of(torchmesa.compress(mlp(2), from_mesa_file(write(tmp_path, text))))
     assert settings.settings["0"] == Config(
-        bits=2, estimator="ema", ema_decay=0.5, derive=False
+        bits=2, estimator="ema", ema_decay=0.5, derive=False, batch_norm="quantize"
     )  # later block overrides
-    assert settings.settings["2"] == Config(bits=4, estimator="ema", ema_decay=0.5, derive=False)
+    assert settings.settings["2"] == Config(
+        bits=4, estimator="ema", ema_decay=0.5, derive=False, batch_norm="quantize"
+    )
 
 
 @pytest.mark.slow

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from torchmesa import quant
-from torchmesa.config import NORM_CLASS_SUFFIXES, Config, PerBlock
-from torchmesa.decide import Quantize, decide
+from torchmesa.config import Config, NormKind, PerBlock, norm_kind
+from torchmesa.decide import Half, Quantize, decide
 
 PackedSave = tuple[torch.Tensor, ...]
-NORM_OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm")
+NORM_OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+BATCH_NORM_OPS = ("batch_norm", "instance_norm")
 LAYOUT_OPS = ("convert_element_type", "_to_copy", "view", "reshape", "permute", "transpose",
               "expand", "aten.t.", "clone", "alias")  # fmt: skip
 
@@ -90,40 +91,62 @@ def _target_in(node: Any, ops: tuple[str, ...]) -> bool:
     return any(op in target for op in ops)
 
 
-def _norm_module(node: Any) -> bool:
-    """Whether a graph node was traced inside a normalization module."""
+def _norm_module(node: Any) -> NormKind:
+    """The kind of normalization module a graph node was traced inside, or ``""``."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
-        return False
+        return ""
     cls = list(stack.values())[-1][1]
-    return str(getattr(cls, "__name__", cls)).endswith(NORM_CLASS_SUFFIXES)
+    return norm_kind(str(getattr(cls, "__name__", cls)))
 
 
-def _read_by_norm(state: dict[str, Any]) -> bool:
-    """Eager's ``in_norm`` (per-token ranges) for a saved node of a decomposed graph: it
-    was made inside a normalization module (a norm's normalized input), or backward
-    uses it, within two ops, inside one (a norm's input, from which its normalized value
-    is computed again), or a normalization op reads it, through views."""
+def _norm_op(node: Any) -> NormKind:
+    """The kind of normalization op a graph node is, or ``""``. A decomposed BatchNorm
+    is a ``var_mean`` over the batch dim (dim 0) among others."""
+    if _target_in(node, BATCH_NORM_OPS):
+        return "batch"
+    if _target_in(node, ("var_mean",)):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dims, (list, tuple)) and 0 in dims and len(dims) < _rank(node.args[0]):
+            return "batch"
+    return "token" if _target_in(node, NORM_OPS) else ""
+
+
+def _rank(node: Any) -> int:
+    """The number of dims of a graph node's value (0 when unknown)."""
+    value = getattr(node, "meta", {}).get("val")
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def _read_by_norm(state: dict[str, Any]) -> NormKind:
+    """Eager's frame kind (:func:`torchmesa.config.norm_kind`) for a saved node of a
+    decomposed graph: it was made inside a normalization module (a norm's normalized
+    input), or backward uses it, within two ops, inside one (a norm's input, from which
+    its normalized value is computed again), or a normalization op reads it, through
+    views. ``""`` when none does."""
     node, backward = state["_node"], state.get("_bw_graph")
-    if _norm_module(node):
-        return True
+    kind = _norm_module(node)
+    if kind:
+        return kind
     inputs = backward.find_nodes(op="placeholder") if backward is not None else []
     todo = [(user, 1) for p in inputs if p.name == node.name for user in p.users]
     while todo:
         user, depth = todo.pop()
-        if _norm_module(user):
-            return True
+        kind = _norm_module(user)
+        if kind:
+            return kind
         if depth < 2:
             todo.extend((u, depth + 1) for u in user.users)
     views, seen = [node], set()
     while views:
         for user in views.pop().users:
-            if _target_in(user, NORM_OPS):
-                return True
+            kind = _norm_op(user)
+            if kind:
+                return kind
             if user not in seen and _target_in(user, LAYOUT_OPS):
                 seen.add(user)
                 views.append(user)
-    return False
+    return ""
 
 
 def _copy_of_input(node: Any) -> bool:
@@ -140,9 +163,10 @@ def _copy_of_input(node: Any) -> bool:
 class GraphHooks:
     """The pack / unpack pair for one config, as graph modules (see the module docstring).
 
-    A save that stays exact packs to ``(x,)``; a quantized one to ``(codes, shift,
-    scale, tag)``: uint8 codes in ``x``'s shape and layout, its groups' shift and scale
-    already shaped to broadcast against them, and an empty tensor of ``x``'s dtype.
+    A save that stays exact packs to ``(x,)``; a 16-bit copy (inside BatchNorm) to
+    ``(values, scale, tag)``; a quantized one to ``(codes, shift, scale, tag)``: uint8
+    codes in ``x``'s shape and layout, its groups' shift and scale already shaped to
+    broadcast against them. ``tag`` is an empty tensor of ``x``'s dtype.
     """
 
     def __init__(self, config: Config) -> None:
@@ -155,8 +179,11 @@ class GraphHooks:
         node = state["_node"] if state else None
         if _copy_of_input(node):
             return (x,)
-        in_norm = state is not None and _read_by_norm(state)
-        decision = decide(x, self.config, in_norm, compiled=state is not None)
+        norm = _read_by_norm(state) if state is not None else ""
+        decision = decide(x, self.config, norm, compiled=state is not None)
+        if isinstance(decision, Half):
+            scale = quant.half_scale(x)
+            return quant.to_half(x, scale), scale, x.new_empty(0)
         if not isinstance(decision, Quantize):  # exact, masks too: Inductor draws a
             return (x,)  # dropout mask again from its seed rather than save it
         layout, ndim = decision.layout, x.dim()
@@ -171,6 +198,9 @@ class GraphHooks:
     def _unpack(packed: PackedSave) -> torch.Tensor:
         if len(packed) == 1:
             return packed[0]
+        if len(packed) == 3:
+            values, scale, tag = packed
+            return quant.from_half(values, scale, tag.dtype)
         codes, shift, step, tag = packed
         out = torch.addcmul(shift, codes.float(), step)  # as quant.reference.dequantize_codes
         return out if tag.dtype == torch.float32 else out.to(tag.dtype)

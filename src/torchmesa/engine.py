@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from torchmesa import compiled, quant
-from torchmesa.config import NORM_CLASS_SUFFIXES, Config
+from torchmesa.config import Config, NormKind, norm_kind
 from torchmesa.decide import Exact, Mask, decide, is_activation
 from torchmesa.derive import OUTPUT, Derive, Known, is_derivable, trace
 from torchmesa.estimator import RangeStore, Site
@@ -48,11 +48,11 @@ class _Frame:
     many tensors it saved so far, how it stores them, and for a derivable module what it
     takes to run it again (rule 12)."""
 
-    __slots__ = ("path", "call", "saves", "in_norm", "config", "rerun")
+    __slots__ = ("path", "call", "saves", "norm", "config", "rerun")
 
-    def __init__(self, path: str, call: int, in_norm: bool, config: Config | None) -> None:
+    def __init__(self, path: str, call: int, norm: NormKind, config: Config | None) -> None:
         self.path, self.call, self.saves = path, call, 0
-        self.in_norm, self.config = in_norm, config
+        self.norm, self.config = norm, config
         self.rerun: ModuleCall | None = None
 
 
@@ -82,10 +82,10 @@ class _Forward:
         self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
         self.compiled = False  # a torch.compile-d call, its saves made by compiled graphs
 
-    def push(self, path: str, in_norm: bool, config: Config | None) -> _Frame:
+    def push(self, path: str, norm: NormKind, config: Config | None) -> _Frame:
         index = self.calls.get(path, 0)
         self.calls[path] = index + 1
-        frame = _Frame(path, index, in_norm, config)
+        frame = _Frame(path, index, norm, config)
         self.frames.append(frame)
         return frame
 
@@ -247,15 +247,15 @@ class Engine:
         assert root is not None
         outside = _outside_graphs()
         for path, module in root.named_modules():
-            in_norm = type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
+            norm = norm_kind(type(module).__name__)
             config = self.settings[path]
             make = outside if module is root else _Hook
             if config is not None and config.derive and is_derivable(module):
                 own_params = next(module.parameters(recurse=False), None) is not None
-                enter = make(self, self._enter_derivable, path, in_norm, config, own_params)
+                enter = make(self, self._enter_derivable, path, norm, config, own_params)
                 handle = module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True)
             else:
-                enter = make(self, self._enter, path, in_norm, config)
+                enter = make(self, self._enter, path, norm, config)
                 handle = module.register_forward_pre_hook(enter, prepend=True)
             self._handles.append(handle)
             exit_ = make(self, self._exit, path)
@@ -285,14 +285,14 @@ class Engine:
         return stack[-1].forward if stack else None
 
     def _enter(
-        self, path: str, in_norm: bool, config: Config | None, module: nn.Module, args: Any
+        self, path: str, norm: NormKind, config: Config | None, module: nn.Module, args: Any
     ) -> None:
         if _compiling():  # traced into a compiled graph: the root's call holds the hooks
             return
-        self._open(path, in_norm, config, module)  # a pre-hook returning a value sets args
+        self._open(path, norm, config, module)  # a pre-hook returning a value sets args
 
     def _open(
-        self, path: str, in_norm: bool, config: Config | None, module: nn.Module
+        self, path: str, norm: NormKind, config: Config | None, module: nn.Module
     ) -> _Frame | None:
         """Enter ``module``: its frame, when compression is on for this call."""
         stack = self._stack()
@@ -302,13 +302,13 @@ class Engine:
         call = stack[-1]
         call.depth += 1
         if call.forward is not None:
-            return call.forward.push(path, in_norm, config)
+            return call.forward.push(path, norm, config)
         return None
 
     def _enter_derivable(
         self,
         path: str,
-        in_norm: bool,
+        norm: NormKind,
         config: Config,
         own_params: bool,
         module: nn.Module,
@@ -320,7 +320,7 @@ class Engine:
         module's own backward would find them sharded)."""
         if _compiling():
             return
-        frame = self._open(path, in_norm, config, module)
+        frame = self._open(path, norm, config, module)
         if frame is None:
             return
         if own_params and self._current_sharded():
@@ -486,7 +486,7 @@ class Engine:
         and what can be rebuilt from stored tensors is derived (rule 12)."""
         config = frame.config
         assert config is not None
-        decision: Any = decide(t, config, frame.in_norm, forward.compiled)
+        decision: Any = decide(t, config, frame.norm, forward.compiled)
         rerun = frame.rerun
         # the input key of a derivable module still waiting for its anchor, else None
         wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None

@@ -348,11 +348,12 @@ def _mesa_rules(blocks: list[dict], origin: str, match: Match) -> list[Rule]:
             break
         config = None
         if merged.get("enable", False):
-            config = Config(  # Mesa: running ranges (the file's ema_decay), all stored
-                bits=_MESA_LEVELS[merged.get("level", 256)],
+            config = Config(  # Mesa: running ranges (the file's ema_decay), all stored,
+                bits=_MESA_LEVELS[merged.get("level", 256)],  # BatchNorm inputs as codes
                 estimator="ema",
                 ema_decay=merged.get("ema_decay", 0.9),
                 derive=False,
+                batch_norm="quantize",
             )
         rules.append(Rule(match, config, index=index, origin=origin))
     return rules

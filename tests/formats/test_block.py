@@ -90,12 +90,12 @@ def test_every_float_activation_is_a_block_record():
 
 def test_decide_uses_blocks_for_every_layout():
     config = Config(bits=4, groups=PerBlock(64, "e8m0"), rotation="hadamard")
-    for shape, in_norm in [((4, 8, 128), False), ((2, 4, 64, 64), False), ((512, 96), True)]:
+    for shape, in_norm in [((4, 8, 128), ""), ((2, 4, 64, 64), ""), ((512, 96), "token")]:
         d = decide(torch.randn(shape, requires_grad=True) * 1, config, in_norm)
         assert isinstance(d, BlockQuantize) and d.bits == 4
         assert (d.layout.block, d.layout.scale, d.layout.rotate) == (64, "e8m0", True)
     h = torch.randn(64, 64, requires_grad=True) * 1
-    assert isinstance(decide(h, Config(bits=4), False), Quantize)
+    assert isinstance(decide(h, Config(bits=4), ""), Quantize)
 
 
 def test_a_view_inside_a_block_record_costs_nothing():

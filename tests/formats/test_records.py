@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import FormatSession
 
 from torchmesa import Config, quant
 from torchmesa.decide import Quantize, decide
@@ -10,38 +11,14 @@ from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord
 from torchmesa.formats.base import laid_out, same_strides
 
 
-class _Session:
-    """The least a format needs of a forward: no earlier copies, fresh estimates."""
-
-    def __init__(self):
-        from torchmesa.estimator import RangeStore
-
-        self.staged, self.ranges, self.bases = {}, RangeStore(), []
-
-    def generator(self, device, seed):
-        return torch.Generator(device=device).manual_seed(seed)
-
-    def warn_once(self, key, message):
-        raise AssertionError(message)
-
-    def module_name(self, site):
-        return site[0]
-
-    def covering_base(self, t):
-        return None
-
-    def add_base(self, t, q):
-        self.bases.append(q)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("estimator", ["dynamic", "ema", "delayed"])
 def test_a_quantized_record_restores_within_half_a_step(dtype, estimator):
     x = torch.randn(3, 37, 29, dtype=dtype)
     config = Config(estimator=estimator)
-    decision = decide(x, config, False)
+    decision = decide(x, config, "")
     assert isinstance(decision, Quantize)
-    session = _Session()
+    session = FormatSession()
     record = FORMATS[Quantize].pack(x, decision, config, ("m", 0, 0), session)
     assert isinstance(record, QuantizedRecord) and session.bases == [record.q]
     assert record.nbytes == x.numel() + 8 * decision.layout.num_groups

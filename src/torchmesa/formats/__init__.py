@@ -4,7 +4,7 @@
 of that decision to the format that keeps it, the way a config type maps to its handler.
 A format's ``pack`` returns the tensor itself (kept exact) or a :class:`Record`, which
 knows how to restore itself. Adding a way to store a tensor is one decision type, one
-format class registered here, and its tests (block-scaled codes are the latest).
+format class registered here, and its tests (16-bit copies of BatchNorm inputs are the latest).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torchmesa.formats.derived import (
     StoredSource,
 )
 from torchmesa.formats.exact import ExactFormat
+from torchmesa.formats.half import HalfFormat, HalfRecord
 from torchmesa.formats.mask import MaskFormat, MaskRecord
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "DerivedRecord",
     "ExactFormat",
     "Format",
+    "HalfFormat",
+    "HalfRecord",
     "MaskFormat",
     "MaskRecord",
     "ModuleCall",
@@ -43,5 +46,12 @@ __all__ = [
 
 FORMATS: dict[type, Format] = {
     fmt.decision: fmt
-    for fmt in (ExactFormat(), MaskFormat(), AffineFormat(), BlockFormat(), DerivedFormat())
+    for fmt in (
+        ExactFormat(),
+        MaskFormat(),
+        HalfFormat(),
+        AffineFormat(),
+        BlockFormat(),
+        DerivedFormat(),
+    )
 }

@@ -14,6 +14,7 @@ import torch
 from torchmesa.config import Rounding
 from torchmesa.quant import cpu, reference, triton
 from torchmesa.quant.backends import Backend, backend_for
+from torchmesa.quant.half import from_half, half_scale, to_half
 from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.records import (
     BITS,
@@ -48,7 +49,9 @@ __all__ = [
     "dequantize",
     "dequantize_view",
     "ema_step",
+    "from_half",
     "group_minmax",
+    "half_scale",
     "pack_mask",
     "pack_two_level",
     "quantize",
@@ -57,6 +60,7 @@ __all__ = [
     "quantize_dynamic",
     "reference",
     "running_step",
+    "to_half",
     "span_flags",
     "triton",
     "two_level_value",
