@@ -4,6 +4,7 @@ wrong, and nothing left behind."""
 
 import copy
 import gc
+import math
 import threading
 import warnings
 
@@ -225,6 +226,20 @@ def test_values_whose_span_overflows_fp32_stay_exact_with_a_warning(dtype):
     model(x, w).backward(torch.ones_like(out))
     assert torch.equal(got, w.grad)  # bitwise: stored exact, not NaN, not clamped
     assert t.compressed_tensors == 1  # w's copy is still compressed
+
+
+def test_an_activation_holding_minus_inf_on_purpose_is_kept_exact_with_a_warning():
+    # log-space zeros, as CTC's alphas hold: 8-bit codes would restore them as NaN
+    x = torch.randn(64, 64, requires_grad=True)
+    mask = torch.rand(64, 64) < 0.3
+    model = torchmesa.compress(Lambda(lambda a: torch.logsumexp(a.masked_fill(mask, -math.inf), 1)))
+    with pytest.warns(RuntimeWarning, match="module 'Lambda' holds NaN or Inf.*kept exact"):
+        out = model(x)
+    out.sum().backward()
+    got, x.grad = x.grad, None
+    torchmesa.decompress(model)
+    model(x).sum().backward()
+    assert torch.equal(got, x.grad)
 
 
 def test_empty_batches_train_like_exact():

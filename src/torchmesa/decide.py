@@ -48,8 +48,12 @@ NOTE [ Engine rules ]
      that lies inside an earlier quantized dense tensor of the same storage and version
      (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a
      view of that copy, at no cost.
-  8. Non-finite groups dequantize to NaN (see quant.reference); estimates skip them.
-     With ``Config(check_finite=True)`` they raise instead, naming the module. A tensor
+  8. A tensor to quantize that holds NaN or Inf is kept exact, with one warning naming
+     the module: codes cannot hold ``-inf``, which models use on purpose (log-space
+     zeros: CTC's alphas, found by the zoo's wav2vec2, whose gradients came back NaN).
+     With ``Config(check_finite=True)`` it raises instead. Estimates skip such groups.
+     fp16 tensors on CUDA are not looked at (it costs a device sync; fp16 ranges never
+     overflow): there a non-finite group dequantizes to NaN (see quant.reference). A tensor
      whose finite values span more than fp32 can hold (|x| near 3.4e38: fp32 or bf16)
      cannot be quantized in fp32 arithmetic and stays exact, with a one-time warning.
   9. Pack runs under ``no_grad``: nothing it computes joins the graph.

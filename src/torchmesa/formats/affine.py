@@ -75,8 +75,6 @@ class AffineFormat:
             flags,
         )
         est = ESTIMATORS[decision.estimator].quantize(t, job, session.ranges, session.staged)
-        if config.check_finite and est.nonfinite:
-            raise nonfinite_error(t, site, session)
         if est.overflows:
             session.warn_once(
                 "overflow",
@@ -84,10 +82,29 @@ class AffineFormat:
                 "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
             )
             return compact(t)
+        if est.nonfinite:
+            return kept_nonfinite(t, site, session, config)
         if est.step is not None:
             session.ranges.record(site, est.step, session.staged)
         session.add_base(t, est.q)
         return QuantizedRecord(est.q, saved_stride(t))
+
+
+def kept_nonfinite(
+    t: torch.Tensor, site: Site, session: Session, config: Config
+) -> torch.Tensor:
+    """An activation holding NaN or Inf, kept exact (rule 8): codes cannot hold ``-inf``,
+    a value models use on purpose (log-space zeros: CTC's alphas; masked scores). With
+    ``Config(check_finite=True)`` it raises instead."""
+    if config.check_finite:
+        raise nonfinite_error(t, site, session)
+    module = session.module_name(site)
+    session.warn_once(
+        f"nonfinite-{module}",
+        f"torchmesa: an activation saved in module {module!r} holds NaN or Inf, which "
+        "low-bit codes cannot hold; it is kept exact (engine rule 8).",
+    )
+    return compact(t)
 
 
 def nonfinite_error(t: torch.Tensor, site: Site, session: Session) -> FloatingPointError:

@@ -17,7 +17,7 @@ from torchmesa import quant
 from torchmesa.config import Config
 from torchmesa.decide import BlockQuantize
 from torchmesa.estimator import Site
-from torchmesa.formats.affine import QuantizedRecord, ViewRecord, nonfinite_error
+from torchmesa.formats.affine import QuantizedRecord, ViewRecord, kept_nonfinite
 from torchmesa.formats.base import Record, Session, saved_stride
 from torchmesa.formats.exact import compact
 
@@ -44,8 +44,6 @@ class BlockFormat:
         q, nonfinite, overflows = quant.quantize_blocks(
             t, decision.layout, bits=decision.bits, rounding=decision.rounding, generator=generator
         )
-        if config.check_finite and nonfinite:
-            raise nonfinite_error(t, site, session)
         if overflows:
             session.warn_once(
                 "block-overflow",
@@ -54,5 +52,7 @@ class BlockFormat:
                 "rule 8).",
             )
             return compact(t)
+        if nonfinite:
+            return kept_nonfinite(t, site, session, config)
         session.add_base(t, q)
         return QuantizedRecord(q, saved_stride(t))
