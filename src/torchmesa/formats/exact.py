@@ -14,7 +14,8 @@ from torchmesa.tensors import storage_nbytes
 
 
 class ExactFormat:
-    """Keeps the tensor; warns once about kinds of tensors never compressed."""
+    """Keeps the tensor; warns once about each kind of tensor never compressed, naming
+    the module that saved the first."""
 
     decision: ClassVar[type] = Exact
 
@@ -28,7 +29,11 @@ class ExactFormat:
                 if kind == type(t).__name__
                 else f"{kind} saved tensors"
             )
-            session.warn_once(f"unsupported-{kind}", f"torchmesa: {what} are kept exact.")
+            session.warn_once(
+                f"unsupported-{kind}",
+                f"torchmesa: {what} are kept exact (the first in module "
+                f"{session.module_name(site)!r}); training is unchanged, with less saved.",
+            )
         return compact(t)
 
 
