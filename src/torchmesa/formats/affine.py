@@ -90,9 +90,7 @@ class AffineFormat:
         return QuantizedRecord(est.q, saved_stride(t))
 
 
-def kept_nonfinite(
-    t: torch.Tensor, site: Site, session: Session, config: Config
-) -> torch.Tensor:
+def kept_nonfinite(t: torch.Tensor, site: Site, session: Session, config: Config) -> torch.Tensor:
     """An activation holding NaN or Inf, kept exact (rule 8): codes cannot hold ``-inf``,
     a value models use on purpose (log-space zeros: CTC's alphas; masked scores). With
     ``Config(check_finite=True)`` it raises instead."""

@@ -106,7 +106,7 @@ class ModuleCall:
         saved: list[torch.Tensor] = []
 
         def collect(t: torch.Tensor) -> None:
-            saved.append(t)
+            saved.append(t.detach())  # no autograd history: nothing to keep the rerun alive
 
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
