@@ -39,19 +39,23 @@ def block_input(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 # Near-zero gradients. The model's typical gradient per element is its whole gradient's
 # norm over sqrt(number of parameters). A parameter whose exact gradient, per element, is
 # below NEAR_ZERO of that is near zero: zero in exact arithmetic (a key bias under softmax,
-# a bias before BatchNorm), or a sum that cancels almost to zero (the scale of a BatchNorm
-# whose output a depthwise convolution and another BatchNorm normalize again; a rotary key
-# bias). Its direction is rounding noise, or a cancellation that any error in the stored
-# inputs, even fp16's, turns around, so its cosine says nothing. Measured: MobileNetV3's
-# blocks.1.0.bn1.weight sits at 3e-4 of typical (cosine 0.04 at 8 bits, -0.002 in fp16,
-# error 2e-3 of typical), TinyViT's downsample BatchNorm at 2e-3, Qwen2's k_proj.bias at
-# 1e-3 (cosine 0.9989); the smallest gradient among those that hold 0.999 was at 4e-2.
-# What such a parameter must show is that nothing real was invented: its error, per
-# element, stays below NEAR_ZERO_ERROR of typical, so that an SGD step moves it by at
-# most 1 % of a typical parameter's step. (Adam rescales each element, so there it takes
-# full-size steps on noise, as it does on the batch-to-batch noise of so small a
-# gradient in exact training.)
-NEAR_ZERO = 1e-2
+# a bias before BatchNorm), or a sum that cancels almost to zero, which any error in the
+# stored inputs, even fp16's, turns around. Measured over the zoo (tests/zoo), every
+# gradient under cosine 0.999 is one of these: MobileNetV3's blocks.1.0.bn1.weight, a
+# BatchNorm scale that a depthwise convolution and another BatchNorm normalize again, at
+# 3e-4 of typical (cosine -0.002 with fp16 inputs); and Qwen2's rotary key bias at 1.0e-2
+# (cosine 0.9989: without rotary embeddings it is exactly zero). Whether that bias's error
+# matters was measured by training (benchmarks/rotary_bias.py: Qwen2, 1,000 AdamW steps,
+# 4 seeds): the validation loss ended 0.25 % from exact's on average, against 1.00 % with
+# the key biases frozen in both runs (the control), and the biases drifted from exact's no
+# more than the other parameters did; so it does not, and the line sits at 2e-2 to hold
+# it. Below the line a gradient is judged by its error, not its direction: per element, it
+# must stay under NEAR_ZERO_ERROR of typical, so that an SGD step moves it by at most 1 %
+# of a typical step (measured: at most 3.5e-3). The price: a real gradient under the line
+# is checked only for that (the zoo's between 1e-3 and 2e-2 of typical, Qwen2's key bias
+# aside, hold cosine 0.9996 anyway). Adam rescales each element, so a near-zero gradient
+# takes full-size steps on noise, as it does in exact training on its batch-to-batch noise.
+NEAR_ZERO = 2e-2
 NEAR_ZERO_ERROR = 1e-2
 
 
@@ -68,6 +72,9 @@ class Comparison:
     exact_bytes: int
     stored_bytes: int
     held_after_backward: int
+    # under autocast: the compressed gradient's distance to exact fp32 training's, over the
+    # exact autocast gradient's (1.0: torchmesa adds nothing to the low precision's error)
+    fp32_error_ratio: float | None = None
 
 
 def typical_grad(model: nn.Module) -> float:
@@ -158,6 +165,9 @@ def compare(
     cos = grad_cosines(exact, compressed, reference)
     worst = min(cos, key=lambda n: cos[n][0])
     torchmesa.decompress(compressed)
+    fp32_error_ratio = None
+    if reference is not None:
+        fp32_error_ratio = grad_distance(compressed, reference) / grad_distance(exact, reference)
     return Comparison(
         forward_equal=torch.equal(out_exact, out_comp),
         min_cosine=cos[worst][0],
@@ -168,6 +178,15 @@ def compare(
         exact_bytes=tracker.exact_bytes,
         stored_bytes=tracker.stored_bytes,
         held_after_backward=tracker.held_bytes,
+        fp32_error_ratio=fp32_error_ratio,
+    )
+
+
+def grad_distance(a: nn.Module, b: nn.Module) -> float:
+    """The distance between two models' whole gradients (the parameters both have)."""
+    pairs = [(pa.grad, pb.grad) for pa, pb in zip(a.parameters(), b.parameters())]
+    return float(
+        sum((ga.double() - gb.double()).square().sum() for ga, gb in pairs if ga is not None) ** 0.5
     )
 
 
