@@ -18,7 +18,14 @@ else
 ZOO_TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test lint typecheck format bench clean
+# The oldest torch the package supports (pyproject: torch>=2.8, see README "Supported
+# PyTorch versions") and the newest the registry offers, each in its own environment,
+# running the main suite without its slow tests. The registry holds only CUDA builds of
+# these (about 5 GB each, downloaded); PIP_CONFIG_FILE=/dev/null steps past this machine's
+# pip cap at torch 2.14.1.
+VERSIONS ?= 2.8.0 2.15.0
+
+.PHONY: demo test test-versions lint typecheck format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +48,18 @@ test: $(STAMP) $(ZOO_STAMP) lint typecheck
 	$(BIN)/python -m pytest
 	$(ZOO)/bin/python -m pytest -m zoo tests/zoo
 
+test-versions:
+	set -e; for v in $(VERSIONS); do \
+	  env=.venv-torch$$v; \
+	  test -f $$env/.installed || { \
+	    $(PYTHON) -m venv $$env && \
+	    PIP_CONFIG_FILE=/dev/null $$env/bin/pip install -q "torch==$$v" && \
+	    PIP_CONFIG_FILE=/dev/null $$env/bin/pip install -q -e ".[dev]" "torch==$$v" && \
+	    touch $$env/.installed; }; \
+	  echo "== torch $$v"; \
+	  $$env/bin/python -m pytest -q -m "not slow and not zoo" -p no:cacheprovider; \
+	done
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -53,4 +72,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(ZOO) .pytest_cache .ruff_cache .mypy_cache src/*.egg-info
+	rm -rf $(VENV) $(ZOO) .venv-torch* .pytest_cache .ruff_cache .mypy_cache src/*.egg-info

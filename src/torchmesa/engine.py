@@ -217,9 +217,23 @@ def _owner_is_ours(pack_hook: Any) -> bool:
     return isinstance(getattr(pack_hook, "__self__", None), (Engine, Tracker))
 
 
+def _require_readable_hooks() -> None:
+    """Rule 2 reads which saved-tensor hooks pair is active, which PyTorch exposes since
+    2.8: before it, torchmesa would store what a checkpoint means to recompute."""
+    if not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"):
+        raise ImportError(
+            f"torchmesa needs torch>=2.8, found {torch.__version__}: it reads the active "
+            "saved-tensor hooks (torch._C._autograd._top_saved_tensors_default_hooks) to "
+            "step aside inside torch.utils.checkpoint and save_on_cpu, and older versions "
+            "do not expose them"
+        )
+
+
+_require_readable_hooks()
+
+
 def _foreign_hooks_active() -> bool:
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return hooks is not None and not _owner_is_ours(hooks[0])
 
 
