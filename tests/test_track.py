@@ -50,3 +50,27 @@ def test_summary_mentions_both_sizes():
     with torchmesa.track() as t:
         torchmesa.compress(nn.GELU())(torch.randn(64, 64, requires_grad=True) * 1)
     assert "exact" in t.summary() and "stored" in t.summary()
+
+
+def test_every_way_a_tensor_is_kept_is_counted_once():
+    # a BatchNorm input is a 16-bit copy ("half"): the totals by kind add up to the whole
+    model = torchmesa.compress(
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Flatten(),
+            nn.Linear(16 * 64, 10),
+        )  # fmt: skip
+    )
+    with torchmesa.track() as t:
+        model(torch.randn(8, 3, 8, 8)).sum().backward()
+    kept = t.kept()
+    assert kept["half"].tensors == 1
+    assert kept["half"].stored_bytes == 8 * 16 * 64 * 2 + 4
+    assert {"quantized", "mask"} <= set(kept)
+    assert sum(k.stored_bytes for k in kept.values()) == t.stored_bytes
+    assert sum(k.exact_bytes for k in kept.values()) == t.exact_bytes
+    rows = torchmesa.report(model, torch.randn(8, 3, 8, 8)).modules
+    assert any(r.kept_label() == "1h 2e" for r in rows)  # the BatchNorm: its input, mean, rstd

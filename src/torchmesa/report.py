@@ -44,7 +44,7 @@ class ModuleRow:
     kept: dict[str, dict[str, int]]
 
     def kept_label(self) -> str:
-        """How its saved tensors are kept, as counts: ``3q 2d 1m 2e``."""
+        """How its saved tensors are kept, as counts: ``3q 1h 2d 1m 2e``."""
         return " ".join(f"{self.kept[k]['tensors']}{k[0]}" for k in KINDS if k in self.kept)
 
 

@@ -37,9 +37,9 @@ def active_trackers() -> list[Tracker]:
     return getattr(_local, "trackers", [])
 
 
-KINDS = ("quantized", "derived", "mask", "exact")
-"""How a saved tensor is kept: quantized codes, rebuilt in backward (rule 12), a 1-bit
-mask, or the tensor itself."""
+KINDS = ("quantized", "half", "derived", "mask", "exact")
+"""How a saved tensor is kept: quantized codes, a 16-bit copy (BatchNorm inputs), rebuilt
+in backward (rule 12), a 1-bit mask, or the tensor itself."""
 
 
 @dataclass
