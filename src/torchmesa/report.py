@@ -8,7 +8,7 @@ prints as a table, serializes to JSON with the keys below, and plots as a bar ch
 JSON keys: ``model``, ``batch`` (shapes), ``exact_bytes``, ``stored_bytes``, ``ratio``,
 ``modules``: a list of ``{module, exact_bytes, stored_bytes, share, bits, tensors, kept}``
 (``bits`` is null for modules kept exact; ``kept`` maps each way a saved tensor is kept,
-``quantized``, ``derived``, ``mask`` or ``exact``, to ``{tensors, exact_bytes,
+``quantized``, ``half``, ``derived``, ``mask`` or ``exact``, to ``{tensors, exact_bytes,
 stored_bytes}``), largest first.
 """
 
@@ -76,7 +76,7 @@ class Report:
         width = max([len("module"), len(label) if rest else 0] + [len(r.module) for r in shown])
         head = (
             f"{'module':<{width}}  {'exact MiB':>10}  {'stored MiB':>10}  {'share':>6}  "
-            f"{'bits':>5}  kept (quantized/derived/mask/exact)"
+            f"{'bits':>5}  kept (quantized/half/derived/mask/exact)"
         )
         lines = [head, "-" * len(head)]
         for r in shown:
