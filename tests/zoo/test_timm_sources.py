@@ -28,7 +28,7 @@ def test_profile_a_timm_model():
     report = json.loads(done.stdout)
     assert report["model"] == "timm:resnet18"
     assert report["batch"] == {"input": [2, 3, 64, 64]}
-    assert report["ratio"] > 2.5  # 8 bits of fp32 (BatchNorm statistics stay exact)
+    assert report["ratio"] > 2.2  # 8-bit codes, 16-bit BatchNorm inputs (2.32 at batch 2)
 
 
 def test_fit_a_timm_model(tmp_path):
