@@ -245,4 +245,6 @@ ZOO: list[Entry] = [
     Entry("timm:levit_128s", "hybrid (LeViT, BatchNorm after linear)",
           _timm("levit_128s", img_size=64)),
     Entry("timm:test_mambaout", "gated ConvNet (MambaOut)", _timm("test_mambaout")),
+    Entry("timm:repvit_m0_9", "mobile ConvNet (RepViT, reparameterizable)",
+          _timm("repvit_m0_9")),
 ]  # fmt: skip
