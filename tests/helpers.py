@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +17,15 @@ from torch import nn
 
 import torchmesa
 from torchmesa.estimator import RangeStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with this Python from the repository root, its output
+    captured (the benchmarks' smoke tests)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,24 +1,20 @@
 """The benchmark runs end to end (tiny shapes) and reports what README tables are made of."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_benchmark
 
 import torchmesa
 from torchmesa.apps.benchmark import CONFIGS, MESA_REPORTED, Setup, default_batch, mesa_table, table
 from torchmesa.apps.models import SPECS, CheckpointedSequential, checkpoint_blocks
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("bench.py", *args, "--out", str(out))
     assert done.returncode == 0, done.stderr
     return done.stdout, json.loads(out.read_text())
 

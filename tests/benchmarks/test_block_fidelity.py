@@ -1,18 +1,13 @@
 """The block-fidelity benchmark runs end to end and orders the settings as it should."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
 
 
 def test_block_fidelity_reports_every_setting(tmp_path):
     out = tmp_path / "fidelity.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "block_fidelity.py"), "--steps", "5",
-           "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("block_fidelity.py", "--steps", "5", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
     error = {name: r["gradient_relative_error"] for name, r in rows.items()}

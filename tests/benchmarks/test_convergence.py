@@ -2,13 +2,9 @@
 README's table is made of."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
 
 
 @pytest.mark.slow
@@ -16,16 +12,7 @@ def test_convergence_smoke(tmp_path):
     out = tmp_path / "convergence.json"
     settings = ["8-bit ema", "8-bit dynamic", "8-bit derived", "4-bit stochastic"]
     settings += ["2-bit stochastic", "4-bit block rotated, attention 8"]
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "convergence.py"),
-        "--quick",
-        "--settings",
-        *settings,
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("convergence.py", "--quick", "--settings", *settings, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "grad cos min/median" in done.stdout
     report = json.loads(out.read_text())
@@ -49,9 +36,8 @@ def test_convergence_smoke(tmp_path):
 @pytest.mark.slow
 def test_a_planned_setting_plans_each_run_and_prints_its_table(tmp_path):
     out = tmp_path / "convergence.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--tasks",
-           "stdlib-gpt", "--settings", "plan 10x", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("convergence.py", "--quick", "--tasks", "stdlib-gpt",
+                         "--settings", "plan 10x", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "from derived tensors" in done.stdout  # the plan's table
     report = json.loads(out.read_text())

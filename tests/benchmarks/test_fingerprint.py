@@ -1,20 +1,13 @@
 """The fingerprint a refactor is checked with is the same run to run and sees a change."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
 
 
 def _fingerprint(tmp_path, name):
     out = tmp_path / f"{name}.json"
-    cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "fingerprint.py"),
-        "--configs", "default", "bits4", "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("fingerprint.py", "--configs", "default", "bits4", "--out", str(out))
     assert done.returncode == 0, done.stderr
     return json.loads(out.read_text())
 

@@ -3,11 +3,10 @@
 import importlib.util
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,11 +42,7 @@ def test_side_by_side_reports_ratios_to_the_first_function(monkeypatch):
 
 def test_kernel_benchmark_reports_every_ratio(tmp_path):
     out = tmp_path / "kernels.json"
-    cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--repeats", "1",
-        "--cold-mib", "32", "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("kernels.py", "--repeats", "1", "--cold-mib", "32", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "worst fused dequantize (cold) / copy" in done.stdout
     report = json.loads(out.read_text())
@@ -70,11 +65,8 @@ def test_kernel_benchmark_reports_every_ratio(tmp_path):
 
 def test_step_costs_split_the_step_into_kernels_and_the_rest(tmp_path):
     out = tmp_path / "costs.json"
-    cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "step_costs.py"), "--model", "tiny-vit",
-        "--warmup", "1", "--steps", "2", "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("step_costs.py", "--model", "tiny-vit", "--warmup", "1", "--steps", "2",
+                         "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "hooks outside the kernels" in done.stdout
     report = json.loads(out.read_text())

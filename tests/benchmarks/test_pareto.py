@@ -1,11 +1,8 @@
 """The Pareto plot measures each setting's stored bits and draws the gaps it is given."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
 
 
 def test_pareto_measures_bits_and_plots_the_given_gaps(tmp_path):
@@ -18,9 +15,7 @@ def test_pareto_measures_bits_and_plots_the_given_gaps(tmp_path):
     }}  # fmt: skip
     results.write_text(json.dumps({"verdicts": verdicts}))
     out = tmp_path / "pareto.png"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--results", str(results),
-           "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("pareto.py", "--results", str(results), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 10_000
     points = json.loads(out.with_suffix(".json").read_text())["points"]["stdlib-gpt"]

@@ -1,18 +1,13 @@
 """The rotary-bias study runs end to end and reports both arms (its smoke test)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
 
 
 def test_rotary_bias_quick_reports_trained_and_frozen_key_biases(tmp_path):
     out = tmp_path / "rotary.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "rotary_bias.py"), "--quick", "--out",
-           str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("rotary_bias.py", "--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     runs = {r["key_biases_frozen"]: r for r in report["runs"]}

@@ -1,24 +1,16 @@
 """The soak benchmark runs end to end (few steps) and reports every check it makes."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark
 
 
 @pytest.mark.slow
 def test_soak_smoke(tmp_path):
     out = tmp_path / "soak.json"
-    cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "soak.py"),
-        "--steps", "40", "--batch", "4", "--seq", "32", "--dim", "32",
-        "--max-loss-gap", "0.05", "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("soak.py", "--steps", "40", "--batch", "4", "--seq", "32",
+                         "--dim", "32", "--max-loss-gap", "0.05", "--out", str(out))  # fmt: skip
     report = json.loads(out.read_text())
     assert done.returncode == (0 if report["passed"] else 1), done.stderr
     assert "memory growth over the second half" in done.stdout
@@ -36,6 +28,5 @@ def test_soak_smoke(tmp_path):
 
 
 def test_soak_refuses_too_few_steps():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--steps", "3"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = run_benchmark("soak.py", "--steps", "3", timeout=120)
     assert done.returncode == 2 and "--steps must be at least 10" in done.stderr

@@ -1,21 +1,16 @@
 """benchmarks/batchnorm.py, on one small network (it needs timm: the second environment)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_benchmark
 
 pytestmark = pytest.mark.zoo
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_batchnorm_benchmark_compares_the_three_settings(tmp_path):
     out = tmp_path / "bn.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "batchnorm.py"), "--models", "resnet18",
-           "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run_benchmark("batchnorm.py", "--models", "resnet18", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = {r["batch_norm"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"quantize", "half", "exact"}
