@@ -30,7 +30,7 @@ from torchmesa.config import Config, NormKind, PerBlock, norm_kind
 from torchmesa.decide import Half, Quantize, decide
 
 PackedSave = tuple[torch.Tensor, ...]
-NORM_OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+TOKEN_NORM_OPS = ("layer_norm", "rms_norm", "group_norm")
 BATCH_NORM_OPS = ("batch_norm", "instance_norm")
 LAYOUT_OPS = ("convert_element_type", "_to_copy", "view", "reshape", "permute", "transpose",
               "expand", "aten.t.", "clone", "alias")  # fmt: skip
@@ -109,7 +109,7 @@ def _norm_op(node: Any) -> NormKind:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if isinstance(dims, (list, tuple)) and 0 in dims and len(dims) < _rank(node.args[0]):
             return "batch"
-    return "token" if _target_in(node, NORM_OPS) else ""
+    return "token" if _target_in(node, TOKEN_NORM_OPS) else ""
 
 
 def _rank(node: Any) -> int:

@@ -546,10 +546,7 @@ class Engine:
 def _autocast_on() -> bool:
     """Whether autocast is on for the CPU or CUDA. Read it when the forward starts: inside
     an op (and so inside pack) autocast excludes itself and always reads as off."""
-    try:
-        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-    except TypeError:  # torch < 2.4 took no device type
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 class _Probing(threading.local):

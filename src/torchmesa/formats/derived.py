@@ -25,15 +25,11 @@ AUTOCAST_DEVICES = ("cpu", "cuda")
 def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
     """The device types autocast is on for now, with their dtypes (read in a module's
     pre-hook: inside an op autocast reads as off)."""
-    state = []
-    for device in AUTOCAST_DEVICES:
-        try:
-            on = torch.is_autocast_enabled(device)
-        except (TypeError, RuntimeError):  # torch < 2.4, or a device type it lacks
-            continue
-        if on:
-            state.append((device, torch.get_autocast_dtype(device)))
-    return tuple(state)
+    return tuple(
+        (device, torch.get_autocast_dtype(device))
+        for device in AUTOCAST_DEVICES
+        if torch.is_autocast_enabled(device)
+    )
 
 
 class ModuleCall:
