@@ -7,7 +7,7 @@ import copy
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class Comparison:
     exact_bytes: int
     stored_bytes: int
     held_after_backward: int
+    # each parameter's (cosine, relative error), those whose gradient is not near zero
+    cosines: dict[str, tuple[float, float]] = field(default_factory=dict)
     # under autocast: the compressed gradient's distance to exact fp32 training's, over the
     # exact autocast gradient's (1.0: torchmesa adds nothing to the low precision's error)
     fp32_error_ratio: float | None = None
@@ -190,6 +192,7 @@ def compare(
         exact_bytes=tracker.exact_bytes,
         stored_bytes=tracker.stored_bytes,
         held_after_backward=tracker.held_bytes,
+        cosines=cos,
         fp32_error_ratio=fp32_error_ratio,
     )
 
