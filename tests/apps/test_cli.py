@@ -225,6 +225,23 @@ def test_profile_a_hugging_face_configuration_class():
     assert report["batch"] == {"input_ids": [2, 16], "labels": [2, 16]} and report["ratio"] > 2
 
 
+@pytest.mark.parametrize(
+    ("preset", "size", "batch"),
+    [
+        ("gpt2", ("--seq-len", "16"), {"input_ids": [2, 16], "labels": [2, 16]}),
+        ("bert", ("--seq-len", "16"), {"input_ids": [2, 16], "labels": [2, 16]}),
+        ("vit", ("--image-size", "32"), {"pixel_values": [2, 3, 32, 32], "labels": [2]}),
+    ],
+)
+def test_profile_a_hugging_face_preset(preset, size, batch):
+    done = cli("profile", preset, "--layers", "1", "--hidden", "32", "--heads", "2", *size,
+               "--batch-size", "2", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"] == f"{preset} (1 layer, hidden 32)"
+    assert report["batch"] == batch and report["ratio"] > 2
+
+
 @pytest.mark.slow
 def test_bench_takes_the_same_sources(tmp_path):
     out = tmp_path / "bench.json"

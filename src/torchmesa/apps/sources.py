@@ -298,7 +298,7 @@ def _hf_preset(name: str, sizes: Sizes) -> Workload:
         model_class = tf.ViTForImageClassification
     _check_settings(f"{name!r}", config, settings)
     layers = getattr(config, "num_hidden_layers", "?")
-    label = f"{name} ({layers} layers, hidden {config.hidden_size})"
+    label = f"{name} ({layers} layer{'s' * (layers != 1)}, hidden {config.hidden_size})"
     return _hf_workload(label, config, model_class, seq, image)
 
 
