@@ -12,13 +12,18 @@ codes with one range per head for 4+-dim tensors, per token for a tensor that a
 normalization op reads, per channel otherwise; small, integer and bool tensors exact.
 Parameters and inputs never reach the hooks: AOTAutograd hands them only intermediates of
 the graph (``torch._functorch.config.saved_tensors_hooks_filtering_mode="donated"``).
-Ranges are each batch's own (``estimator="dynamic"``); running estimates and derived
-tensors are eager-only. Outside a compiled region (after a graph break) the same hooks
-run as ordinary Python hooks on real tensors, with the same results.
+Ranges are each batch's own (``estimator="dynamic"``); running estimates are eager-only.
+Derived tensors (engine rule 12) have a compiled counterpart in the partitioner: graphs
+compiled in a compressed call may recompute in backward a pointwise value that backward
+needs whole (a norm's output, GELU's output), from a value saved anyway, the way eager
+torchmesa derives them (:func:`partitioner_settings`). Outside a compiled region (after
+a graph break) the same hooks run as ordinary Python hooks on real tensors, with the same
+results.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +48,21 @@ def inlining_available() -> bool:
     except ImportError:
         return False
     return hasattr(utils, "saved_tensors_hooks_are_inlineable")
+
+
+# AOTAutograd's partitioner saves, by default, every value that backward uses whole (a
+# matmul's input) rather than recompute it there; torchmesa's graphs let it recompute the
+# pointwise ones (a norm's affine output, GELU's output), which eager torchmesa derives.
+PARTITIONER: dict[str, Any] = {"ban_recompute_materialized_backward": False}
+
+
+def partitioner_settings() -> contextlib.AbstractContextManager[None]:
+    """:data:`PARTITIONER`, set for the graphs compiled while it is entered (the settings
+    this PyTorch has; they are part of AOTAutograd's cache key)."""
+    from torch._functorch import config as functorch
+
+    known = functorch.get_config_copy()
+    return functorch.patch(**{k: v for k, v in PARTITIONER.items() if k in known})
 
 
 def unsupported(config: Config) -> str:

@@ -14,6 +14,7 @@ keeps one record per tensor saved twice (rule 7) and the estimates of its model.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -198,7 +199,7 @@ class _Call:
     def __init__(
         self,
         forward: _Forward | None,
-        graph: torch.autograd.graph.saved_tensors_hooks | None = None,
+        graph: contextlib.ExitStack | None = None,
     ) -> None:
         self.forward, self.graph, self.depth = forward, graph, 0
 
@@ -363,7 +364,7 @@ class Engine:
         if call.depth == 0:
             stack.pop()
             if call.graph is not None:
-                call.graph.__exit__(None, None, None)
+                call.graph.close()
             forward = call.forward
             if forward is not None:
                 forward.hooks.__exit__(None, None, None)
@@ -371,9 +372,10 @@ class Engine:
                 if not _raised(output):
                     self.ranges.commit(forward.staged)
 
-    def _begin_graph(self, module: nn.Module) -> torch.autograd.graph.saved_tensors_hooks | None:
+    def _begin_graph(self, module: nn.Module) -> contextlib.ExitStack | None:
         """Start a call of the tree on the compiled path (rule 13): when ``torch.compile``
-        runs it, make the graph hooks ambient, so that AOTAutograd inlines them; None when
+        runs it, make the graph hooks ambient, so that AOTAutograd inlines them, with the
+        partitioner's settings for graphs compiled in the call; None when
         the call runs eagerly, or when the compiled path cannot serve it (warned once: then
         the eager hooks store what the compiled graphs save, in Python, at run time)."""
         if not _in_compiled_module():
@@ -395,11 +397,12 @@ class Engine:
                 "ranges in eager forwards only; compiled graphs quantize with each batch's "
                 "own ranges (engine rule 13).",
             )
-        hooks = torch.autograd.graph.saved_tensors_hooks(
-            self.graph_hooks.pack, self.graph_hooks.unpack
+        scope = contextlib.ExitStack()
+        scope.enter_context(compiled.partitioner_settings())
+        scope.enter_context(
+            torch.autograd.graph.saved_tensors_hooks(self.graph_hooks.pack, self.graph_hooks.unpack)
         )
-        hooks.__enter__()
-        return hooks
+        return scope
 
     def _in_scope(self, module: nn.Module) -> bool:
         """Whether a call of the tree starting at ``module`` is compressed (rules 1, 2)."""

@@ -201,23 +201,32 @@ class GraphHeld:
     codes: int
 
 
-def graph_held(output: torch.Tensor, params: Any) -> GraphHeld:
-    """:class:`GraphHeld` of the compiled graphs in ``output``'s autograd graph;
-    ``params`` are the model's parameters (never counted)."""
-    excluded = {p.untyped_storage().data_ptr() for p in params}
-    seen: set[int] = set()
-    held, todo, visited = GraphHeld(0, 0), [output.grad_fn], set()
+def graph_saved(output: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor that the compiled graphs in ``output``'s autograd graph hold for
+    backward, parameters included, in the order the graph is walked."""
+    saved: list[torch.Tensor] = []
+    todo, visited = [output.grad_fn], set()
     while todo:
         node = todo.pop()
         if node is None or node in visited:
             continue
         visited.add(node)
         if type(node).__name__ == "CompiledFunctionBackward":
-            for t in getattr(node, "saved_tensors", ()):  # a Python Function's node
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in excluded and ptr not in seen:
-                    seen.add(ptr)
-                    held.nbytes += t.untyped_storage().nbytes()
-                    held.codes += t.dtype == torch.uint8
+            saved += getattr(node, "saved_tensors", ())  # a Python Function's node
         todo.extend(n for n, _ in node.next_functions)
+    return saved
+
+
+def graph_held(output: torch.Tensor, params: Any) -> GraphHeld:
+    """:class:`GraphHeld` of the compiled graphs in ``output``'s autograd graph;
+    ``params`` are the model's parameters (never counted)."""
+    excluded = {p.untyped_storage().data_ptr() for p in params}
+    seen: set[int] = set()
+    held = GraphHeld(0, 0)
+    for t in graph_saved(output):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen.add(ptr)
+            held.nbytes += t.untyped_storage().nbytes()
+            held.codes += t.dtype == torch.uint8
     return held
