@@ -330,7 +330,7 @@ def test_a_batch_norm_input_is_held_in_16_bits_in_the_compiled_graph():
     held = [(t.dtype, tuple(t.shape)) for t in graph_saved(y)]
     assert (torch.float16, (4, 16, 32, 32)) in held  # the convolution's output, BN's input
     assert (torch.float32, (4, 16, 32, 32)) not in held
-    # ReLU's mask is recomputed in backward from that input (compiled.partitioner_settings)
+    # ReLU's mask is recomputed in backward from that input (compiled.compile_settings)
     assert (torch.bool, (4, 16, 32, 32)) not in held
 
 
@@ -351,3 +351,26 @@ def test_the_partitioner_recomputes_what_eager_derives_in_compressed_calls_only(
     y.sum().backward()
     y_exact.sum().backward()
     assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_the_models_input_is_quantized_as_eager_does_and_parameters_never(input_grad):
+    """The input is a graph input, not an intermediate: codes unless it requires grad
+    (engine rule 3). A frozen weight is a static input and stays itself, also in bf16."""
+    torch._dynamo.reset()
+    model = Block()
+    model.up.weight.requires_grad_(False)
+    compiled = torch.compile(torchmesa.compress(model))
+    x = torch.randn(8, 64, 64, requires_grad=input_grad)
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            saved = graph_saved(compiled(x))
+        ptrs = {t.untyped_storage().data_ptr() for t in saved}
+        codes = [t for t in saved if t.dtype == torch.uint8 and t.shape == x.shape]
+        held_whole = x.untyped_storage().data_ptr() in ptrs
+        assert (held_whole, len(codes)) == ((True, 0) if input_grad else (False, 1)), autocast
+        weights = [t for t in saved if t.shape == model.up.weight.shape]
+        assert weights and all(t.dtype != torch.uint8 for t in weights)  # never codes
+        if not autocast:
+            assert model.up.weight.untyped_storage().data_ptr() in ptrs

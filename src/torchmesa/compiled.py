@@ -10,13 +10,15 @@ quantization with the kernels around it, and no Python runs per saved tensor.
 from what the graph knows, with the eager rules (:func:`torchmesa.decide.decide`): 8-bit
 codes with one range per head for 4+-dim tensors, per token for a tensor that a
 normalization op reads, per channel otherwise; small, integer and bool tensors exact.
-Parameters and inputs never reach the hooks: AOTAutograd hands them only intermediates of
-the graph (``torch._functorch.config.saved_tensors_hooks_filtering_mode="donated"``).
-Ranges are each batch's own (``estimator="dynamic"``); running estimates are eager-only.
+Parameters never reach the hooks (``saved_tensors_hooks_filtering_mode="no_static"``:
+AOTAutograd hands them every saved value but its static inputs), and their casts and views
+stay exact. The model's own inputs are quantized like any activation, as eager torchmesa
+quantizes them, unless they require grad. Ranges are each batch's own
+(``estimator="dynamic"``); running estimates are eager-only.
 Derived tensors (engine rule 12) have a compiled counterpart in the partitioner: graphs
 compiled in a compressed call may recompute in backward a pointwise value that backward
 needs whole (a norm's output, GELU's output), from a value saved anyway, the way eager
-torchmesa derives them (:func:`partitioner_settings`). Outside a compiled region (after
+torchmesa derives them (:func:`compile_settings`). Outside a compiled region (after
 a graph break) the same hooks run as ordinary Python hooks on real tensors, with the same
 results.
 """
@@ -50,19 +52,25 @@ def inlining_available() -> bool:
     return hasattr(utils, "saved_tensors_hooks_are_inlineable")
 
 
-# AOTAutograd's partitioner saves, by default, every value that backward uses whole (a
-# matmul's input) rather than recompute it there; torchmesa's graphs let it recompute the
-# pointwise ones (a norm's affine output, GELU's output), which eager torchmesa derives.
-PARTITIONER: dict[str, Any] = {"ban_recompute_materialized_backward": False}
+# AOTAutograd's settings for the graphs compiled in a compressed call. Its partitioner
+# saves, by default, every value that backward uses whole (a matmul's input) rather than
+# recompute it there; torchmesa's graphs let it recompute the pointwise ones (a norm's
+# affine output, GELU's output), which eager torchmesa derives. Its hooks see by default
+# only the graph's intermediates; torchmesa's see its non-static inputs too (the model's
+# input, as eager sees it), never the parameters, which are static.
+COMPILE_SETTINGS: dict[str, Any] = {
+    "ban_recompute_materialized_backward": False,
+    "saved_tensors_hooks_filtering_mode": "no_static",
+}
 
 
-def partitioner_settings() -> contextlib.AbstractContextManager[None]:
-    """:data:`PARTITIONER`, set for the graphs compiled while it is entered (the settings
-    this PyTorch has; they are part of AOTAutograd's cache key)."""
+def compile_settings() -> contextlib.AbstractContextManager[None]:
+    """:data:`COMPILE_SETTINGS`, set for the graphs compiled while it is entered (the
+    settings this PyTorch has; they are part of AOTAutograd's cache key)."""
     from torch._functorch import config as functorch
 
     known = functorch.get_config_copy()
-    return functorch.patch(**{k: v for k, v in PARTITIONER.items() if k in known})
+    return functorch.patch(**{k: v for k, v in COMPILE_SETTINGS.items() if k in known})
 
 
 def unsupported(config: Config) -> str:
@@ -170,14 +178,31 @@ def _read_by_norm(state: dict[str, Any]) -> NormKind:
 
 
 def _copy_of_input(node: Any) -> bool:
-    """Whether the saved node is an input of the graph (a parameter) reshaped or cast:
-    autocast's bf16 copy of a weight is an intermediate of the graph, and a parameter's
-    copy is never quantized (engine rule 3)."""
+    """Whether the saved node is an input of the graph (a parameter, most often)
+    reshaped or cast: autocast's bf16 copy of a weight is an intermediate of the graph,
+    and a parameter's copy is never quantized (engine rule 3)."""
+    if node is None or node.op != "call_function":
+        return False
     while node is not None and node.op == "call_function":
         if not _target_in(node, LAYOUT_OPS):
             return False
         node = node.args[0] if node.args else None
     return node is not None and getattr(node, "op", None) == "placeholder"
+
+
+def _input_requiring_grad(state: dict[str, Any]) -> bool:
+    """Whether the saved node is an input of the graph that gets a gradient (a leaf
+    that requires grad stays exact, engine rule 3): the backward graph returns one
+    gradient per forward input, in order, None for those that need none. True when that
+    cannot be read."""
+    node, backward = state["_node"], state.get("_bw_graph")
+    if node.op != "placeholder":
+        return False
+    inputs = state["_fw_graph"].find_nodes(op="placeholder")
+    grads = backward.output_node().args[0] if backward is not None else None
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(inputs):
+        return True
+    return grads[inputs.index(node)] is not None
 
 
 class GraphHooks:
@@ -197,7 +222,7 @@ class GraphHooks:
     def _pack(self, x: torch.Tensor) -> PackedSave:
         state = _trace_state()  # None when this runs eagerly, on a real tensor
         node = state["_node"] if state else None
-        if _copy_of_input(node):
+        if _copy_of_input(node) or (state is not None and _input_requiring_grad(state)):
             return (x,)
         norm = _read_by_norm(state) if state is not None else ""
         decision = decide(x, self.config, norm, compiled=state is not None)

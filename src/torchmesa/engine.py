@@ -398,7 +398,7 @@ class Engine:
                 "own ranges (engine rule 13).",
             )
         scope = contextlib.ExitStack()
-        scope.enter_context(compiled.partitioner_settings())
+        scope.enter_context(compiled.compile_settings())
         scope.enter_context(
             torch.autograd.graph.saved_tensors_hooks(self.graph_hooks.pack, self.graph_hooks.unpack)
         )
