@@ -374,3 +374,32 @@ def test_the_models_input_is_quantized_as_eager_does_and_parameters_never(input_
         assert weights and all(t.dtype != torch.uint8 for t in weights)  # never codes
         if not autocast:
             assert model.up.weight.untyped_storage().data_ptr() in ptrs
+
+
+class Dropped(nn.Module):
+    """A dropout between two projections: its mask is saved for backward."""
+
+    def __init__(self, hidden: int, p: float = 0.25) -> None:
+        super().__init__()
+        self.up, self.down, self.p = nn.Linear(64, hidden), nn.Linear(hidden, 64), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.dropout(F.relu(self.up(x)), self.p))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("batch", "hidden"), [((3, 7), 256), ((3, 7), 255), ((2, 5), 1009)])
+def test_narrow_batches_of_awkward_widths_through_relu_train_like_compiled_exact(batch, hidden):
+    """Small activations get a few channel groups (at least 512 values a group), which
+    rarely divide the width: the graphs make them divide (Inductor's CPU kernels read a
+    value broadcast from ragged groups wrong). The partitioner recomputes ReLU from the
+    value saved before it, so codes keep each value's sign."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Dropped(hidden, p=0.0)
+    exact = copy.deepcopy(model)
+    x = torch.randn(*batch, 64)
+    outs = [torch.compile(torchmesa.compress(model))(x), torch.compile(exact)(x)]
+    for out in outs:
+        out.square().mean().backward()
+    assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999

@@ -26,6 +26,7 @@ results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -205,6 +206,37 @@ def _input_requiring_grad(state: dict[str, Any]) -> bool:
     return grads[inputs.index(node)] is not None
 
 
+def _even_groups(layout: quant.GroupLayout) -> quant.GroupLayout:
+    """``layout`` with channel groups that divide the channels. A value broadcast from
+    groups of which the last is smaller (``repeat_interleave`` then a slice) is read wrong
+    by Inductor's CPU kernels when they fuse it into its consumer (PyTorch 2.13: codes off
+    by up to 255). The group size becomes the nearest divisor of the channels: below,
+    while that gives at most twice the groups (finer ranges, metadata still noise), else
+    above (coarser)."""
+    size, channels = layout.group_size, layout.channels
+    if layout.kind != "per_channel_group" or channels % size == 0:
+        return layout
+    below = max(d for d in range(1, size) if channels % d == 0)
+    if channels // below <= 2 * layout.num_groups:
+        size = below
+    else:
+        size = min(d for d in range(size + 1, channels + 1) if channels % d == 0)
+    return dataclasses.replace(layout, num_groups=channels // size, group_size=size)
+
+
+def _keep_signs(
+    codes: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """``codes`` moved by at most one step so that each restores to a value of ``x``'s
+    sign: positive exactly where ``x`` is. The partitioner recomputes a ReLU (its mask)
+    in backward from the value saved before it, and a code rounded across zero would
+    flip the mask there; eager torchmesa keeps the ReLU's output instead."""
+    last = torch.floor(-shift / step)  # the largest code that restores to a value <= 0
+    lifted = torch.where(x > 0, torch.maximum(codes.float(), last + 1), codes.float())
+    kept = torch.where(x > 0, lifted, torch.minimum(lifted, last))
+    return kept.clamp(0, 255).to(torch.uint8)
+
+
 class GraphHooks:
     """The pack / unpack pair for one config, as graph modules (see the module docstring).
 
@@ -231,12 +263,13 @@ class GraphHooks:
             return quant.to_half(x, scale), scale, x.new_empty(0)
         if not isinstance(decision, Quantize):  # exact, masks too: Inductor draws a
             return (x,)  # dropout mask again from its seed rather than save it
-        layout, ndim = decision.layout, x.dim()
+        layout, ndim = _even_groups(decision.layout), x.dim()
         with torch.no_grad():
             lo, hi = quant.reference.group_minmax(x, layout)
             scale = quant.reference.scale_of(hi - lo, 8)
             codes = quant.reference.quantize_codes(x, layout, lo, scale, 8, traced=True)
-        shift, step = layout.broadcast(lo, ndim), layout.broadcast(scale, ndim)
+            shift, step = layout.broadcast(lo, ndim), layout.broadcast(scale, ndim)
+            codes = _keep_signs(codes, x, shift, step)
         return codes, shift, step, x.new_empty(0)
 
     @staticmethod
