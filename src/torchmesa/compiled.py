@@ -9,11 +9,13 @@ quantization with the kernels around it, and no Python runs per saved tensor.
 :class:`GraphHooks` is that pair for one config. What to store is decided at trace time
 from what the graph knows, with the eager rules (:func:`torchmesa.decide.decide`): 8-bit
 codes with one range per head for 4+-dim tensors, per token for a tensor that a
-normalization op reads, per channel otherwise; small, integer and bool tensors exact.
+normalization op reads, per channel otherwise; bool masks 1 bit per element; small
+and integer tensors exact.
 Parameters never reach the hooks (``saved_tensors_hooks_filtering_mode="no_static"``:
 AOTAutograd hands them every saved value but its static inputs), and their casts and views
-stay exact. The model's own inputs are quantized like any activation, as eager torchmesa
-quantizes them, unless they require grad. Ranges are each batch's own
+stay exact. The graph's other inputs are activations (the model's input, or a tensor
+that an earlier graph made, across a graph break) and are stored as eager torchmesa
+stores them. Ranges are each batch's own
 (``estimator="dynamic"``); running estimates are eager-only.
 Derived tensors (engine rule 12) have a compiled counterpart in the partitioner: graphs
 compiled in a compressed call may recompute in backward a pointwise value that backward
@@ -35,7 +37,7 @@ from torch import nn
 
 from torchmesa import quant
 from torchmesa.config import Config, NormKind, PerBlock, norm_kind
-from torchmesa.decide import Half, Quantize, decide
+from torchmesa.decide import Half, Mask, Quantize, decide
 
 PackedSave = tuple[torch.Tensor, ...]
 TOKEN_NORM_OPS = ("layer_norm", "rms_norm", "group_norm")
@@ -191,21 +193,6 @@ def _copy_of_input(node: Any) -> bool:
     return node is not None and getattr(node, "op", None) == "placeholder"
 
 
-def _input_requiring_grad(state: dict[str, Any]) -> bool:
-    """Whether the saved node is an input of the graph that gets a gradient (a leaf
-    that requires grad stays exact, engine rule 3): the backward graph returns one
-    gradient per forward input, in order, None for those that need none. True when that
-    cannot be read."""
-    node, backward = state["_node"], state.get("_bw_graph")
-    if node.op != "placeholder":
-        return False
-    inputs = state["_fw_graph"].find_nodes(op="placeholder")
-    grads = backward.output_node().args[0] if backward is not None else None
-    if not isinstance(grads, (list, tuple)) or len(grads) != len(inputs):
-        return True
-    return grads[inputs.index(node)] is not None
-
-
 def _even_groups(layout: quant.GroupLayout) -> quant.GroupLayout:
     """``layout`` with channel groups that divide the channels. A value broadcast from
     groups of which the last is smaller (``repeat_interleave`` then a slice) is read wrong
@@ -237,10 +224,32 @@ def _keep_signs(
     return kept.clamp(0, 255).to(torch.uint8)
 
 
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """1, 2, 4, ..., 128: the value of each of a byte's bits, lowest first."""
+    return torch.pow(2, torch.arange(8, device=device, dtype=torch.int32)).to(torch.uint8)
+
+
+def _pack_bits(mask: torch.Tensor) -> PackedSave:
+    """A bool tensor as 1 bit per element (engine rule 4), in ops that Inductor fuses:
+    ``(bits, shape)``, ``shape`` an empty tensor of shape ``(0, *mask.shape)``. A mask
+    that is not contiguous or whose size is not a multiple of 8 stays as it is."""
+    if not mask.is_contiguous() or mask.numel() % 8:
+        return (mask,)
+    bits = mask.reshape(-1, 8).to(torch.uint8) * _bit_weights(mask.device)
+    return bits.sum(-1, dtype=torch.uint8), mask.new_empty((0, *mask.shape))
+
+
+def _unpack_bits(bits: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """The bool tensor that :func:`_pack_bits` packed."""
+    weights = _bit_weights(bits.device)
+    return bits.unsqueeze(-1).bitwise_and(weights).ne(0).reshape(shape.shape[1:])
+
+
 class GraphHooks:
     """The pack / unpack pair for one config, as graph modules (see the module docstring).
 
-    A save that stays exact packs to ``(x,)``; a 16-bit copy (inside BatchNorm) to
+    A save that stays exact packs to ``(x,)``; a bool mask to 1 bit per element,
+    ``(bits, shape)``; a 16-bit copy (inside BatchNorm) to
     ``(values, scale, tag)``; a quantized one to ``(codes, shift, scale, tag)``: uint8
     codes in ``x``'s shape and layout, its groups' shift and scale already shaped to
     broadcast against them. ``tag`` is an empty tensor of ``x``'s dtype.
@@ -254,15 +263,17 @@ class GraphHooks:
     def _pack(self, x: torch.Tensor) -> PackedSave:
         state = _trace_state()  # None when this runs eagerly, on a real tensor
         node = state["_node"] if state else None
-        if _copy_of_input(node) or (state is not None and _input_requiring_grad(state)):
+        if _copy_of_input(node):
             return (x,)
         norm = _read_by_norm(state) if state is not None else ""
         decision = decide(x, self.config, norm, compiled=state is not None)
         if isinstance(decision, Half):
             scale = quant.half_scale(x)
             return quant.to_half(x, scale), scale, x.new_empty(0)
-        if not isinstance(decision, Quantize):  # exact, masks too: Inductor draws a
-            return (x,)  # dropout mask again from its seed rather than save it
+        if isinstance(decision, Mask) and decision.value is None:
+            return _pack_bits(x)
+        if not isinstance(decision, Quantize):
+            return (x,)
         layout, ndim = _even_groups(decision.layout), x.dim()
         with torch.no_grad():
             lo, hi = quant.reference.group_minmax(x, layout)
@@ -276,6 +287,8 @@ class GraphHooks:
     def _unpack(packed: PackedSave) -> torch.Tensor:
         if len(packed) == 1:
             return packed[0]
+        if len(packed) == 2:
+            return _unpack_bits(*packed)
         if len(packed) == 3:
             values, scale, tag = packed
             return quant.from_half(values, scale, tag.dtype)
