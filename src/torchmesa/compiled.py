@@ -42,6 +42,9 @@ from torchmesa.decide import Half, Mask, Quantize, decide
 PackedSave = tuple[torch.Tensor, ...]
 TOKEN_NORM_OPS = ("layer_norm", "rms_norm", "group_norm")
 BATCH_NORM_OPS = ("batch_norm", "instance_norm")
+SIGN_OPS = ("relu", "threshold", "hardtanh", "clamp", "aten.le.", "aten.lt.", "aten.gt.",
+            "aten.ge.", "aten.sign.", "leaky_relu", "aten.elu", "hardsigmoid",
+            "hardswish")  # fmt: skip
 LAYOUT_OPS = ("convert_element_type", "_to_copy", "view", "reshape", "permute", "transpose",
               "expand", "aten.t.", "clone", "alias")  # fmt: skip
 
@@ -211,6 +214,25 @@ def _even_groups(layout: quant.GroupLayout) -> quant.GroupLayout:
     return dataclasses.replace(layout, num_groups=channels // size, group_size=size)
 
 
+def _signs_read(state: dict[str, Any]) -> bool:
+    """Whether backward reads the saved node's signs: a ReLU, a clamp or a comparison
+    uses it (through views), as when the partitioner recomputes a ReLU from its input."""
+    backward = state.get("_bw_graph")
+    if backward is None:
+        return True
+    name = state["_node"].name
+    todo = [u for p in backward.find_nodes(op="placeholder") if p.name == name for u in p.users]
+    seen = set()
+    while todo:
+        user = todo.pop()
+        if _target_in(user, SIGN_OPS):
+            return True
+        if user not in seen and _target_in(user, LAYOUT_OPS):
+            seen.add(user)
+            todo.extend(user.users)
+    return False
+
+
 def _keep_signs(
     codes: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
@@ -280,7 +302,8 @@ class GraphHooks:
             scale = quant.reference.scale_of(hi - lo, 8)
             codes = quant.reference.quantize_codes(x, layout, lo, scale, 8, traced=True)
             shift, step = layout.broadcast(lo, ndim), layout.broadcast(scale, ndim)
-            codes = _keep_signs(codes, x, shift, step)
+            if state is None or _signs_read(state):
+                codes = _keep_signs(codes, x, shift, step)
         return codes, shift, step, x.new_empty(0)
 
     @staticmethod
