@@ -1,9 +1,10 @@
 """The compiled path: torchmesa's quantizer inside ``torch.compile`` graphs.
 
-Since PyTorch 2.8, AOTAutograd inlines ambient saved-tensor hooks that are ``torch.fx``
-graph modules: it traces the pack hook once per tensor the compiled forward saves (a
-fake tensor, with the graph node that produced it) into the end of the forward graph, and
-the unpack hook into the start of the backward graph. Inductor then fuses the
+AOTAutograd inlines ambient saved-tensor hooks that are ``torch.fx`` graph modules
+(PyTorch 2.13 to 2.15 tested; 2.8 inlines them but does not tell them the graph node,
+see :func:`inlining_available`): it traces the pack hook once per tensor the compiled
+forward saves (a fake tensor, with the graph node that produced it) into the end of the
+forward graph, and the unpack hook into the start of the backward graph. Inductor then fuses the
 quantization with the kernels around it, and no Python runs per saved tensor.
 
 :class:`GraphHooks` is that pair for one config. What to store is decided at trace time
@@ -50,12 +51,16 @@ LAYOUT_OPS = ("convert_element_type", "_to_copy", "view", "reshape", "permute", 
 
 
 def inlining_available() -> bool:
-    """Whether this PyTorch inlines graph-module saved-tensor hooks (2.8 and later)."""
+    """Whether this PyTorch inlines graph-module saved-tensor hooks and tells them which
+    graph node each saved value is (2.13 to 2.15 tested). 2.8 inlines them without that:
+    its hooks see bare fake tensors, whose decisions would keep every tensor exact."""
     try:
-        from torch._functorch._aot_autograd import utils
+        from torch._functorch._aot_autograd import graph_compile, utils
     except ImportError:
         return False
-    return hasattr(utils, "saved_tensors_hooks_are_inlineable")
+    return hasattr(utils, "saved_tensors_hooks_are_inlineable") and hasattr(
+        graph_compile, "_get_saved_tensor_hook_context"
+    )
 
 
 # AOTAutograd's settings for the graphs compiled in a compressed call. Its partitioner

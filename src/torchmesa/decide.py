@@ -80,14 +80,16 @@ NOTE [ Engine rules ]
      the backward pass that rebuilt it; a second backward (``retain_graph``) rebuilds it
      again. Masks and tensors kept exact stay as they are.
 
- 13. Compiled graphs (PyTorch 2.8+). Under ``torch.compile``, the root's hooks run
+ 13. Compiled graphs (PyTorch 2.13+; 2.8 does not tell the hooks their graph node, so
+     there the eager hooks run, with one warning). Under ``torch.compile``, the root's hooks run
      outside Dynamo (before and after the compiled forward) and make
      :class:`torchmesa.compiled.GraphHooks` ambient: graph-module hooks that AOTAutograd
      inlines into the compiled forward and backward, so Inductor fuses the quantization
      and no graph breaks at torchmesa. Each saved intermediate is decided at trace time
      by rules 5 and 6 (rule 4 does not apply: no tensor in a graph has history) with
      each batch's ranges: per token where a normalization op reads it, per head for 4+
-     dims, per channel otherwise; inputs and parameters (and their casts) stay exact.
+     dims, per channel otherwise; parameters (and their casts) stay exact, other graph
+     inputs are activations.
      Module hooks traced into the graph do nothing. A config the graphs cannot store
      (below 8 bits, ``PerBlock``, stochastic rounding, ``check_finite``, different
      configs per module) or an older PyTorch warns once, and the eager hooks store what

@@ -614,7 +614,10 @@ def _graph_hooks(settings: dict[str, Config | None]) -> tuple[compiled.GraphHook
     """The compiled path's hooks for a tree whose modules share one config (rule 13), or
     None and why not."""
     if not compiled.inlining_available():
-        return None, f"PyTorch {torch.__version__} cannot inline them; 2.8 and later can"
+        return None, (
+            f"PyTorch {torch.__version__} does not tell inlined hooks the graph node "
+            "they pack; 2.13 and later do"
+        )
     configs = set(settings.values())
     if len(configs) != 1 or None in configs:
         return None, "its modules have different configs, which graphs cannot tell apart"
