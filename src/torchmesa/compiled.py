@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -157,18 +157,36 @@ def _rank(node: Any) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else 0
 
 
+def _backward_uses(state: dict[str, Any]) -> list[Any]:
+    """The backward graph's uses of the saved node (its placeholder's users); none when
+    the backward graph is not known."""
+    backward, name = state.get("_bw_graph"), state["_node"].name
+    inputs = backward.find_nodes(op="placeholder") if backward is not None else []
+    return [user for p in inputs if p.name == name for user in p.users]
+
+
+def _through_views(nodes: list[Any]) -> Iterator[Any]:
+    """``nodes`` and, through layout ops (views, casts), the nodes that use them."""
+    todo, seen = list(nodes), set()
+    while todo:
+        node = todo.pop()
+        yield node
+        if node not in seen and _target_in(node, LAYOUT_OPS):
+            seen.add(node)
+            todo.extend(node.users)
+
+
 def _read_by_norm(state: dict[str, Any]) -> NormKind:
     """Eager's frame kind (:func:`torchmesa.config.norm_kind`) for a saved node of a
     decomposed graph: it was made inside a normalization module (a norm's normalized
     input), or backward uses it, within two ops, inside one (a norm's input, from which
     its normalized value is computed again), or a normalization op reads it, through
     views. ``""`` when none does."""
-    node, backward = state["_node"], state.get("_bw_graph")
+    node = state["_node"]
     kind = _norm_module(node)
     if kind:
         return kind
-    inputs = backward.find_nodes(op="placeholder") if backward is not None else []
-    todo = [(user, 1) for p in inputs if p.name == node.name for user in p.users]
+    todo = [(user, 1) for user in _backward_uses(state)]
     while todo:
         user, depth = todo.pop()
         kind = _norm_module(user)
@@ -176,15 +194,10 @@ def _read_by_norm(state: dict[str, Any]) -> NormKind:
             return kind
         if depth < 2:
             todo.extend((u, depth + 1) for u in user.users)
-    views, seen = [node], set()
-    while views:
-        for user in views.pop().users:
-            kind = _norm_op(user)
-            if kind:
-                return kind
-            if user not in seen and _target_in(user, LAYOUT_OPS):
-                seen.add(user)
-                views.append(user)
+    for user in _through_views(list(node.users)):
+        kind = _norm_op(user)
+        if kind:
+            return kind
     return ""
 
 
@@ -221,21 +234,11 @@ def _even_groups(layout: quant.GroupLayout) -> quant.GroupLayout:
 
 def _signs_read(state: dict[str, Any]) -> bool:
     """Whether backward reads the saved node's signs: a ReLU, a clamp or a comparison
-    uses it (through views), as when the partitioner recomputes a ReLU from its input."""
-    backward = state.get("_bw_graph")
-    if backward is None:
+    uses it (through views), as when the partitioner recomputes a ReLU from its input.
+    True when the backward graph is not known."""
+    if state.get("_bw_graph") is None:
         return True
-    name = state["_node"].name
-    todo = [u for p in backward.find_nodes(op="placeholder") if p.name == name for u in p.users]
-    seen = set()
-    while todo:
-        user = todo.pop()
-        if _target_in(user, SIGN_OPS):
-            return True
-        if user not in seen and _target_in(user, LAYOUT_OPS):
-            seen.add(user)
-            todo.extend(user.users)
-    return False
+    return any(_target_in(user, SIGN_OPS) for user in _through_views(_backward_uses(state)))
 
 
 def _keep_signs(
