@@ -1,6 +1,6 @@
 # Human entry points. Each target sets up its own virtual environment on first use.
 # torch is pinned for this machine (a CPU build lies on its disk); the package itself
-# declares a broad torch>=2.4.
+# declares torch>=2.8.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -46,7 +46,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(ZOO_STAMP) lint typecheck
 	$(BIN)/python -m pytest
-	$(ZOO)/bin/python -m pytest -m zoo tests/zoo
+	$(ZOO)/bin/python -m pytest -m "zoo or all_environments" tests/zoo tests/test_script_names.py
 
 test-versions:
 	set -e; for v in $(VERSIONS); do \

@@ -36,7 +36,7 @@ step triton-tests 120 env TORCHMESA_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:ca
 
 # 2. kernel speed: quantize and dequantize against a plain copy, hot and cold (block-scaled
 #    codes too)
-step kernels 90 "$PY" benchmarks/kernels.py --device cuda --out "$OUT/kernels-cuda.json"
+step kernels 90 "$PY" benchmarks/kernel_speed.py --device cuda --out "$OUT/kernels-cuda.json"
 
 # 3. Mesa's table in shape: DeiT-Ti/S/B at batch 128 under bf16 autocast, exact vs Mesa's
 #    storage (torchmesa-dynamic) vs the default with derived tensors (torchmesa)

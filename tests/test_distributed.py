@@ -1,5 +1,5 @@
 """DDP and FSDP2 on the CPU, launched by torchrun (gloo, 2 processes) through the example
-``examples/distributed.py``: ranks agree, FSDP's gathered parameters are never quantized,
+``examples/data_parallel.py``: ranks agree, FSDP's gathered parameters are never quantized,
 and training matches exact single-process training."""
 
 import subprocess
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from distributed import batches, make_model  # noqa: E402
+from data_parallel import batches, make_model  # noqa: E402
 
 STEPS = 4
 
@@ -28,7 +28,7 @@ def torchrun(engine: str, out: Path) -> list[dict]:
     once more; any other failure, and a second abort, fail the test."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / "examples" / "distributed.py"), "--engine", engine, "--steps", str(STEPS),
+        str(ROOT / "examples" / "data_parallel.py"), "--engine", engine, "--steps", str(STEPS),
         "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _kernels_module():
     spec = importlib.util.spec_from_file_location(
-        "kernels_bench", ROOT / "benchmarks" / "kernels.py"
+        "kernels_bench", ROOT / "benchmarks" / "kernel_speed.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,7 +42,7 @@ def test_side_by_side_reports_ratios_to_the_first_function(monkeypatch):
 
 def test_kernel_benchmark_reports_every_ratio(tmp_path):
     out = tmp_path / "kernels.json"
-    done = run_benchmark("kernels.py", "--repeats", "1", "--cold-mib", "32", "--out", str(out))
+    done = run_benchmark("kernel_speed.py", "--repeats", "1", "--cold-mib", "32", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "worst fused dequantize (cold) / copy" in done.stdout
     report = json.loads(out.read_text())

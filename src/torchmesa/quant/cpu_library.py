@@ -27,7 +27,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11"]
 if platform.machine() in ("x86_64", "AMD64"):
     # GCC keeps to 256-bit vectors on AVX-512 CPUs unless asked; these loops ran 10-20%
-    # faster with 512-bit ones (measured: benchmarks/kernels.py). Without AVX-512 under
+    # faster with 512-bit ones (measured: benchmarks/kernel_speed.py). Without AVX-512 under
     # -march=native the flag changes nothing.
     FLAGS.append("-mprefer-vector-width=512")
 

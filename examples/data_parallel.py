@@ -1,7 +1,7 @@
 """Data-parallel training with torchmesa, launched by torchrun: DDP or FSDP2.
 
-    torchrun --nproc_per_node 2 examples/distributed.py --engine ddp
-    torchrun --nproc_per_node 2 examples/distributed.py --engine fsdp --steps 20
+    torchrun --nproc_per_node 2 examples/data_parallel.py --engine ddp
+    torchrun --nproc_per_node 2 examples/data_parallel.py --engine fsdp --steps 20
 
 Compress each rank's model first, then wrap it: ``DistributedDataParallel`` or FSDP2's
 ``fully_shard``. torchmesa compresses activations only; the parameters FSDP gathers for a

@@ -8,8 +8,8 @@ on the next of copies that together fill 1 GiB, as a training step meets its
 activations: from memory), each against a copy measured the same way, in the same
 rounds: each ratio is the median of ratios taken within one round.
 
-    python benchmarks/kernels.py                 # CPU: reference vs fused C kernels
-    python benchmarks/kernels.py --device cuda   # GPU: reference vs Triton kernels
+    python benchmarks/kernel_speed.py                 # CPU: reference vs fused C kernels
+    python benchmarks/kernel_speed.py --device cuda   # GPU: reference vs Triton kernels
 
 Block-scaled codes (``PerBlock(32)``, 4 and 3 bits, with and without rotation) are
 measured the same way on the MLP and attention tensors.
@@ -317,7 +317,7 @@ def main() -> None:
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{args.device} ({platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "command": " ".join(["benchmarks/kernels.py", *sys.argv[1:]]),
+        "command": " ".join(["benchmarks/kernel_speed.py", *sys.argv[1:]]),
         "fused_path": fused,
         "cpu_kernel_build_seconds": cpu_library.BUILD_SECONDS,
         "steady_allocator": steady,
