@@ -465,6 +465,11 @@ def _two_level_cases(dtype):
         "no zero": torch.full((5, 7), 2.0, dtype=dtype),
         "all zero": torch.zeros(5, 7, dtype=dtype),
         "negative": (torch.rand(5, 7) > 0.5).to(dtype) * -2.0,
+        "additive mask": torch.zeros(3, 4099, dtype=dtype).masked_fill_(mask == 0, float("-inf")),
+        "minimum mask": torch.zeros(5, 7, dtype=dtype).masked_fill_(
+            torch.rand(5, 7) > 0.5, torch.finfo(dtype).min
+        ),
+        "two signs": (torch.rand(5, 7) > 0.5).to(dtype) * 2 - (torch.rand(5, 7) > 0.5).to(dtype),
         "activations": torch.randn(6, 197).to(dtype),
     }
 
@@ -477,7 +482,8 @@ def test_two_level_detection_in_c_is_the_torch_one(dtype, monkeypatch):
             m.setattr(cpu, "supports", lambda t: False)
             plain = quant.two_level_value(x)
         assert (fused is None) == (plain is None), name
-        assert (fused is None) == (name not in ("mask", "strided mask", "leading zeros")), name
+        masks = ("mask", "strided mask", "leading zeros", "negative", "additive mask")
+        assert (fused is None) == (name not in (*masks, "minimum mask")), name
         if fused is not None:
             assert fused.dtype == plain.dtype == dtype and torch.equal(fused, plain), name
 
@@ -509,6 +515,21 @@ def test_mask_packing_is_the_same_without_the_kernels(monkeypatch):
     plain = quant.pack_two_level(x, torch.tensor(2.0))
     assert torch.equal(fused.bits, plain.bits)
     assert torch.equal(quant.unpack_mask(plain), x)  # the reference's unpacking
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [float("-inf"), "min"])
+def test_additive_attention_masks_come_back_exact_with_and_without_the_kernels(
+    dtype, value, monkeypatch
+):
+    value = torch.finfo(dtype).min if value == "min" else value
+    x = torch.zeros(2, 1, 37, 37, dtype=dtype).masked_fill_(torch.rand(2, 1, 37, 37) > 0.6, value)
+    c = quant.two_level_value(x)
+    assert c is not None and float(c) == value
+    fused = quant.unpack_mask(quant.pack_two_level(x, c))
+    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)
+    plain = quant.unpack_mask(quant.pack_two_level(x, quant.two_level_value(x)))
+    assert torch.equal(fused, x) and torch.equal(plain, x)  # 0 * -inf would be NaN
 
 
 def test_nonzero_bits_read_nan_and_negative_zero_as_torch_compares_them():

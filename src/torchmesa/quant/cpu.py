@@ -420,7 +420,7 @@ def two_level_value(x: torch.Tensor) -> float | None:
     """:func:`quant.two_level_value` as a float, in one read that usually stops at once."""
     access = _access(x, _ONE_GROUP, 8)
     c = library.load().tm_two_level(Call(**_input(x, access, DTYPES)))
-    return None if c < 0 else c
+    return None if math.isnan(c) else c
 
 
 def scale_of(width: torch.Tensor, bits: int) -> torch.Tensor:

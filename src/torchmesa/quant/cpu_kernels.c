@@ -742,8 +742,8 @@ static int64_t k_quantize_ema(const void *x, int dtype, int nd, const int64_t *s
     return clipped;
 }
 
-/* The value c when every element is 0 or one value c > 0 and both occur (a dropout mask
- * {0, 1/(1-p)}), else -1; NaN rules it out. The first nonzero element sets c, so a
+/* The value c when every element is 0 or one other value c and both occur (a dropout mask
+ * {0, 1/(1-p)}, an additive attention mask {0, -inf}), else NaN; NaN rules it out. The first nonzero element sets c, so a
  * tensor that is no such mask is usually ruled out at once. */
 static float k_two_level(const void *x, int dtype, int nd, const int64_t *sz, const int64_t *st,
                    int64_t n) {
@@ -757,7 +757,7 @@ static float k_two_level(const void *x, int dtype, int nd, const int64_t *sz, co
             if (buf[k] == 0.0f) {
                 zero = 1;
             } else {
-                if (!(buf[k] > 0.0f)) return -1.0f;
+                if (buf[k] != buf[k]) return NAN;
                 c = buf[k];
             }
         }
@@ -766,10 +766,10 @@ static float k_two_level(const void *x, int dtype, int nd, const int64_t *sz, co
             bad |= (buf[k] != 0.0f) & (buf[k] != c);
             z |= buf[k] == 0.0f;
         }
-        if (bad) return -1.0f;
+        if (bad) return NAN;
         zero |= z;
     }
-    return zero && c > 0.0f ? c : -1.0f;
+    return zero && c != 0.0f ? c : NAN;
 }
 
 /* One bit per element of x (read through its view), set where the element is not 0, the

@@ -183,12 +183,17 @@ def dequantize_codes(
 
 
 def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
-    """The ``c`` if every entry of ``x`` is 0 or one value ``c > 0`` and both occur, else
-    None."""
+    """The ``c`` if every entry of ``x`` is 0 or one other value ``c`` and both occur, else
+    None: a dropout mask ``{0, 1/(1-p)}``, an additive attention mask ``{0, -inf}`` or
+    ``{0, finfo.min}``."""
     lo, hi = torch.aminmax(x)
-    if not (bool(lo == 0) and bool(hi > 0)):
+    if bool(lo == 0) and bool(hi > 0):
+        c = hi
+    elif bool(hi == 0) and bool(lo < 0):
+        c = lo
+    else:
         return None
-    return hi if bool(((x == 0) | (x == hi)).all()) else None
+    return c if bool(((x == 0) | (x == c)).all()) else None
 
 
 def kernel_seed(
@@ -312,7 +317,8 @@ class Reference:
         mask = unpack_bits(packed.bits, 1, numel).view(packed.shape)
         if packed.value is None:
             return mask.bool()
-        return mask.to(packed.value.dtype).mul_(packed.value)
+        out = torch.zeros(packed.shape, dtype=packed.value.dtype, device=mask.device)
+        return out.masked_fill_(mask.bool(), packed.value)  # ``0 * -inf`` would be NaN
 
 
 REFERENCE = Reference()
