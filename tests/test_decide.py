@@ -10,9 +10,11 @@ from torchmesa.decide import (
     BlockQuantize,
     Exact,
     Half,
+    LogQuantize,
     Mask,
     Quantize,
     decide,
+    decide_operand,
     granularity,
     is_activation,
 )
@@ -68,6 +70,14 @@ def test_a_two_level_float_without_history_is_a_mask_with_its_value():
     assert isinstance(decide(with_history * 1, CFG, ""), Quantize)
 
 
+def test_an_additive_attention_mask_is_a_mask_with_its_value():
+    causal = torch.ones(64, 64, dtype=torch.bool).triu(1)
+    for value in (float("-inf"), torch.finfo(torch.float32).min):
+        additive = torch.zeros(1, 1, 64, 64).masked_fill_(causal, value)
+        decision = decide(additive, CFG, "")
+        assert isinstance(decision, Mask) and float(decision.value) == value
+
+
 def test_granularity_follows_the_saving_module_and_the_rank():
     four = torch.randn(2, 4, 16, 16)
     assert granularity(four, CFG, "") == PerHead()
@@ -106,7 +116,7 @@ def test_parameters_buffers_and_frozen_autocast_copies_are_not_activations():
 
 
 def test_every_decision_type_has_one_format():
-    assert set(FORMATS) == {Exact, Mask, Half, Quantize, BlockQuantize, Derive}
+    assert set(FORMATS) == {Exact, Mask, Half, Quantize, LogQuantize, BlockQuantize, Derive}
     assert all(fmt.decision is kind for kind, fmt in FORMATS.items())
 
 
@@ -142,3 +152,33 @@ def test_batch_norm_inputs_are_kept_in_16_bits_by_default():
     assert decide(torch.randn(8, requires_grad=True) * 1, CFG, "batch") == EXACT  # small
     assert decide(torch.randn(64, 64) > 0, CFG, "batch") == Mask()
     assert decide(torch.arange(4096), CFG, "batch") == EXACT
+
+
+def test_probabilities_and_their_copies_are_log_codes():
+    scores = torch.randn(2, 4, 64, 64, requires_grad=True)
+    p = scores.softmax(-1)
+    dropped = torch.nn.functional.dropout(p, 0.1)
+    for t in (p, p.view(8, 64, 64), p.to(torch.bfloat16), dropped):
+        assert isinstance(decide(t, CFG, ""), LogQuantize), t.grad_fn
+    assert isinstance(decide(scores * 2, CFG, ""), Quantize)  # scores are not probabilities
+    blocks = Config(bits=4, groups=PerBlock(32))
+    assert isinstance(decide(p, blocks, ""), BlockQuantize)  # blocks keep their own scales
+
+
+def test_a_fused_attentions_rows_get_their_own_ranges_and_its_statistics_stay_exact():
+    q = torch.randn(2, 4, 64, 64, requires_grad=True) * 1
+    layout = decide(q, CFG, "attention").layout
+    assert layout.kind == "per_token" and layout.num_groups == 2 * 4 * 64
+    assert decide(q, CFG, "").layout.kind == "per_head"
+    log_sum_exp = torch.randn(2, 4, 1024)  # no history
+    assert decide(log_sum_exp, CFG, "attention") == EXACT
+    assert isinstance(decide(log_sum_exp, CFG, ""), Quantize)
+
+
+def test_what_a_score_chain_adds_is_kept_losslessly():
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    assert decide_operand(causal) == Mask()
+    additive = torch.zeros(64, 64).masked_fill(~causal, float("-inf"))
+    assert isinstance(decide_operand(additive), Mask)
+    bias = torch.randn(1, 4, 64, 64, requires_grad=True)
+    assert decide_operand(bias) == EXACT  # any error in it is an error in the scores

@@ -74,3 +74,20 @@ def test_every_way_a_tensor_is_kept_is_counted_once():
     assert sum(k.exact_bytes for k in kept.values()) == t.exact_bytes
     rows = torchmesa.report(model, torch.randn(8, 3, 8, 8)).modules
     assert any(r.kept_label() == "1h 2e" for r in rows)  # the BatchNorm: its input, mean, rstd
+
+
+def test_what_a_recipe_stores_of_its_own_is_counted_once():
+    from torchmesa import quant
+    from torchmesa.formats import MaskRecord
+
+    mask = MaskRecord(quant.pack_mask(torch.rand(64, 64) > 0.5), None)
+    bias = torch.randn(4, 64, 64)
+    t = torchmesa.Tracker()
+    for _ in range(3):  # three layers share one mask and one bias
+        t.record_operand(mask, "attn")
+        t.record_operand(bias, "attn")
+    assert t.stored_bytes == mask.nbytes + bias.numel() * 4 and t.exact_bytes == 0
+    kept = t.kept()
+    assert (
+        kept["mask"].stored_bytes == mask.nbytes and kept["exact"].stored_bytes == bias.numel() * 4
+    )

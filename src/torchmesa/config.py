@@ -118,7 +118,10 @@ Granularity = PerTensor | PerHead | PerChannelGroup | PerToken | PerBlock
 GRANULARITIES = (PerTensor, PerHead, PerChannelGroup, PerToken, PerBlock)
 NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
 BATCH_NORM_CLASS_MARKS = ("BatchNorm", "InstanceNorm")  # in the class name: batch statistics
-NormKind = Literal["", "token", "batch"]
+NormKind = Literal["", "token", "batch", "attention"]
+"""What saves a tensor, as far as its layout goes: a norm over each row (``"token"``), over
+batch and image (``"batch"``), a fused attention (``"attention"``: rows of one token
+each, and statistics backward exponentiates), or anything else (``""``)."""
 
 
 def norm_kind(class_name: str) -> NormKind:

@@ -20,8 +20,9 @@ NOTE [ Engine rules ]
      tensor without history shaped like a frozen parameter (or its transpose) counts as
      that copy (LoRA's base weights): a false match only keeps a tensor exact.
   4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so is a
-     float tensor with no autograd history whose entries are all 0 or one value (the
-     CPU's dropout mask ``{0, 1/(1-p)}``), with that value beside it. Below 8 bits, any
+     float tensor with no autograd history whose entries are all 0 or one other value
+     (the CPU's dropout mask ``{0, 1/(1-p)}``, an additive attention mask ``{0, -inf}``),
+     with that value beside it. Below 8 bits, any
      other float tensor without autograd history stays exact: an op's statistics (a
      fused attention's log-sum-exp, a norm's mean and rstd), which backward multiplies
      or exponentiates, or data the model was given. A reduction of an activation, it is
@@ -31,6 +32,14 @@ NOTE [ Engine rules ]
   5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
      module's config: per token inside LayerNorm-like layers, head-wise when they have 4+
      dims, channel groups otherwise; per-token ranges are always the batch's own. Inside
+     ``scaled_dot_product_attention`` (its fused kernels save q, k, v and the output, and
+     recompute the probabilities from q and k against an exact log-sum-exp) every row of
+     one token gets its own range, and the log-sum-exp stays exact: with one range per
+     head, GPT-2's worst gradient at 4,096 tokens was at cosine 0.9968, per row 0.99997.
+     Attention probabilities (a softmax's output, a view, cast or dropped copy of it)
+     not rebuilt by rule 14 are stored as 8-bit codes of their logarithm relative to
+     their row's maximum: one linear range per head rounds most of them to zero at long
+     context, where they are ``1/s`` in size (``PerBlock`` configs keep their blocks). Inside
      BatchNorm and InstanceNorm layers they are a 16-bit float copy instead
      (``Config.batch_norm``): their weight gradient is a sum over batch and image that
      cancels to a small value, and 8-bit codes of the input left it 7 % off
@@ -95,8 +104,26 @@ NOTE [ Engine rules ]
      configs per module) or an older PyTorch warns once, and the eager hooks store what
      the compiled graphs save, in Python at run time.
 
-Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`); rules 1, 2, 7, 9,
-11 and 12 are the engine's (12 with :mod:`torchmesa.derive`); rule 8 is the quantizing
+ 14. Attention probabilities are rebuilt, not stored (``Config(derive=True)``, eager
+     forwards). A softmax over the last dim (or a soft-capping ``tanh`` before it) whose
+     input is a short chain of known steps (views, casts, a scalar scale, an added mask
+     or bias, ``where`` and ``masked_fill``) over a product ``bmm``/``mm``/``baddbmm`` of
+     two stored activations with an inner dim of at most 512, saves nothing: backward
+     runs the product again on the stored operands, replays the chain and the softmax,
+     once for all its readers (the softmax's backward, a dropout product, a cast), and
+     drops the result after the last of them and at the end of the backward pass. What
+     the chain adds that autograd does not keep is recorded during the compressed forward
+     by a pass-through ``TorchFunctionMode`` (:class:`torchmesa.scores.Capture`; inside
+     ``scaled_dot_product_attention``'s math path, from the call's arguments) and stored
+     losslessly (a mask in 1 bit, a bias as it is, once per forward); if that costs more
+     than storing the probabilities, or an operand changed in place before the softmax,
+     or any other op is on the way, the probabilities are stored (rule 5). An operand
+     kept exact that changed in place after forward makes backward raise, as PyTorch
+     does for the tensors it saves itself.
+
+Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`,
+:func:`decide_operand`); rules 1, 2, 7, 9, 11, 12 and 14 are the engine's (12 with
+:mod:`torchmesa.derive`, 14 with :mod:`torchmesa.scores`); rule 8 is the quantizing
 format's (it needs the ranges); rule 10 is every record's
 (:class:`torchmesa.formats.Record`); rule 13 is the engine's with
 :mod:`torchmesa.compiled`.
@@ -118,7 +145,7 @@ from torchmesa.config import (
     PerHead,
     Rounding,
 )
-from torchmesa.tensors import is_parameter_like, storage_nbytes
+from torchmesa.tensors import is_parameter_like, is_probabilities, storage_nbytes
 
 METADATA_BYTES_PER_GROUP = 8  # a group's shift and scale, fp32 each
 
@@ -163,6 +190,15 @@ class Half:
 
 
 @dataclass(frozen=True)
+class LogQuantize:
+    """Store 8-bit codes of each value's logarithm relative to its row's maximum (rule 5):
+    probabilities, whose sizes span orders of magnitude within a row, each to a fixed
+    relative precision, where one linear range per head rounds most of them to zero."""
+
+    window: float = quant.LOG_WINDOW
+
+
+@dataclass(frozen=True)
 class BlockQuantize:
     """Store block-scaled codes, each block with its own step (``PerBlock``, rule 5)."""
 
@@ -171,9 +207,10 @@ class BlockQuantize:
     rounding: Rounding
 
 
-Decision = Exact | Mask | Half | Quantize | BlockQuantize
+Decision = Exact | Mask | Half | Quantize | LogQuantize | BlockQuantize
 EXACT = Exact()
 HALF = Half()
+LOG = LogQuantize()
 
 
 def is_activation(
@@ -210,6 +247,9 @@ def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = Fal
     if norm == "batch" and config.batch_norm != "quantize":
         keep = config.batch_norm == "exact" or t.element_size() <= 2
         return EXACT if keep else HALF
+    if not isinstance(config.groups, PerBlock) and t.dim() >= 2 and is_probabilities(t):
+        rows = numel // t.shape[-1]
+        return LOG if storage_nbytes(t) > numel + 4 * rows else EXACT
     bits = config.bits
     if config.attention_bits is not None and config.head_wise and t.dim() >= 4:
         bits = config.attention_bits
@@ -232,14 +272,29 @@ def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = Fal
         value = quant.two_level_value(t)
         if value is not None:
             return Mask(value)
-        if bits < 8:
+        if bits < 8 or norm == "attention":  # a fused attention's log-sum-exp: exponentiated
             return EXACT
     return decision
 
 
+def decide_operand(t: torch.Tensor) -> Mask | Exact:
+    """How to keep a tensor that attention scores were added to, masked or filled with
+    (rule 14): losslessly, since any error in it is an error in the scores. A mask (bool,
+    or zeros and one value such as ``-inf``) in 1 bit; anything else (a position bias) as
+    it is."""
+    if t.dtype == torch.bool:
+        return Mask() if t.numel() >= 8 else EXACT
+    if t.is_floating_point() and t.numel() >= 8:
+        value = quant.two_level_value(t)
+        if value is not None:
+            return Mask(value)
+    return EXACT
+
+
 def granularity(t: torch.Tensor, config: Config, norm: NormKind) -> Granularity:
-    """Per token inside LayerNorm-like layers, head-wise for 4+ dims, else channel groups."""
-    if norm == "token":
+    """Per token inside LayerNorm-like layers and attention, head-wise for 4+ dims, else
+    channel groups."""
+    if norm in ("token", "attention"):
         return config.norm_groups
     if config.head_wise and t.dim() >= 4:
         return PerHead()

@@ -108,6 +108,8 @@ _ORDER_KEEPING = frozenset(
         "ExpandBackward0",  # only with as many elements as its input: the count is checked
     }
 )
+LAYOUT_NODES = _ORDER_KEEPING | {"TransposeBackward0", "PermuteBackward0", "TBackward0"}
+"""Autograd nodes of ops that only lay their input out anew: replayed by :func:`apply_step`."""
 _IDENTITY = frozenset({"RegisterPostBackwardFunctionBackward"})
 """Autograd functions whose outputs are their inputs (FSDP2's hook on each sharded
 module's inputs): output ``i`` is input ``i``."""
@@ -170,13 +172,11 @@ def trace(
         if hit is not None:
             return _checked(t, hit, steps)
         name = type(node).__name__
-        if name == "TransposeBackward0":
-            dims = (getattr(node, "_saved_dim0"), getattr(node, "_saved_dim1"))
-            steps.append(("transpose", *map(_signed, dims)))
-        elif name == "PermuteBackward0":
-            steps.append(("permute", tuple(map(_signed, getattr(node, "_saved_dims")))))
-        elif name == "TBackward0":
-            steps.append(("t",))
+        if name in LAYOUT_NODES:
+            step = layout_step(node, name)
+            if step is None:
+                return None
+            steps.append(step)
         elif name == _CAST:
             casts += 1
         elif name in ("MulBackward0", "NativeDropoutBackward0"):
@@ -189,11 +189,6 @@ def trace(
                 return None
             node, nr = node.next_functions[nr]
             continue
-        elif name in _ORDER_KEEPING:
-            shape = _shape(node)
-            if shape is None:
-                return None
-            steps.append(("view", shape))
         else:
             return None
         if casts > 1 or not node.next_functions:
@@ -254,19 +249,37 @@ def _checked(t: torch.Tensor, hit: Known, steps: list[Step]) -> Derive | None:
     return Derive(hit.source, tuple(reversed(steps)))
 
 
+def layout_step(node: Any, name: str) -> Step | None:
+    """The step a node of :data:`LAYOUT_NODES` replays, or None where this torch does not
+    say the shape it gave."""
+    if name == "TransposeBackward0":
+        dims = (getattr(node, "_saved_dim0"), getattr(node, "_saved_dim1"))
+        return ("transpose", *map(_signed, dims))
+    if name == "PermuteBackward0":
+        return ("permute", tuple(map(_signed, getattr(node, "_saved_dims"))))
+    if name == "TBackward0":
+        return ("t",)
+    shape = _shape(node)
+    return None if shape is None else ("view", shape)
+
+
+def apply_step(base: torch.Tensor, step: Step) -> torch.Tensor:
+    """``base`` laid out by one step of :func:`layout_step`."""
+    if step[0] == "transpose":
+        return base.transpose(step[1], step[2])
+    if step[0] == "permute":
+        return base.permute(step[1])
+    if step[0] == "view":
+        return base.reshape(step[1])
+    return base.t()
+
+
 def replay(base: torch.Tensor, steps: tuple[Step, ...], like: tuple) -> torch.Tensor:
     """``base`` with ``steps`` applied, cast and reshaped to ``like = (shape, dtype,
     device)``: the saved tensor's values."""
     shape, dtype, device = like
     for step in steps:
-        if step[0] == "transpose":
-            base = base.transpose(step[1], step[2])
-        elif step[0] == "permute":
-            base = base.permute(step[1])
-        elif step[0] == "view":
-            base = base.reshape(step[1])
-        else:
-            base = base.t()
+        base = apply_step(base, step)
     if base.dtype != dtype or base.device != device:
         base = base.to(device=device, dtype=dtype)
     return base.reshape(shape)

@@ -26,21 +26,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmesa import compiled, quant
+from torchmesa import compiled, quant, scores
 from torchmesa.config import Config, NormKind, norm_kind
-from torchmesa.decide import Exact, Mask, decide, is_activation
+from torchmesa.decide import Exact, Mask, decide, decide_operand, is_activation, unusual_layout
 from torchmesa.derive import OUTPUT, Derive, Known, is_derivable, trace
 from torchmesa.estimator import RangeStore, Site
 from torchmesa.formats import (
     FORMATS,
     AnchorRecord,
     DerivedRecord,
+    MaskRecord,
     ModuleCall,
     StoredSource,
 )
 from torchmesa.formats.base import in_backward, restored
 from torchmesa.policy import Policy
-from torchmesa.tensors import extent, is_dense, storage_ptr
+from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import Tracker, active_trackers
 
 
@@ -80,8 +81,10 @@ class _Forward:
         ] = {}
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
+        self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}  # score chains' (rule 14)
         self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
         self.compiled = False  # a torch.compile-d call, its saves made by compiled graphs
+        self.capture: scores.Capture | None = None  # operands score chains need (rule 14)
 
     def push(self, path: str, norm: NormKind, config: Config | None) -> _Frame:
         index = self.calls.get(path, 0)
@@ -100,6 +103,9 @@ class _Forward:
         self.dedup.clear()
         self.dense_bases.clear()
         self.known.clear()
+        self.operands.clear()
+        if self.capture is not None:
+            self.capture.clear()
 
     # -- derived tensors (rule 12) ------------------------------------------------------
 
@@ -109,7 +115,41 @@ class _Forward:
         rerun = frame.rerun
         if rerun is not None and rerun.anchor is not None and ordinal is not None:
             return Derive(rerun.want(ordinal, t))
+        if self.capture is not None and scores.is_head(t):
+            return scores.recognise(
+                t,
+                self.capture,
+                _probe_saved,
+                lambda x: self.store_operand(x, frame),
+                StoredSource,
+                lambda x: is_activation(x, self.param_storages, self.frozen_shapes),
+            )
         return trace(t, self.known, _probe_saved, StoredSource) if self.known else None
+
+    def store_operand(self, x: torch.Tensor, frame: _Frame) -> tuple[Any, int] | None:
+        """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
+        bias), losslessly (rule 14), once per forward (rule 7): the stored form and the
+        bytes it newly cost. A copy of an exact one is the chain's own, so that nothing
+        done to ``x`` later reaches the scores rebuilt from it."""
+        if type(x) is not torch.Tensor or unusual_layout(x):
+            return None
+        key = _dedup_key(x)
+        for table in (self.operands, self.dedup):
+            hit = table.get(key)
+            if hit is not None and hit[0]() is not None:
+                if table is self.operands or isinstance(hit[1], MaskRecord):
+                    return hit[1], 0
+        decision = decide_operand(x)
+        if isinstance(decision, Mask):
+            assert frame.config is not None
+            site = self.next_site(frame)
+            stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, self)
+            nbytes = stored.nbytes
+        else:
+            stored = x.detach().clone()
+            nbytes = storage_nbytes(stored)
+        self.operands[key] = (weakref.ref(x), stored)
+        return stored, nbytes
 
     def add_known(self, t: torch.Tensor, source: Any) -> None:
         """Record ``t`` as produced by its autograd node (a view's is its own), so that a
@@ -253,6 +293,7 @@ class Engine:
         self._warned: set[str] = set()
         self._spent: dict[str, float] | None = None
         self.graph_hooks, self.graph_refusal = _graph_hooks(self.settings)
+        self.derives = any(c is not None and c.derive for c in self.settings.values())
 
     # -- hooks on the module tree -------------------------------------------------------
 
@@ -367,6 +408,8 @@ class Engine:
                 call.graph.close()
             forward = call.forward
             if forward is not None:
+                if forward.capture is not None:
+                    forward.capture.__exit__(None, None, None)
                 forward.hooks.__exit__(None, None, None)
                 forward.clear()
                 if not _raised(output):
@@ -438,6 +481,9 @@ class Engine:
         forward = _Forward(self, hooks, params, frozen)
         forward.sharded = sharded
         forward.compiled = _in_compiled_module()
+        if self.derives and not forward.compiled:
+            forward.capture = scores.Capture()
+            forward.capture.__enter__()
         return forward
 
     # -- pack / unpack -----------------------------------------------------------------
@@ -503,7 +549,11 @@ class Engine:
         and what can be rebuilt from stored tensors is derived (rule 12)."""
         config = frame.config
         assert config is not None
-        decision: Any = decide(t, config, frame.norm, forward.compiled)
+        # a fused attention's saves (q, k, v, its output) are rows of one token each, whose
+        # sizes differ by position: each row gets its own range, like a norm's (rule 5)
+        in_attention = forward.capture is not None and forward.capture.sdpa
+        norm: NormKind = "attention" if in_attention else frame.norm
+        decision: Any = decide(t, config, norm, forward.compiled)
         rerun = frame.rerun
         # the input key of a derivable module still waiting for its anchor, else None
         wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
@@ -526,6 +576,13 @@ class Engine:
                 forward.dedup[key] = (weakref.ref(t), stored)
                 if config.derive and not isinstance(stored, DerivedRecord):
                     forward.add_known(t, StoredSource(stored))
+                elif isinstance(decision, Derive) and isinstance(
+                    decision.source, scores.ScoresSource
+                ):  # a dropout product or cast of the probabilities is derived from them
+                    forward.add_known(t, decision.source)
+                    for tracker in active_trackers():
+                        for operand in decision.source.operands:
+                            tracker.record_operand(operand, site[0] or self.root_label)
         if anchor and not isinstance(stored, DerivedRecord):
             assert rerun is not None
             rerun.anchor = stored

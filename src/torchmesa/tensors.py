@@ -91,3 +91,33 @@ def is_parameter_like(t: torch.Tensor, param_storages: frozenset[int] | set[int]
     if param_storages and storage_ptr(t) in param_storages:
         return True
     return derives_from_parameter(t)
+
+
+SOFTMAX_NODES = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0"})
+"""Autograd nodes of a softmax, which saves its output (``_safe_softmax`` is the math path
+of ``scaled_dot_product_attention``: rows whose every score is ``-inf`` give 0)."""
+
+# between a softmax and a saved copy of its output: layout, casts, a dropout's product
+_PROBABILITY_PATH = _VIEW_OR_CAST_NODES | {"MulBackward0", "NativeDropoutBackward0"}
+
+
+def is_softmax_output(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a softmax's output (what its node saves)."""
+    node = t.grad_fn
+    return node is not None and type(node).__name__ in SOFTMAX_NODES and t.output_nr == 0
+
+
+def is_probabilities(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a softmax's output: the output itself, a view or cast of it, or
+    its product with a dropout mask (the first input of each node on the way)."""
+    node = t.grad_fn
+    for _ in range(_MAX_CHAIN):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if name in SOFTMAX_NODES:
+            return True
+        if name not in _PROBABILITY_PATH or not node.next_functions:
+            return False
+        node = node.next_functions[0][0]
+    return False

@@ -125,8 +125,22 @@ class Tracker:
             self.exact_bytes += nbytes
             entry.exact_bytes += nbytes
             kind.exact_bytes += nbytes
+        self._count_stored(stored, entry, kind)
+
+    def record_operand(self, stored: Any, module: str) -> None:
+        """Count what a rebuilt tensor's recipe stored of its own (a mask or bias added to
+        attention scores, rule 14): held for backward, though exact training holds nothing
+        for it. Counted once, however many recipes share it."""
+        entry = self.by_module.setdefault(module, ModuleBytes())
+        exact = isinstance(stored, torch.Tensor)
+        self._count_stored(
+            stored, entry, entry.kept.setdefault("exact" if exact else stored.kind, KindBytes())
+        )
+
+    def _count_stored(self, stored: Any, entry: ModuleBytes, kind: KindBytes) -> None:
+        """Add what ``stored`` holds, once per storage or record."""
         nbytes = 0
-        if exact:
+        if isinstance(stored, torch.Tensor):
             if self._kept_storages.add(stored):
                 nbytes = storage_nbytes(stored)
         elif id(stored) not in self._handles or self._handles[id(stored)]() is not stored:

@@ -21,6 +21,7 @@ from torchmesa.formats.derived import (
 )
 from torchmesa.formats.exact import ExactFormat
 from torchmesa.formats.half import HalfFormat, HalfRecord
+from torchmesa.formats.logcodes import LogFormat, LogRecord
 from torchmesa.formats.mask import MaskFormat, MaskRecord
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "Format",
     "HalfFormat",
     "HalfRecord",
+    "LogFormat",
+    "LogRecord",
     "MaskFormat",
     "MaskRecord",
     "ModuleCall",
@@ -51,6 +54,7 @@ FORMATS: dict[type, Format] = {
         MaskFormat(),
         HalfFormat(),
         AffineFormat(),
+        LogFormat(),
         BlockFormat(),
         DerivedFormat(),
     )

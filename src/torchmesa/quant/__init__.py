@@ -16,6 +16,7 @@ from torchmesa.quant import cpu, reference, triton
 from torchmesa.quant.backends import Backend, backend_for
 from torchmesa.quant.half import from_half, half_scale, to_half
 from torchmesa.quant.layout import BlockLayout, GroupLayout
+from torchmesa.quant.logcodes import LOG_WINDOW, from_log_codes, to_log_codes
 from torchmesa.quant.records import (
     BITS,
     BLOCK_BITS,
@@ -39,6 +40,7 @@ __all__ = [
     "Backend",
     "EmaStep",
     "GroupLayout",
+    "LOG_WINDOW",
     "PackedMask",
     "QuantizedTensor",
     "QuantizedView",
@@ -50,6 +52,7 @@ __all__ = [
     "dequantize_view",
     "ema_step",
     "from_half",
+    "from_log_codes",
     "group_minmax",
     "half_scale",
     "pack_mask",
@@ -61,6 +64,7 @@ __all__ = [
     "reference",
     "running_step",
     "to_half",
+    "to_log_codes",
     "span_flags",
     "triton",
     "two_level_value",

@@ -1,0 +1,56 @@
+"""Log codes: probabilities stored to a fixed relative precision (rule 5)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from torchmesa import quant
+from torchmesa.config import Config
+from torchmesa.decide import LogQuantize
+from torchmesa.estimator import Site
+from torchmesa.formats.affine import kept_nonfinite
+from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.exact import compact
+
+
+class LogRecord(Record):
+    """8-bit codes of ``log(x / row max)``, the row maxima, and how to read them back."""
+
+    __slots__ = ("codes", "peak", "dtype", "window")
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        peak: torch.Tensor,
+        dtype: torch.dtype,
+        window: float,
+        stride: tuple[int, ...] | None,
+    ) -> None:
+        super().__init__(stride)
+        self.codes, self.peak, self.dtype, self.window = codes, peak, dtype, window
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.peak.numel() * self.peak.element_size()
+
+    def restore(self) -> torch.Tensor:
+        return quant.from_log_codes(self.codes, self.peak, self.dtype, self.window)
+
+
+class LogFormat:
+    """Keeps a :class:`~torchmesa.decide.LogQuantize` decision as log-domain codes; a
+    tensor holding NaN or Inf (a softmax over a row of ``-inf``) stays exact (rule 8)."""
+
+    decision: ClassVar[type] = LogQuantize
+
+    def pack(
+        self, t: torch.Tensor, decision: LogQuantize, config: Config, site: Site, session: Session
+    ) -> torch.Tensor | LogRecord:
+        if not bool(torch.isfinite(t).all()):
+            return kept_nonfinite(t, site, session, config)
+        if bool((t < 0).any()):  # not a probability after all: a logarithm cannot hold it
+            return compact(t)
+        codes, peak = quant.to_log_codes(t, decision.window)
+        return LogRecord(codes, peak, t.dtype, decision.window, saved_stride(t))
