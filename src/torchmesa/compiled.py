@@ -11,7 +11,12 @@ quantization with the kernels around it, and no Python runs per saved tensor.
 from what the graph knows, with the eager rules (:func:`torchmesa.decide.decide`): 8-bit
 codes with one range per head for 4+-dim tensors, per token for a tensor that a
 normalization op reads, per channel otherwise; bool masks 1 bit per element; small
-and integer tensors exact.
+and integer tensors exact. Attention is told apart by its graph (:func:`attention_kind`):
+probabilities are stored as log codes; the rows a fused attention kernel reads, and the
+scores a softmax is recomputed from, with a range per row; a softmax's row statistics
+and a fused kernel's log-sum-exp exact. Rebuilding probabilities from q and k (engine
+rule 14) is eager-only: the partitioner recomputes pointwise ops, never the score
+product, and each hook sees one saved value, not the q and k the scores came from.
 Parameters never reach the hooks (``saved_tensors_hooks_filtering_mode="no_static"``:
 AOTAutograd hands them every saved value but its static inputs), and their casts and views
 stay exact. The graph's other inputs are activations (the model's input, or a tensor
@@ -48,6 +53,14 @@ SIGN_OPS = ("relu", "threshold", "hardtanh", "clamp", "aten.le.", "aten.lt.", "a
             "hardswish")  # fmt: skip
 LAYOUT_OPS = ("convert_element_type", "_to_copy", "view", "reshape", "permute", "transpose",
               "expand", "aten.t.", "clone", "alias")  # fmt: skip
+FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient",
+                       "_scaled_dot_product_cudnn", "_scaled_dot_product_fused")  # fmt: skip
+SOFTMAX_OPS = ("aten._softmax.", "aten._safe_softmax.")
+# between probabilities and a saved copy: layout, a safe softmax's zeroing, dropout's product
+PROBABILITY_OPS = (*LAYOUT_OPS, "aten.where.", "aten.mul.")
+# between a softmax's input and its row maximum: layout, a scale, a mask added or filled
+LOGIT_OPS = (*LAYOUT_OPS, "aten.mul.", "aten.div.", "aten.add.", "aten.where.", "masked_fill",
+             "aten.tanh.")  # fmt: skip
 
 
 def inlining_available() -> bool:
@@ -201,6 +214,61 @@ def _read_by_norm(state: dict[str, Any]) -> NormKind:
     return ""
 
 
+def _is_softmax(node: Any) -> bool:
+    """Whether a graph node is a softmax: the op, or its decomposition ``exp(x) / sum``."""
+    if _target_in(node, SOFTMAX_OPS):
+        return True
+    if not _target_in(node, ("aten.div.Tensor",)) or len(node.args) < 2:
+        return False
+    top, bottom = node.args[0], node.args[1]
+    return (
+        hasattr(top, "target") and _target_in(top, ("aten.exp.",))
+        and hasattr(bottom, "target") and _target_in(bottom, ("aten.sum.",))
+        and bool(bottom.args) and bottom.args[0] is top
+    )  # fmt: skip
+
+
+def attention_kind(node: Any) -> str:
+    """What a saved graph node is to attention (engine rule 14's compiled counterpart):
+    ``"probabilities"`` (a softmax's output, through layout ops, a safe softmax's zeroing
+    and dropout), ``"logits"`` (what a softmax's row maximum is taken of, through a scale,
+    a mask and layout: the partitioner keeps it to recompute the probabilities from it),
+    ``"attention"`` (what a fused attention kernel reads or gives, but its statistics),
+    ``"statistics"`` (its log-sum-exp; a decomposed softmax's row maximum and sum, which
+    backward divides and exponentiates by), or ``""``."""
+    first = node.args[0] if node.args else None
+    if _target_in(node, ("aten.amax.",)) or (
+        _target_in(node, ("aten.sum.",))
+        and hasattr(first, "target")
+        and _target_in(first, ("aten.exp.",))
+    ):
+        return "statistics"
+    todo, seen = [(node, 0)], set()
+    while todo:  # back from the value, for the softmax it is a copy of
+        current, depth = todo.pop()
+        if _is_softmax(current):
+            return "probabilities"
+        if depth < 4 and _target_in(current, PROBABILITY_OPS) and current not in seen:
+            seen.add(current)
+            todo.extend((a, depth + 1) for a in current.args if hasattr(a, "target"))
+    if any(_target_in(user, FUSED_ATTENTION_OPS) for user in node.users):
+        return "attention"
+    if (
+        _target_in(node, ("getitem",))
+        and node.args
+        and _target_in(node.args[0], FUSED_ATTENTION_OPS)
+    ):
+        return "attention" if node.args[1] == 0 else "statistics"
+    todo = [(user, 0) for user in node.users]
+    while todo:  # forward from the value, for a row maximum taken of it
+        current, depth = todo.pop()
+        if _target_in(current, ("aten.amax.",)):
+            return "logits"
+        if depth < 4 and _target_in(current, LOGIT_OPS):
+            todo.extend((user, depth + 1) for user in current.users)
+    return ""
+
+
 def _copy_of_input(node: Any) -> bool:
     """Whether the saved node is an input of the graph (a parameter, most often)
     reshaped or cast: autocast's bf16 copy of a weight is an intermediate of the graph,
@@ -280,7 +348,9 @@ class GraphHooks:
 
     A save that stays exact packs to ``(x,)``; a bool mask to 1 bit per element,
     ``(bits, shape)``; a 16-bit copy (inside BatchNorm) to
-    ``(values, scale, tag)``; a quantized one to ``(codes, shift, scale, tag)``: uint8
+    ``(values, scale, tag)``; probabilities to log codes ``(codes, row maxima, tag)``
+    (uint8 codes: told from a 16-bit copy by their dtype); a quantized one to
+    ``(codes, shift, scale, tag)``: uint8
     codes in ``x``'s shape and layout, its groups' shift and scale already shaped to
     broadcast against them. ``tag`` is an empty tensor of ``x``'s dtype.
     """
@@ -295,7 +365,18 @@ class GraphHooks:
         node = state["_node"] if state else None
         if _copy_of_input(node):
             return (x,)
-        norm = _read_by_norm(state) if state is not None else ""
+        kind = attention_kind(node) if node is not None else ""
+        if kind == "statistics":
+            return (x,)
+        probabilities = kind == "probabilities" and x.is_floating_point() and x.dim() >= 2
+        if probabilities and x.numel() >= self.config.min_numel:
+            with torch.no_grad():
+                codes, peak = quant.to_log_codes(x)
+            return codes, peak, x.new_empty(0)
+        if kind in ("attention", "logits"):  # rows of their own sizes: a range each
+            norm: NormKind = "token"
+        else:
+            norm = _read_by_norm(state) if state is not None else ""
         decision = decide(x, self.config, norm, compiled=state is not None)
         if isinstance(decision, Half):
             scale = quant.half_scale(x)
@@ -320,6 +401,9 @@ class GraphHooks:
             return packed[0]
         if len(packed) == 2:
             return _unpack_bits(*packed)
+        if len(packed) == 3 and packed[0].dtype == torch.uint8:
+            codes, peak, tag = packed
+            return quant.from_log_codes(codes, peak, tag.dtype)
         if len(packed) == 3:
             values, scale, tag = packed
             return quant.from_half(values, scale, tag.dtype)
