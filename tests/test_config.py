@@ -41,6 +41,8 @@ def test_defaults_are_mesa_but_for_the_estimator():
         ({"check_finite": 1}, "check_finite"),
         ({"batch_norm": "fp16"}, "batch_norm"),
         ({"batch_norm": None}, "batch_norm"),
+        ({"probabilities": "fp8"}, "probabilities"),
+        ({"probabilities": True}, "probabilities"),
     ],
 )
 def test_invalid_fields_name_themselves(kwargs, field):
@@ -63,6 +65,8 @@ def test_allowed_values_are_listed():
         Config(bits=1)
     with pytest.raises(ValueError, match="'half', 'quantize', 'exact'"):
         Config(batch_norm="bf16")
+    with pytest.raises(ValueError, match="'rebuild', 'log', 'linear'"):
+        Config(probabilities="stored")
 
 
 def test_norm_kinds_come_from_class_names():

@@ -163,6 +163,8 @@ def test_probabilities_and_their_copies_are_log_codes():
     assert isinstance(decide(scores * 2, CFG, ""), Quantize)  # scores are not probabilities
     blocks = Config(bits=4, groups=PerBlock(32))
     assert isinstance(decide(p, blocks, ""), BlockQuantize)  # blocks keep their own scales
+    linear = decide(p, Config(probabilities="linear"), "")  # Mesa's storage, if asked for
+    assert isinstance(linear, Quantize) and linear.layout.kind == "per_head"
 
 
 def test_a_fused_attentions_rows_get_their_own_ranges_and_its_statistics_stay_exact():

@@ -354,3 +354,16 @@ def test_a_mask_changed_after_forward_does_not_reach_the_rebuilt_probabilities()
     mask.zero_()
     (gq,) = torch.autograd.grad(out.square().sum(), q)
     assert F.cosine_similarity(gq.flatten(), gq_exact.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("probabilities, kind", [("log", "quantized"), ("linear", "quantized")])
+def test_probabilities_can_be_stored_instead(probabilities, kind, monkeypatch):
+    counts = _rebuilt_count(monkeypatch)
+    model = torchmesa.compress(Attention(), torchmesa.Config(probabilities=probabilities))
+    with torchmesa.track() as t:
+        loss = model(torch.randn(2, 256, 64)).sum()
+    assert counts == {"rebuilt": 0, "stored": 0}  # not even tried
+    loss.backward()
+    # the probabilities (2 x 4 x 256 x 256 fp32): about a byte each either way
+    assert t.kept()[kind].exact_bytes >= 2 * 4 * 256 * 256 * 4
+    assert t.held_bytes == 0

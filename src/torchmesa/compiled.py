@@ -369,6 +369,7 @@ class GraphHooks:
         if kind == "statistics":
             return (x,)
         probabilities = kind == "probabilities" and x.is_floating_point() and x.dim() >= 2
+        probabilities = probabilities and self.config.probabilities != "linear"
         if probabilities and x.numel() >= self.config.min_numel:
             with torch.no_grad():
                 codes, peak = quant.to_log_codes(x)

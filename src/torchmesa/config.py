@@ -17,11 +17,13 @@ Rounding = Literal["nearest", "stochastic"]
 Rotation = Literal["none", "hadamard"]
 BlockScale = Literal["fp16", "e8m0"]
 BatchNormStore = Literal["half", "quantize", "exact"]
+ProbabilityStore = Literal["rebuild", "log", "linear"]
 ESTIMATORS: tuple[Estimator, ...] = ("ema", "dynamic", "delayed")
 ROUNDINGS: tuple[Rounding, ...] = get_args(Rounding)
 ROTATIONS: tuple[Rotation, ...] = get_args(Rotation)
 BLOCK_SCALES: tuple[BlockScale, ...] = get_args(BlockScale)
 BATCH_NORM_STORES: tuple[BatchNormStore, ...] = get_args(BatchNormStore)
+PROBABILITY_STORES: tuple[ProbabilityStore, ...] = get_args(ProbabilityStore)
 SUPPORTED_BITS = (2, 3, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)  # powers of two: a Hadamard transform needs one
 
@@ -200,6 +202,15 @@ class Config:
             0.9975), with fp16 2.3 % (0.9997), at 2 bytes a value instead of 1 (README,
             "BatchNorm"). ``"quantize"`` stores them like the rest (Mesa), ``"exact"``
             keeps them.
+        probabilities: how attention probabilities (a softmax's output, its dropped and
+            cast copies) are kept. ``"rebuild"`` (the default, with ``derive=True``): not
+            stored; backward runs the score product again on the stored q and k (engine
+            rule 14), and those it cannot rebuild are stored as ``"log"`` says. ``"log"``:
+            8-bit codes of each probability's logarithm relative to its row's maximum,
+            about a byte each, to 3 % of its value. ``"linear"``: 8-bit codes like every
+            other tensor, one range per head (Mesa's storage): at 1,024 tokens most
+            probabilities round to zero, and GPT-2's worst gradient cosine was 0.74
+            (docs/attention.md); kept for comparison.
     """
 
     bits: int = 8
@@ -216,6 +227,7 @@ class Config:
     rotation: Rotation = "none"
     attention_bits: int | None = None
     batch_norm: BatchNormStore = "half"
+    probabilities: ProbabilityStore = "rebuild"
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits)
@@ -274,6 +286,11 @@ class Config:
         if self.batch_norm not in BATCH_NORM_STORES:
             raise ValueError(
                 f"Config.batch_norm must be one of {BATCH_NORM_STORES}, got {self.batch_norm!r}"
+            )
+        if self.probabilities not in PROBABILITY_STORES:
+            raise ValueError(
+                f"Config.probabilities must be one of {PROBABILITY_STORES}, got "
+                f"{self.probabilities!r}"
             )
         blocks = isinstance(self.groups, PerBlock)
         if self.rotation != "none" and not blocks:

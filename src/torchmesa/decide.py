@@ -247,9 +247,11 @@ def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = Fal
     if norm == "batch" and config.batch_norm != "quantize":
         keep = config.batch_norm == "exact" or t.element_size() <= 2
         return EXACT if keep else HALF
-    if not isinstance(config.groups, PerBlock) and t.dim() >= 2 and is_probabilities(t):
-        rows = numel // t.shape[-1]
-        return LOG if storage_nbytes(t) > numel + 4 * rows else EXACT
+    if t.dim() >= 2 and is_probabilities(t):
+        if config.probabilities != "linear" and not isinstance(config.groups, PerBlock):
+            rows = numel // t.shape[-1]
+            return LOG if storage_nbytes(t) > numel + 4 * rows else EXACT
+        norm = ""  # stored like any other tensor: one range per head, as Mesa stores them
     bits = config.bits
     if config.attention_bits is not None and config.head_wise and t.dim() >= 4:
         bits = config.attention_bits

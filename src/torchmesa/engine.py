@@ -84,7 +84,7 @@ class _Forward:
         self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}  # score chains' (rule 14)
         self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
         self.compiled = False  # a torch.compile-d call, its saves made by compiled graphs
-        self.capture: scores.Capture | None = None  # operands score chains need (rule 14)
+        self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
 
     def push(self, path: str, norm: NormKind, config: Config | None) -> _Frame:
         index = self.calls.get(path, 0)
@@ -115,7 +115,9 @@ class _Forward:
         rerun = frame.rerun
         if rerun is not None and rerun.anchor is not None and ordinal is not None:
             return Derive(rerun.want(ordinal, t))
-        if self.capture is not None and scores.is_head(t):
+        config = frame.config
+        rebuild = config is not None and config.probabilities == "rebuild"
+        if self.capture is not None and rebuild and scores.is_head(t):
             return scores.recognise(
                 t,
                 self.capture,
@@ -293,7 +295,6 @@ class Engine:
         self._warned: set[str] = set()
         self._spent: dict[str, float] | None = None
         self.graph_hooks, self.graph_refusal = _graph_hooks(self.settings)
-        self.derives = any(c is not None and c.derive for c in self.settings.values())
 
     # -- hooks on the module tree -------------------------------------------------------
 
@@ -481,7 +482,7 @@ class Engine:
         forward = _Forward(self, hooks, params, frozen)
         forward.sharded = sharded
         forward.compiled = _in_compiled_module()
-        if self.derives and not forward.compiled:
+        if not forward.compiled:  # what score chains add, and where SDPA runs (rules 5, 14)
             forward.capture = scores.Capture()
             forward.capture.__enter__()
         return forward

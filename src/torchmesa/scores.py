@@ -163,23 +163,29 @@ class Step:
     args: tuple = ()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The step on ``x``, the chain's own tensor: in place where that gives the same
+        values, dtype and shape (the same kernels run), saving a pass over memory."""
         op, args = self.op, self.args
         if op == "layout":
             return apply_step(x, args[0])
         if op == "cast":
             return x.to(args[0])
         if op == "tanh":
-            return torch.tanh(x)
-        if op == "mul":
-            return x * _value(args[0])
-        if op == "div":
-            return x / _value(args[0])
-        if op == "add":
-            return torch.add(x, _value(args[0]), alpha=args[1])
-        if op == "sub":
-            return torch.sub(x, _value(args[0]), alpha=args[1])
+            return x.tanh_()
+        if op in ("mul", "div", "add", "sub"):
+            other = _value(args[0])
+            if not _fits_in_place(x, other):
+                if op in ("add", "sub"):
+                    return getattr(torch, op)(x, other, alpha=args[1])
+                return x * other if op == "mul" else x / other
+            if op in ("add", "sub"):
+                return getattr(x, op + "_")(other, alpha=args[1])
+            return x.mul_(other) if op == "mul" else x.div_(other)
         if op == "masked_fill":
-            return x.masked_fill(_value(args[0]), _value(args[1]))
+            mask, value = _value(args[0]), _value(args[1])
+            if mask.dim() > x.dim() or any(m > n for m, n in zip(mask.shape[::-1], x.shape[::-1])):
+                return x.masked_fill(mask, value)
+            return x.masked_fill_(mask, value)
         if op == "where":
             cond, other, scores_first = _value(args[0]), _value(args[1]), args[2]
             return torch.where(cond, x, other) if scores_first else torch.where(cond, other, x)
@@ -190,6 +196,16 @@ class Step:
 
 def _value(v: Any) -> Any:
     return v() if callable(v) else v
+
+
+def _fits_in_place(x: torch.Tensor, other: Any) -> bool:
+    """Whether ``x op= other`` gives what ``x op other`` gives: ``other`` broadcasts into
+    ``x`` and does not promote its dtype."""
+    if not isinstance(other, torch.Tensor):
+        return torch.result_type(x, other) == x.dtype
+    if torch.result_type(x, other) != x.dtype or other.dim() > x.dim():
+        return False
+    return all(m in (1, n) for m, n in zip(other.shape[::-1], x.shape[::-1]))
 
 
 def _sdpa_mask(scores: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
