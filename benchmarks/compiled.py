@@ -3,7 +3,7 @@
 
 Per model: compile time of each (first step: forward and backward), saved-activation
 bytes after forward (what the compiled graphs hold for backward, once per storage,
-parameters excluded: DESIGN.md), median step time interleaved over steps after warm-up
+parameters excluded: docs/measuring.md), median step time interleaved over steps after warm-up
 (ratio), forward equality and the worst gradient cosine, Dynamo's graph-break count, and
 on a GPU the peak memory of a step. Compile times are cold (an empty Inductor cache for
 the run; the exact model compiles first, so kernels both share count once, there). A
@@ -119,7 +119,7 @@ def measure(name: str, batch: int, steps: int, device: str, dtype: str, third: b
             if device == "cuda":
                 torch.cuda.synchronize()
             times[which].append(time.perf_counter() - start)
-    if device == "cuda":  # peak of one more step each, as DESIGN.md measures it on a GPU
+    if device == "cuda":  # peak of one more step each, as docs/measuring.md has it
         for which in runs:
             for p in models[which].parameters():
                 p.grad = None

@@ -1,7 +1,7 @@
 """Kernel throughput: quantize (group statistics + codes) and dequantize, against a plain
 copy of the same tensor, for the reference and the fused path of the device.
 
-The floor (DESIGN.md): quantize reads the activation and writes one byte per element,
+The floor: quantize reads the activation and writes one byte per element,
 dequantize the reverse, so each should cost about what a copy costs. Target: within 2x.
 Measured twice: hot (one tensor again and again: it stays in cache) and cold (each call
 on the next of copies that together fill 1 GiB, as a training step meets its

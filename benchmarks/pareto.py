@@ -32,7 +32,7 @@ FILES = [
     RESULTS / "convergence-blocks-vit-cpu.json",
     RESULTS / "convergence-blocks-cnn-cpu.json",
 ]
-# reported elsewhere, on ImageNet (the issue and DESIGN.md quote them): bits per element
+# reported elsewhere, on ImageNet (the Mesa paper and its measured cost): bits per element
 # against fp32, and the top-1 gap in points where one was given
 PUBLISHED = [
     ("Mesa 8-bit (DeiT-Ti)", 8.0, +0.2),

@@ -1,7 +1,7 @@
 """Count what autograd holds for backward: exact bytes versus what torchmesa stores.
 
 ``track()`` is a context manager. Inside it, every tensor saved for backward is counted
-once per storage, parameters excluded (DESIGN.md's *saved-activation bytes*):
+once per storage, parameters excluded (*saved-activation bytes*, ``docs/measuring.md``):
 
 - ``exact_bytes``: what exact training would hold (the storages the saved tensors live in);
 - ``stored_bytes``: what is held instead (compressed copies, plus what stayed exact);
@@ -207,8 +207,9 @@ def track() -> Tracker:
 
 @dataclass
 class GraphHeld:
-    """What the compiled graphs behind one output hold for backward, counted as DESIGN.md
-    counts saved-activation bytes: ``nbytes`` once per storage, parameters excluded, and
+    """What the compiled graphs behind one output hold for backward, counted as
+    saved-activation bytes are (``docs/measuring.md``): ``nbytes`` once per storage,
+    parameters excluded, and
     ``codes`` the number of 8-bit code tensors among them."""
 
     nbytes: int

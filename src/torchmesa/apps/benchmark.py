@@ -4,7 +4,7 @@ For each model, in one process and interleaved step by step (so that machine loa
 every configuration alike): saved-activation bytes (``torchmesa.track``), the first
 step's time (one-time costs: kernel builds, compiles) and the median step time (forward,
 backward, AdamW) as a ratio to exact training. Then, per configuration, a fresh
-subprocess measures memory as DESIGN.md defines it at two batch sizes: what forward
+subprocess measures memory (``docs/measuring.md``) at two batch sizes: what forward
 leaves held, and the peak (GPU: ``max_memory_allocated``; CPU: peak resident set minus
 the resident set just before the first step). A line through the two peaks gives the
 largest batch that fits ``--budget-gib``.
@@ -254,7 +254,7 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
     for config in configs:
         small = peak_in_subprocess(name, config, batch_size, setup, sizes)
         large = peak_in_subprocess(name, config, 2 * batch_size, setup, sizes)
-        # a line through the two peaks (DESIGN.md's, as reported and as `torchmesa fit`
+        # a line through the two peaks (as reported, and as `torchmesa fit`
         # measures them): bytes per sample and fixed bytes
         per_sample = (_peak(large, setup) - _peak(small, setup)) / batch_size
         fixed = _peak(small, setup) - per_sample * batch_size
@@ -302,7 +302,8 @@ def release_memory(setup: Setup) -> None:
 
 
 def _peak(worker_result: dict, setup: Setup) -> int:
-    """DESIGN.md's peak: the GPU's max allocated, or the CPU's peak RSS above the start."""
+    """The peak (``docs/measuring.md``): the GPU's max allocated, or the CPU's peak RSS
+    above the start."""
     if setup.device == "cuda":
         return worker_result["peak"]
     return worker_result["peak"] - worker_result["before"]

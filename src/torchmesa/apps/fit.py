@@ -3,8 +3,8 @@ budget, for exact training, torchmesa, checkpointing, both, and the planner's ch
 
 Every trial is one real training step (forward, backward, AdamW) in a fresh subprocess,
 with the optimizer's state made before it, as every step after the first has it. Its
-peak is DESIGN.md's: on a GPU ``max_memory_allocated`` (weights included), on the CPU the
-peak resident set minus the resident set just before the step (weights, the interpreter
+peak (``docs/measuring.md``): on a GPU ``max_memory_allocated`` (weights included), on
+the CPU the peak resident set minus the resident set just before the step (weights, the interpreter
 and its libraries excluded; gradients, optimizer state and activations counted). A trial
 fits when its peak is within the budget. One that runs out of memory, goes over the
 budget (a watchdog stops it there, on the CPU) or is killed does not fit; the search
@@ -366,7 +366,7 @@ class Search:
             "batch_size": self.job.batch_size if self.job.vary != "batch" else None,
             "seconds": self.seconds,
             "torch": torch.__version__,
-            "peak": "DESIGN.md: max_memory_allocated on a GPU; on the CPU the peak resident set "
+            "peak": "max_memory_allocated on a GPU; on the CPU the peak resident set "
             "minus the resident set just before the step",
             "results": [
                 {

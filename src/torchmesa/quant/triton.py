@@ -2,8 +2,8 @@
 rounding and delayed-scaling statistics) and dequantize, one pass each.
 
 Quantize reads the activation once and writes ``bits / 8`` bytes per element; dequantize
-the reverse (DESIGN.md's floor). Tensors are read contiguous, as a 2-D ``(R, C)`` view
-tiled ``(BR, BC)``, where each element's parameter (see :mod:`torchmesa.quant.geometry`) is
+the reverse: the floor for such a kernel. Tensors are read contiguous, as a 2-D ``(R, C)``
+view tiled ``(BR, BC)``, where each element's parameter (see :mod:`torchmesa.quant.geometry`) is
 constant along one tile axis: the row's (``C = inner``: heads, rows, the whole tensor) or
 the column's (``C = mid``: channel groups). That axis is what the statistics reduce
 along, so one program emits one partial min, max and NaN flag per parameter it touched,
