@@ -1,6 +1,6 @@
 """Long context: how attention probabilities are kept, measured where they dominate memory.
 
-Four parts, side by side in one run, on a byte-level GPT-2 built from its config
+Five parts, side by side in one run, on a byte-level GPT-2 built from its config
 (``GPT2Config(vocab_size=256)``; 4 layers of width 256 and 4 heads at 1,024 tokens, 2 of
 width 128 and 2 heads at 4,096; random token ids), the probabilities kept three ways:
 rebuilt from the stored q and k in backward (``probabilities="rebuild"``, the default),
@@ -11,6 +11,8 @@ Mesa's storage):
   worst gradient cosine and exact / stored saved bytes, per attention implementation
   (eager, SDPA with dropout, whose math path saves the probabilities, and SDPA's fused
   kernel, which saves none) and sequence length;
+- ``rows`` (on request): SDPA's fused kernel at 128 to 1,024 tokens, its q, k, v and
+  output with one range per head against one per row (the 1,024-token model's sizes);
 - ``storage``: the attention op alone, per sequence length and spread of the scores
   (the standard deviation of ``q·k/√d``): the relative error of its input gradients
   (q, k, v together) with each way of keeping the probabilities;
@@ -23,6 +25,7 @@ Mesa's storage):
 
     python benchmarks/long_context.py                        # about 80 minutes on 2 cores
     python benchmarks/long_context.py --parts fidelity speed
+    python benchmarks/long_context.py --parts rows --out benchmarks/results/row-ranges-cpu.json
     python benchmarks/long_context.py --quick                # a smoke test: seconds
 
 Writes JSON (``--out``) and prints a table for each part.
@@ -92,6 +95,34 @@ def fidelity(lengths: list[int], quick: bool) -> list[dict]:
                 print(f"  fidelity {n} {attn} dropout={dropout} {setting}: "
                       f"{res.min_cosine:.5f} 1/{res.ratio:.1f}", file=sys.stderr)  # fmt: skip
     return rows
+
+
+def rows(lengths: list[int], quick: bool) -> list[dict]:
+    """A fused attention's q, k, v and output with one range per head against one per row
+    (``decide.ROW_RANGES_FROM_TOKENS`` moved out of the way and to zero), no dropout."""
+    from torchmesa import decide
+
+    out = []
+    default = decide.ROW_RANGES_FROM_TOKENS
+    try:
+        for n in lengths:
+            ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
+
+            def run(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+                result = m(input_ids=ids, labels=ids)
+                return result.logits, result.loss
+
+            for ranges, threshold in (("head", 2**62), ("row", 0)):
+                decide.ROW_RANGES_FROM_TOKENS = threshold
+                sizes = (1, 64, 2) if quick else SIZES[1024]
+                res = compare(gpt2(n, "sdpa", False, sizes=sizes), run, torchmesa.Config())
+                out.append({"tokens": n, "ranges": ranges, "min_cosine": res.min_cosine,
+                            "worst": res.worst_param, "exact_over_stored": res.ratio})  # fmt: skip
+                print(f"  rows {n} per {ranges}: {res.min_cosine:.5f} 1/{res.ratio:.2f}",
+                      file=sys.stderr)  # fmt: skip
+    finally:
+        decide.ROW_RANGES_FROM_TOKENS = default
+    return out
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -236,6 +267,11 @@ def tables(report: dict) -> str:
             cells = "".join(f"{by[s]['min_cosine']:>11.5f} (1/{by[s]['exact_over_stored']:4.1f})"
                             for s in SETTINGS)  # fmt: skip
             lines.append(f"{n:>6}  {attn:<14}{cells}")
+    if "rows" in report:
+        lines += ["", "fused SDPA's q, k, v, output: worst gradient cosine (exact / stored)"]
+        for r in report["rows"]:
+            lines.append(f"{r['tokens']:>6}  a range per {r['ranges']:<5}"
+                         f"{r['min_cosine']:>11.5f} (1/{r['exact_over_stored']:.2f})")  # fmt: skip
     if "storage" in report:
         lines += [
             "",
@@ -266,8 +302,11 @@ def tables(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ("fidelity", "storage", "speed", "convergence")
-    parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts))
+    parts = ("fidelity", "rows", "storage", "speed", "convergence")
+    parser.add_argument("--parts", nargs="+", choices=parts,
+                        default=["fidelity", "storage", "speed", "convergence"])  # fmt: skip
+    parser.add_argument("--row-lengths", type=int, nargs="+", default=[128, 256, 512, 1024],
+                        help="with --parts rows (4 layers of width 256)")  # fmt: skip
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     parser.add_argument("--train-steps", type=int, default=150)
@@ -289,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [64] if args.quick else args.lengths
     if "fidelity" in args.parts:
         report["fidelity"] = fidelity(lengths, args.quick)
+    if "rows" in args.parts:
+        report["rows"] = rows([64] if args.quick else args.row_lengths, args.quick)
     if "storage" in args.parts:
         report["storage"] = storage([128] if args.quick else [256, 1024, 4096],
                                     [1.0] if args.quick else [1.0, 3.0])  # fmt: skip

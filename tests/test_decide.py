@@ -7,6 +7,7 @@ from torch import nn
 from torchmesa import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, PerToken
 from torchmesa.decide import (
     EXACT,
+    ROW_RANGES_FROM_TOKENS,
     BlockQuantize,
     Exact,
     Half,
@@ -167,11 +168,14 @@ def test_probabilities_and_their_copies_are_log_codes():
     assert isinstance(linear, Quantize) and linear.layout.kind == "per_head"
 
 
-def test_a_fused_attentions_rows_get_their_own_ranges_and_its_statistics_stay_exact():
-    q = torch.randn(2, 4, 64, 64, requires_grad=True) * 1
+def test_a_long_fused_attentions_rows_get_their_own_ranges_and_its_statistics_stay_exact():
+    n = ROW_RANGES_FROM_TOKENS
+    q = torch.randn(2, 4, n, 64, requires_grad=True) * 1
     layout = decide(q, CFG, "attention").layout
-    assert layout.kind == "per_token" and layout.num_groups == 2 * 4 * 64
+    assert layout.kind == "per_token" and layout.num_groups == 2 * 4 * n
     assert decide(q, CFG, "").layout.kind == "per_head"
+    short = torch.randn(2, 4, n - 1, 64, requires_grad=True) * 1  # a ViT's 197 tokens
+    assert decide(short, CFG, "attention").layout.kind == "per_head"
     log_sum_exp = torch.randn(2, 4, 1024)  # no history
     assert decide(log_sum_exp, CFG, "attention") == EXACT
     assert isinstance(decide(log_sum_exp, CFG, ""), Quantize)

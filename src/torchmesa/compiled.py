@@ -374,8 +374,10 @@ class GraphHooks:
             with torch.no_grad():
                 codes, peak = quant.to_log_codes(x)
             return codes, peak, x.new_empty(0)
-        if kind in ("attention", "logits"):  # rows of their own sizes: a range each
+        if kind == "logits":  # rows of their own offsets: a range each
             norm: NormKind = "token"
+        elif kind == "attention":  # a range per row at long context, as eagerly
+            norm = "attention"
         else:
             norm = _read_by_norm(state) if state is not None else ""
         decision = decide(x, self.config, norm, compiled=state is not None)

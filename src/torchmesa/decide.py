@@ -148,6 +148,12 @@ from torchmesa.config import (
 from torchmesa.tensors import is_parameter_like, is_probabilities, storage_nbytes
 
 METADATA_BYTES_PER_GROUP = 8  # a group's shift and scale, fp32 each
+# Inside a fused attention, q, k, v and the output get a range per row (one token of one
+# head) from this many tokens on. A causal row averages over as many values as its
+# position, so its size falls with the position, and one range per head leaves late rows
+# few steps; below it a range per head holds, and ranges per row of 64 values would add
+# 1/8 to those tensors (measured: docs/attention.md, "Ranges inside a fused kernel").
+ROW_RANGES_FROM_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -294,13 +300,19 @@ def decide_operand(t: torch.Tensor) -> Mask | Exact:
 
 
 def granularity(t: torch.Tensor, config: Config, norm: NormKind) -> Granularity:
-    """Per token inside LayerNorm-like layers and attention, head-wise for 4+ dims, else
-    channel groups."""
-    if norm in ("token", "attention"):
+    """Per token inside LayerNorm-like layers and long fused attention, head-wise for 4+
+    dims, else channel groups."""
+    if norm == "token" or (norm == "attention" and long_rows(t)):
         return config.norm_groups
     if config.head_wise and t.dim() >= 4:
         return PerHead()
     return config.groups
+
+
+def long_rows(t: torch.Tensor) -> bool:
+    """Whether a fused attention's ``(..., N, D)`` tensor has enough tokens that each row
+    needs its own range (``ROW_RANGES_FROM_TOKENS``)."""
+    return t.dim() >= 2 and t.shape[-2] >= ROW_RANGES_FROM_TOKENS
 
 
 def unusual_layout(t: torch.Tensor) -> str:
