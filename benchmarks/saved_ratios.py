@@ -1,9 +1,10 @@
-"""Saved-activation bytes against exact, from one forward per setting: the quick half of
-``bench.py`` (no backward, no peaks, no timing), for models or precisions whose full
-benchmark takes too long on a CPU (bf16 backward on this machine's torch build takes
-about 50 s per DeiT-S step, exact training included).
+"""Saved-activation bytes against exact, from one forward per setting, and with
+``--grads`` the worst gradient cosine against exact from one backward: the quick half of
+``bench.py`` (no peaks, no timing), for models or precisions whose full benchmark takes
+too long on a CPU (bf16 backward on this machine's torch build takes about 50 s per
+DeiT-S step, exact training included).
 
-    python benchmarks/saved_ratios.py                      # DeiT-S fp32+bf16, HF GPT-2 fp32
+    python benchmarks/saved_ratios.py --grads              # DeiT-S fp32+bf16, HF GPT-2 fp32
     python benchmarks/saved_ratios.py --models hf-gpt2 --precision fp32
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -24,8 +26,14 @@ DEFAULT_RUNS = [("deit-s", "fp32", 8), ("deit-s", "bf16", 8), ("hf-gpt2", "fp32"
 SETTINGS = ("exact", "torchmesa-dynamic", "torchmesa", "torchmesa-4bit")
 
 
-def saved(model_name: str, precision: str, batch_size: int, config: str) -> dict:
-    """One training-mode forward under ``track()``: by kind of storage, in bytes."""
+NEAR_ZERO = 0.02  # gradients below 2 % of the typical one per element (docs/fidelity.md)
+
+
+def saved(
+    model_name: str, precision: str, batch_size: int, config: str, grads: bool
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One training-mode forward under ``track()`` (by kind of storage, in bytes) and, with
+    ``grads``, its backward's parameter gradients (weights, batch and dropout seeded alike)."""
     spec = SPECS[model_name]
     torch.manual_seed(0)
     model = spec.build()
@@ -34,12 +42,32 @@ def saved(model_name: str, precision: str, batch_size: int, config: str) -> dict
         torchmesa.compress(model, mesa)
     batch = spec.batch(batch_size)
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    torch.manual_seed(1)
     with bf16 if precision == "bf16" else contextlib.nullcontext(), torchmesa.track() as t:
         loss = spec.loss(model, batch)
-    del loss
     kept = {k: {"tensors": v.tensors, "exact_bytes": v.exact_bytes, "stored_bytes": v.stored_bytes}
             for k, v in t.kept().items()}  # fmt: skip
-    return {"exact_bytes": t.exact_bytes, "stored_bytes": t.stored_bytes, "kept": kept}
+    gradients = {}
+    if grads:
+        loss.backward()
+        gradients = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    del loss
+    return {"exact_bytes": t.exact_bytes, "stored_bytes": t.stored_bytes, "kept": kept}, gradients
+
+
+def worst_cosine(exact: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> tuple:
+    """The lowest per-parameter gradient cosine and its parameter, gradients below
+    ``NEAR_ZERO`` of the model's typical gradient per element left out."""
+    numel = sum(g.numel() for g in exact.values())
+    typical = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in exact.values()])))
+    typical /= numel**0.5
+    worst = (1.0, "")
+    for name, g in exact.items():
+        if float(g.norm()) / g.numel() ** 0.5 < NEAR_ZERO * typical:
+            continue
+        cosine = float(torch.nn.functional.cosine_similarity(g.flatten(), other[name].flatten(), 0))
+        worst = min(worst, (cosine, name))
+    return worst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(SPECS))
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--grads", action="store_true", help="also the worst gradient cosine")
     parser.add_argument("--out", default="benchmarks/results/saved-ratios-cpu.json")
     args = parser.parse_args(argv)
     runs = (
@@ -54,9 +83,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for model_name, precision, batch_size in runs:
+        exact_grads: dict[str, torch.Tensor] = {}
         for config in SETTINGS:
             row = {"model": model_name, "precision": precision, "batch": batch_size}
-            row.update(config=config, **saved(model_name, precision, batch_size, config))
+            figures, gradients = saved(model_name, precision, batch_size, config, args.grads)
+            row.update(config=config, **figures)
+            if config == "exact":
+                exact_grads = gradients
+            elif args.grads:
+                row["worst_grad_cosine"], row["worst_grad_parameter"] = worst_cosine(
+                    exact_grads, gradients
+                )
             rows.append(row)
         exact = rows[-len(SETTINGS)]["stored_bytes"]
         for row in rows[-len(SETTINGS) :]:
@@ -65,11 +102,28 @@ def main(argv: list[str] | None = None) -> None:
             row["derived_share_of_exact"] = derived / exact
             print(f"{model_name:8} {precision} batch {batch_size:<3} {row['config']:18} "
                   f"saved {row['stored_bytes'] / 2**20:8.1f} MiB  {row['saved_vs_exact']:.3f}x "
-                  f"of exact  (derived: {row['derived_share_of_exact']:.1%} of exact bytes)",
-                  flush=True)  # fmt: skip
+                  f"of exact  (derived: {row['derived_share_of_exact']:.1%} of exact bytes)"
+                  + (f"  worst cosine {row['worst_grad_cosine']:.5f}"
+                     if "worst_grad_cosine" in row else ""), flush=True)  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "command": " ".join(
+                    [
+                        "python",
+                        "benchmarks/saved_ratios.py",
+                        *(argv if argv is not None else sys.argv[1:]),
+                    ]
+                ),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 
