@@ -36,12 +36,14 @@ def test_profile_json_has_the_documented_keys():
     assert report["ratio"] > 3 and report["batch"] == {"input": [2, 3, 32, 32]}
 
 
-def test_profile_table_and_plot(tmp_path):
-    png = tmp_path / "profile.png"
-    done = cli("profile", "tiny-vit", "--batch-size", "2", "--limit", "5", "--plot", str(png))
+def test_profile_table_plot_and_json_file(tmp_path):
+    png, out = tmp_path / "profile.png", tmp_path / "profile.json"
+    done = cli("profile", "tiny-vit", "--batch-size", "2", "--limit", "5", "--plot", str(png),
+               "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "exact MiB" in done.stdout and "more modules)" in done.stdout
     assert "x smaller)" in done.stdout and f"wrote {png}" in done.stdout
+    assert f"wrote {out}" in done.stdout and tuple(json.loads(out.read_text())) == JSON_KEYS
     with PIL.open(png) as image:
         image.verify()
     import torch
@@ -113,16 +115,42 @@ def test_demo_refuses_bad_arguments():
     assert done.returncode == 1 and "--epochs, --steps and --batch-size" in done.stderr
 
 
+TINY_BENCH = ("--", "--models", "tiny-vit", "--batch", "4", "--warmup", "0", "--steps", "1",
+              "--configs", "exact", "torchmesa-dynamic")  # fmt: skip
+
+
 @pytest.mark.slow
-def test_bench_runs_the_suite(tmp_path):
-    out = tmp_path / "bench.json"
-    done = cli("bench", "--out", str(out), "--", "--models", "tiny-vit", "--batch", "4",
-               "--warmup", "0", "--steps", "1", "--configs", "exact", "torchmesa-dynamic",
-               timeout=600)  # fmt: skip
+def test_bench_runs_the_suite_and_plots_it(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = cli("bench", "--json", str(out), "--plot", str(png), *TINY_BENCH, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "max batch" in done.stdout
+    assert "max batch" in done.stdout and f"wrote {png}" in done.stdout
     rows = json.loads(out.read_text())["rows"]  # the suite's arguments reached it
     assert [r["config"] for r in rows] == ["exact", "torchmesa-dynamic"]
+    with PIL.open(png) as image:
+        assert image.format == "PNG" and image.size == (700, 450)
+
+
+@pytest.mark.slow
+def test_bench_json_without_a_path_is_the_only_standard_output(tmp_path):
+    done = cli("bench", "--json", *TINY_BENCH, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)["rows"]
+    assert [r["config"] for r in rows] == ["exact", "torchmesa-dynamic"]
+    assert "max batch" in done.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_bench_refuses_a_second_way_to_name_its_json():
+    done = cli("bench", "--", "--out", "x.json")
+    assert done.returncode == 1 and "--json PATH" in done.stderr, done.stderr
+
+
+def test_every_subcommand_takes_json_and_plot_alike():
+    for command in ("demo", "profile", "fit", "bench"):
+        done = cli(command, "--help")
+        assert done.returncode == 0
+        text = " ".join(done.stdout.split())
+        assert "--json [PATH]" in text and "--plot PNG" in text, (command, text)
 
 
 @pytest.mark.parametrize(
@@ -179,15 +207,15 @@ def test_fit_finds_the_largest_batch_per_setting(tmp_path):
 
 @pytest.mark.slow
 def test_fit_varies_the_sequence_length(tmp_path):
-    out = tmp_path / "fit.json"
-    # a wide vocabulary: the logits dominate, and the answer stays near a hundred tokens
+    # a wide vocabulary: the logits dominate, and the answer stays near a hundred tokens;
+    # --json without a path: the JSON is all of standard output, the table goes to stderr
     done = cli("fit", "hf:GPT2Config", "--layers", "1", "--hidden", "64", "--heads", "2",
                "--set", "vocab_size=32768", "--memory", "128MiB", "--vary", "seq-len",
-               "--batch-size", "2", "--configs", "exact", "torchmesa", "--json", str(out),
+               "--batch-size", "2", "--configs", "exact", "torchmesa", "--json",
                "--no-progress", timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "the largest seq-len at batch 2 that trains in 0.12 GiB" in done.stdout
-    report = json.loads(out.read_text())
+    assert "the largest seq-len at batch 2 that trains in 0.12 GiB" in done.stderr
+    report = json.loads(done.stdout)
     assert report["vary"] == "seq-len" and report["batch_size"] == 2
     for r in report["results"]:
         assert r["largest"] > 64 and r["peak_at_largest"] <= report["budget_bytes"]
@@ -245,7 +273,7 @@ def test_profile_a_hugging_face_preset(preset, size, batch):
 @pytest.mark.slow
 def test_bench_takes_the_same_sources(tmp_path):
     out = tmp_path / "bench.json"
-    done = cli("bench", "--out", str(out), "--", "--models", "hf:GPT2Config", "--layers", "1",
+    done = cli("bench", "--json", str(out), "--", "--models", "hf:GPT2Config", "--layers", "1",
                "--hidden", "32", "--heads", "2", "--seq-len", "16", "--set", "vocab_size=128",
                "--batch", "2", "--warmup", "0", "--steps", "1", "--configs", "exact",
                "checkpoint", "torchmesa", timeout=600)  # fmt: skip

@@ -59,7 +59,7 @@ CONFIGS = {  # name: (checkpoint each block, compression)
     "torchmesa": (False, torchmesa.Config()),
     "checkpoint": (True, None),
     "checkpoint+torchmesa": (True, torchmesa.Config()),
-    # block-scaled 4-bit codes, attention tensors at 8 bits (README, "Four bits")
+    # block-scaled 4-bit codes, attention tensors at 8 bits (`docs/convergence.md`, "Four bits")
     "torchmesa-4bit": (
         False,
         torchmesa.Config(bits=4, groups=torchmesa.PerBlock(32), attention_bits=8),
@@ -336,6 +336,29 @@ def table(rows: list[dict], budget_gib: float) -> str:
             )
         )
     return _aligned(lines)
+
+
+def plot(report: dict, path: str) -> str:
+    """Peak memory against step time, each as a ratio to exact, one point per setting and
+    one colour per model: the lower left is smaller and faster."""
+    from torchmesa.extras import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for model in dict.fromkeys(r["model"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["model"] == model and r["peak_vs_exact"]]
+        xs, ys = [r["peak_vs_exact"] for r in rows], [r["step_time_vs_exact"] for r in rows]
+        ax.plot(xs, ys, "o", label=f"{model} (batch {rows[0]['batch']})" if rows else model)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(r["config"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("peak memory of a step / exact's")
+    ax.set_ylabel("step time / exact's")
+    ax.set_title(f"{report.get('device', '')} {report.get('precision', '')}".strip(), fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def mesa_table(rows: list[dict]) -> str:

@@ -10,6 +10,10 @@
     torchmesa fit gpt2 --memory 8GiB --vary seq-len --batch-size 4
     torchmesa bench                     # the benchmark suite's quick configuration
 
+Every subcommand says it the same way: ``--json PATH`` writes its measurements beside the
+table, ``--json`` alone prints them instead of the table (everything else goes to standard
+error), and ``--plot PNG`` draws them.
+
 Arguments are parsed with ``argparse`` (standard library), progress bars come from
 ``tqdm`` and plots from ``matplotlib`` (the ``cli`` extra); tables are plain text.
 """
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,9 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, help="default: 64 (vision), 16 (text)")
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="a run of both models per seed (default: 0 1 2)")  # fmt: skip
-    d.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
-    d.add_argument("--plot", metavar="PNG", help="where to write the plot (default: "
-                   "torchmesa-demo-<task>.png); 'none' for no plot")  # fmt: skip
+    add_output_arguments(d, "the learning curves (default: torchmesa-demo-<task>.png); "
+                         "'none' for no plot")  # fmt: skip
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(run=_demo)
 
@@ -68,8 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: a factory's own batch, else 8")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4, 2])
     p.add_argument("--limit", type=int, default=25, help="table rows (the rest are summed)")
-    p.add_argument("--plot", metavar="PNG", help="write a bar chart of the largest modules")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_output_arguments(p, "a bar chart of the largest modules")
     p.set_defaults(run=_profile)
 
     f = sub.add_parser("fit", help="the largest batch (or sequence) that trains in a budget")
@@ -83,19 +86,41 @@ def _parser() -> argparse.ArgumentParser:
                    "length or image size")  # fmt: skip
     f.add_argument("--batch-size", type=int, default=1, help="with --vary seq-len/image-size")
     f.add_argument("--configs", nargs="+", choices=fit.CONFIGS, default=list(fit.CONFIGS))
-    f.add_argument("--json", metavar="PATH", help="also write every trial as JSON")
-    f.add_argument("--plot", metavar="PNG", help="write peaks against the varied value")
+    add_output_arguments(f, "peaks against the varied value, per setting")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(run=_fit)
 
-    b = sub.add_parser("bench", help="the benchmark suite's quick configuration")
-    b.add_argument("--out", default="torchmesa-bench.json")
+    b = sub.add_parser("bench", help="the benchmark suite's quick configuration (its JSON: "
+                       "torchmesa-bench.json unless --json says otherwise)")  # fmt: skip
+    add_output_arguments(b, "peak memory against step time, per model and setting")
     b.add_argument("extra", nargs=argparse.REMAINDER, help="passed on (see --help of it)")
     b.set_defaults(run=_bench)
     return parser
 
 
 # -- demo --------------------------------------------------------------------------------------
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, plot: str) -> None:
+    """``--json [PATH]`` and ``--plot PNG``, the same on every subcommand."""
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the measurements as JSON to PATH; without PATH, print "
+                        "them instead of the table")  # fmt: skip
+    parser.add_argument("--plot", metavar="PNG", help=plot)
+
+
+def _say(args: argparse.Namespace) -> Callable[..., None]:
+    """``print``, onto standard error while standard output carries the JSON."""
+    out = sys.stderr if args.json == "-" else sys.stdout
+    return lambda *message: print(*message, file=out)
+
+
+def _write_json(args: argparse.Namespace, data: object) -> None:
+    if args.json == "-":
+        print(json.dumps(data, indent=1))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+        _say(args)(f"wrote {args.json}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -113,13 +138,12 @@ def _demo(args: argparse.Namespace) -> int:
         return demo.text_task(args.steps, batch, seed)
 
     report = demo.run_seeds(task, args.seeds, progress=not args.no_progress)
-    print(demo.table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    say = _say(args)
+    say(demo.table(report))
+    _write_json(args, report)
     if plot != "none":
         demo.plot(report, plot)
-        print(f"wrote {plot}")
+        say(f"wrote {plot}")
     return 0
 
 
@@ -144,15 +168,13 @@ def _profile(args: argparse.Namespace) -> int:
         if "memory" in str(err).lower():
             raise CliError(_too_large(args, err)) from None
         raise
-    if args.json:
-        print(json.dumps(rep.to_json(), indent=1))
-    else:
-        print(f"{workload.name}, batch {rep.batch}, {args.bits}-bit: saved activations of one "
-              "forward")  # fmt: skip
-        print(rep.table(args.limit))
+    say = _say(args)
+    say(f"{workload.name}, batch {rep.batch}, {args.bits}-bit: saved activations of one forward")
+    say(rep.table(args.limit))
+    _write_json(args, rep.to_json())
     if args.plot:
         rep.plot(args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        say(f"wrote {args.plot}")
     return 0
 
 
@@ -193,12 +215,11 @@ def _fit(args: argparse.Namespace) -> int:
             found = fit.run(job, tuple(args.configs), say)
     except fit.FitError as err:
         raise CliError(str(err)) from None
-    print(fit.table(found))
-    if args.json:
-        Path(args.json).write_text(json.dumps(found.to_json(), indent=1) + "\n")
-        print(f"wrote {args.json}")
+    say = _say(args)
+    say(fit.table(found))
+    _write_json(args, found.to_json())
     if args.plot:
-        print(f"wrote {fit.plot(found, args.plot)}")
+        say(f"wrote {fit.plot(found, args.plot)}")
     return 0
 
 
@@ -234,7 +255,19 @@ def _bench(args: argparse.Namespace) -> int:
     from torchmesa.apps import benchmark
 
     extra = [a for a in args.extra if a != "--"]
-    benchmark.main(["--out", args.out, *extra])
+    if "--out" in extra:
+        raise CliError("bench writes its JSON with --json PATH, before --")
+    if args.plot:
+        pyplot()  # a missing matplotlib is said before minutes of steps, not after
+    with tempfile.TemporaryDirectory() as scratch:
+        out = {None: "torchmesa-bench.json", "-": f"{scratch}/bench.json"}.get(args.json, args.json)
+        with contextlib.redirect_stdout(sys.stderr if args.json == "-" else sys.stdout):
+            benchmark.main(["--out", out, *extra])
+        report = json.loads(Path(out).read_text())
+    if args.json == "-":
+        print(json.dumps(report, indent=1))
+    if args.plot:
+        _say(args)(f"wrote {benchmark.plot(report, args.plot)}")
     return 0
 
 
