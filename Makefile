@@ -18,8 +18,8 @@ else
 ZOO_TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-# The oldest torch the package supports (pyproject: torch>=2.8, see README "Supported
-# PyTorch versions") and the newest the registry offers, each in its own environment,
+# The oldest torch the package supports (pyproject: torch>=2.8; docs/development.md,
+# "Supported PyTorch versions") and the newest the registry offers, each in its own environment,
 # running the main suite without its slow tests. The registry holds only CUDA builds of
 # these (about 5 GB each, downloaded); PIP_CONFIG_FILE=/dev/null steps past this machine's
 # pip cap at torch 2.14.1.

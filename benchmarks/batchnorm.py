@@ -9,7 +9,7 @@ typical gradient (the suite asks for under 1e-2). Needs timm: run it in the seco
 
     OMP_NUM_THREADS=1 .venv-zoo/bin/python benchmarks/batchnorm.py    # about 15 seconds
 
-(One thread: the README's figures; with two, summation order moves the fifth decimal.)
+(One thread: the figures of docs/fidelity.md; with two, summation order moves the fifth decimal.)
 
 Writes JSON (``--out``) and prints a table.
 """

@@ -213,7 +213,7 @@ def test_compressing_after_a_model_of_the_class_was_compiled_still_compresses():
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (README, limits): a compressed torch.nn container run compiled after "
+    reason="known gap (docs/compiled.md): a compressed torch.nn container run compiled after "
     "an exact one of its class ran compiled again reuses that one's frame",
 )
 def test_an_exact_and_a_compressed_container_of_one_class_alternate_compiled():

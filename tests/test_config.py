@@ -6,7 +6,7 @@ from torchmesa import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, Per
 
 
 def test_defaults_are_mesa_but_for_the_estimator():
-    c = Config()  # dynamic ranges: Mesa's EMA clipping hurt training (README, Convergence)
+    c = Config()  # dynamic ranges: Mesa's EMA clipping hurt training (docs/convergence.md)
     assert (c.bits, c.estimator, c.ema_decay, c.head_wise, c.rounding) == (
         8,
         "dynamic",

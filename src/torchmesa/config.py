@@ -145,13 +145,13 @@ class Config:
         bits: bits per stored value: 8 (Mesa's setting), 4, 3 or 2, packed densely (two
             4-bit, eight 3-bit in three bytes, four 2-bit codes per byte). 3 bits needs
             ``groups=PerBlock(..)``. Below 8 bits, use block scales (``PerBlock``) or
-            ``rounding="stochastic"`` (see the README's convergence study).
+            ``rounding="stochastic"`` (`docs/convergence.md`).
         estimator: ``"dynamic"`` (the default): each batch's own per-group range, so
             nothing is ever clipped. ``"ema"``: Mesa's running range per site and group,
             an exponential moving average of the batch min and range with decay
             ``ema_decay``, initialised from the first batch; values outside it are clipped.
             The default is not Mesa's because the EMA's clipping measurably hurt training
-            (README, "Convergence"): a run whose activation scales shrank fast diverged
+            (`docs/convergence.md`): a run whose activation scales shrank fast diverged
             from exact training (dynamic tracked it), and a character GPT's validation
             loss moved up to 1 % on one seed (0.24 % on average; dynamic: within 0.1 %).
             ``"delayed"``: delayed scaling. The same running range, but each batch is
@@ -180,14 +180,15 @@ class Config:
             beyond their stored input (and their outputs, which the next layer saves), and
             layout copies (transpose, reshape, cast) and products (dropout) of stored
             tensors (engine rule 12): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
-            (README, "Derived tensors"). ``False`` is Mesa: every saved tensor is stored.
+            (`docs/derive.md`). ``False`` is Mesa: every saved tensor is stored.
         attention_bits: bits for tensors of 4 or more dims while ``head_wise`` is on
             (Mesa's attention tensors: q, k, v, probabilities and outputs ``(B, H, N, ·)``;
             a CNN's feature maps), ``None``: ``bits``. A fused attention's backward
             exponentiates scores rebuilt from the stored q and k against its exact
             log-sum-exp, so their error is amplified: at 4 bits the character GPT's
-            gradient error was 0.16 with them at 4 bits and 0.05 at 8 (README, "Four
-            bits"). ``Config(bits=4, groups=PerBlock(32), attention_bits=8)`` keeps them.
+            gradient error was 0.16 with them at 4 bits and 0.05 at 8
+            (`docs/convergence.md`, "Four bits"). ``Config(bits=4, groups=PerBlock(32),
+            attention_bits=8)`` keeps them.
         rotation: ``"hadamard"`` (with ``groups=PerBlock(..)``): each whole block of mixed
             signs is multiplied by a randomized Hadamard matrix (orthonormal: exact in
             exact arithmetic) before it is quantized, and by its inverse after, which
@@ -199,9 +200,9 @@ class Config:
             large terms of both signs where a depthwise convolution and another
             BatchNorm follow (EfficientNet, MobileNet, hybrids): with 8-bit codes of its
             input EfficientNet-B0's worst BatchNorm weight gradient was 7 % off (cosine
-            0.9975), with fp16 2.3 % (0.9997), at 2 bytes a value instead of 1 (README,
-            "BatchNorm"). ``"quantize"`` stores them like the rest (Mesa), ``"exact"``
-            keeps them.
+            0.9975), with fp16 2.3 % (0.9997), at 2 bytes a value instead of 1
+            (`docs/fidelity.md`, "BatchNorm"). ``"quantize"`` stores them like the rest
+            (Mesa), ``"exact"`` keeps them.
         probabilities: how attention probabilities (a softmax's output, its dropped and
             cast copies) are kept. ``"rebuild"`` (the default, with ``derive=True``): not
             stored; backward runs the score product again on the stored q and k (engine

@@ -1,4 +1,4 @@
-"""The benchmark runs end to end (tiny shapes) and reports what README tables are made of."""
+"""The benchmark runs end to end (tiny shapes) and reports what the tables in docs/ are made of."""
 
 import json
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""The convergence study runs end to end (1 seed, 10 steps per task) and reports what the
-README's table is made of."""
+"""The convergence study runs end to end (1 seed, 10 steps per task) and reports what
+docs/convergence.md's table is made of."""
 
 import json
 

@@ -46,7 +46,7 @@ CAP = {"batch": 1 << 16, "seq-len": 1 << 20, "image-size": 1 << 14}
 START = {"batch": 2, "seq-len": 64, "image-size": 32}  # batch 2: BatchNorm needs two
 UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20,
          "G": 2**30, "T": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # fmt: skip
-PLANNER_RATIOS = (10, 8, 6, 4)  # the README's 10x first; a budget the plan cannot meet: less
+PLANNER_RATIOS = (10, 8, 6, 4)  # 10x first (docs/convergence.md); a budget it cannot meet: less
 # the planner's options here: one per width (every option of torchmesa.OPTIONS doubles the
 # planning time, several minutes for DeiT-S on two cores)
 PLAN_OPTIONS = tuple(o for o in torchmesa.OPTIONS if o.name in
@@ -297,7 +297,7 @@ def _next(trials: list[Trial], lo: int, hi: int, line: int | None) -> int:
 
 def planner_policy(job: Job) -> tuple[Any, str]:
     """The planner's choice on the search's first, small sample (a module's option does
-    not depend on the batch size): for the README's 10x smaller saved bytes, or the
+    not depend on the batch size): for 10x smaller saved bytes, or the
     largest ratio it meets.
     Planning costs a forward and backward per module and option, so plans are cached
     (keyed by the model, its sizes, the options and the versions)."""

@@ -1,7 +1,7 @@
 """Block-scaled codes: each block of ``PerBlock(n)`` elements with its own step (rules 5, 7, 8).
 
 Microscaling in place of Mesa's per-channel ranges: an outlier token stretches one block,
-not a whole channel, which is what lets 4 bits hold (README, "Convergence"). The codes'
+not a whole channel, which is what lets 4 bits hold (`docs/convergence.md`). The codes'
 arithmetic is :mod:`torchmesa.quant.blocks`; blocks need no running estimate. The record
 is the affine format's :class:`~torchmesa.formats.QuantizedRecord` (``quant.dequantize``
 restores either kind of codes).
