@@ -11,6 +11,7 @@ from torch import nn
 
 import torchmesa
 from torchmesa.compiled import inlining_available
+from torchmesa.decide import ROW_RANGES_FROM_TOKENS
 from torchmesa.track import graph_held, graph_saved
 
 pytestmark = pytest.mark.skipif(
@@ -92,18 +93,24 @@ def test_fullgraph_compiles_with_no_graph_break_and_steps_do_not_recompile():
 
 
 @pytest.mark.slow
-def test_per_token_ranges_for_what_a_norm_reads_and_a_fused_attention_reads():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = torchmesa.compress(Block())
-    y = torch.compile(model)(torch.randn(8, 64, 64))
+def _graph_saved_shapes(y: torch.Tensor) -> list[tuple[int, ...]]:
     node = y.grad_fn
     while type(node).__name__ != "CompiledFunctionBackward":
         node = node.next_functions[0][0]
-    shapes = [tuple(t.shape) for t in node.saved_tensors]
-    assert (8 * 64, 1) in shapes or (8, 64, 1) in shapes  # a norm's input: one range a token
-    assert (8, 4, 64, 1) in shapes  # q, k, v, (B, H, T, d): one range a row, as eager
+    return [tuple(t.shape) for t in node.saved_tensors]
+
+
+def test_per_token_ranges_for_what_a_norm_reads_and_a_long_fused_attention_reads():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.compile(torchmesa.compress(Block()), dynamic=False)
+    n = ROW_RANGES_FROM_TOKENS
+    shapes = _graph_saved_shapes(model(torch.randn(2, n, 64)))
+    assert (2 * n, 1) in shapes or (2, n, 1) in shapes  # a norm's input: one range a token
+    assert (2, 4, n, 1) in shapes  # q, k, v, (B, H, T, d): one range a row, as eager
     assert (1, 4, 1, 1) not in shapes  # not one a head
+    shapes = _graph_saved_shapes(model(torch.randn(2, 64, 64)))  # short rows: a head's range
+    assert (1, 4, 1, 1) in shapes and (2, 4, 64, 1) not in shapes
 
 
 @pytest.mark.slow
