@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchmesa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import compare  # noqa: E402  (the suite's fidelity oracle)
+from helpers import compare
 
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "mobilevit_xxs")
 SETTINGS = ("quantize", "half", "exact")

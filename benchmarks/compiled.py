@@ -101,7 +101,7 @@ def measure(name: str, batch: int, steps: int, device: str, dtype: str, third: b
     record["forward_max_abs_diff"] = float((outs["exact"] - outs["torchmesa"]).abs().max())
     cosines = {
         name: F.cosine_similarity(a.grad.flatten().float(), b.grad.flatten().float(), 0).item()
-        for (name, a), b in zip(exact.named_parameters(), mine.parameters())
+        for (name, a), b in zip(exact.named_parameters(), mine.parameters(), strict=False)
         if a.grad is not None and a.grad.norm() > 0
     }
     worst = sorted(cosines, key=cosines.__getitem__)[:5]

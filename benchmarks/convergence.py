@@ -56,7 +56,7 @@ class PlanAt:
 # Every setting stores BatchNorm inputs like its other tensors, as the study was measured
 # (before 16-bit copies of them became the default, Config(batch_norm="half")): the bits a
 # setting names are what every saved tensor gets.
-def _Config(**fields: Any) -> torchmesa.Config:  # noqa: N802  (reads as the class it builds)
+def _Config(**fields: Any) -> torchmesa.Config:
     return torchmesa.Config(batch_norm="quantize", **fields)
 
 

@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     print("gradient relative L2 error against exact (mean of", args.seeds, "seeds, 8 bits)")
-    print("\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines))
+    print(
+        "\n".join(
+            "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=False)) for line in lines
+        )
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=2) + "\n")

@@ -52,7 +52,7 @@ from torchmesa import quant
 from torchmesa.apps.datasets import VOCAB, ByteBatches, stdlib_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import compare  # noqa: E402  (the test suite's exact-vs-compressed step)
+from helpers import compare
 
 SETTINGS = ("rebuild", "log", "linear")
 # (tokens, layers, width, heads): the sizes of the two contexts
@@ -126,7 +126,7 @@ def rows(lengths: list[int], quick: bool) -> list[dict]:
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = sum(float((x - y).double().square().sum()) for x, y in zip(a, b))
+    num = sum(float((x - y).double().square().sum()) for x, y in zip(a, b, strict=False))
     return math.sqrt(num / sum(float(x.double().square().sum()) for x in a))
 
 
@@ -201,7 +201,7 @@ def speed(steps: int, quick: bool) -> dict:
                     times[name].append(time.perf_counter() - start)
                 model.zero_grad(set_to_none=True)
         # each round's ratio to that round's exact step, so that the machine's drift cancels
-        ratios = {name: sorted(a / b for a, b in zip(t, times["exact"]))
+        ratios = {name: sorted(a / b for a, b in zip(t, times["exact"], strict=False))
                   for name, t in times.items() if name != "exact"}  # fmt: skip
         out[f"{attn}{'+dropout' if dropout else ''}"] = {
             "exact_seconds": statistics.median(times["exact"]),

@@ -22,7 +22,7 @@ import torch
 import torchmesa
 
 sys.path.insert(0, str(Path(__file__).parent))
-import convergence  # noqa: E402  (the study's tasks and settings)
+import convergence
 
 RESULTS = Path(__file__).parent / "results"
 FILES = [
@@ -82,7 +82,7 @@ def plot(points: dict, out: Path) -> None:
 
     plt = pyplot()
     fig, axes = plt.subplots(len(points), 1, figsize=(10, 4.2 * len(points)), squeeze=False)
-    for ax, (task, rows) in zip(axes[:, 0], points.items()):
+    for ax, (task, rows) in zip(axes[:, 0], points.items(), strict=False):
         lo, hi = LIMITS[task]
         band = TARGET[task]  # a worse result is a larger loss gap, or a lower accuracy
         within = (lo - 1, band) if task == "stdlib-gpt" else (-band, hi + 1)

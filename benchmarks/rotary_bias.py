@@ -140,7 +140,7 @@ def main() -> None:
         "mean_abs_valid_loss_gap": {
             "key_biases_trained": mean_gap[False],
             "key_biases_frozen": mean_gap[True],
-        },  # fmt: skip
+        },
     }
     print(f"{'key biases':>10}  {'seed':>4}  {'exact':>7}  {'torchmesa':>9}  {'gap':>7}  "
           "drift: key biases  others  key-bias grad cosine along exact's path")  # fmt: skip

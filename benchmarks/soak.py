@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     for i in range(args.steps):
         ids, targets = (t.to(device) for t in data.sample(args.batch))
         losses = []
-        for m, opt in zip((exact, model), opts):
+        for m, opt in zip((exact, model), opts, strict=False):
             with torchmesa.track() as tracker:
                 loss = F.cross_entropy(m(ids).flatten(0, 1), targets.flatten())
             held_forward = tracker.held_bytes

@@ -74,7 +74,7 @@ def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps
         "hook_seconds_per_step": {
             "pack": per_step.get("pack", 0.0),
             "unpack": per_step.get("unpack", 0.0),
-        },  # fmt: skip
+        },
         "outside_kernels_seconds_per_step": hooks - sum(kernels.values()),
     }
 

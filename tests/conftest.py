@@ -27,7 +27,7 @@ def report() -> list[str]:
     return RESULTS
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+def pytest_terminal_summary(terminalreporter) -> None:
     if RESULTS:
         terminalreporter.section("torchmesa figures")
         for line in RESULTS:

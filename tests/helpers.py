@@ -108,7 +108,7 @@ def null_gradients(a: nn.Module, b: nn.Module, fp32: nn.Module | None = None) ->
     typical, judge_typical = typical_grad(a), typical_grad(judge)
     out = {}
     for (name, pj), (_, pa), (_, pb) in zip(
-        judge.named_parameters(), a.named_parameters(), b.named_parameters()
+        judge.named_parameters(), a.named_parameters(), b.named_parameters(), strict=False
     ):
         if pj.grad is None or pa.grad is None or pb.grad is None:
             continue
@@ -126,7 +126,7 @@ def grad_cosines(
     parameters whose exact gradient is not near zero (see NEAR_ZERO)."""
     out = {}
     null = null_gradients(a, b, fp32)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=False):
         if name in null:
             continue
         if pa.grad is None:
@@ -199,7 +199,7 @@ def compare(
 
 def grad_distance(a: nn.Module, b: nn.Module) -> float:
     """The distance between two models' whole gradients (the parameters both have)."""
-    pairs = [(pa.grad, pb.grad) for pa, pb in zip(a.parameters(), b.parameters())]
+    pairs = [(pa.grad, pb.grad) for pa, pb in zip(a.parameters(), b.parameters(), strict=False)]
     return float(
         sum((ga.double() - gb.double()).square().sum() for ga, gb in pairs if ga is not None) ** 0.5
     )

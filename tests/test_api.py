@@ -31,7 +31,7 @@ def test_compress_twice_is_an_error_that_says_so():
         torchmesa.compress(model[1])
     outer = nn.Sequential(mlp())
     torchmesa.compress(outer[0][1])
-    with pytest.raises(RuntimeError, match="submodule '0.1' is already compressed"):
+    with pytest.raises(RuntimeError, match=r"submodule '0\.1' is already compressed"):
         torchmesa.compress(outer)
 
 
@@ -57,9 +57,9 @@ def test_decompress_removes_every_hook_and_keeps_user_hooks():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         torchmesa.compress(lambda x: x)
-    with pytest.raises(TypeError, match="torchmesa.Config"):
+    with pytest.raises(TypeError, match=r"torchmesa\.Config"):
         torchmesa.compress(mlp(), {"bits": 8})
     with pytest.raises(ValueError, match="not compressed"):
         torchmesa.decompress(mlp())

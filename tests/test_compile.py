@@ -120,9 +120,9 @@ def test_what_the_graphs_cannot_store_runs_eagerly_with_one_warning():
     exact = copy.deepcopy(model)
     compiled = torch.compile(torchmesa.compress(model, torchmesa.Config(bits=4)))
     x = torch.randn(8, 64, 64)
-    with pytest.warns(RuntimeWarning, match="outside the compiled graph .*bits=4"):
-        with torchmesa.track() as t:
-            y = compiled(x)
+    warned = pytest.warns(RuntimeWarning, match="outside the compiled graph .*bits=4")
+    with warned, torchmesa.track() as t:
+        y = compiled(x)
     assert t.compressed_tensors > 0  # the eager hooks stored them, between graphs
     y.square().mean().backward()
     torch.compile(exact)(x).square().mean().backward()
@@ -272,7 +272,7 @@ def test_a_vit_trains_compiled_like_compiled_exact():
     per_token = [
         i for i, t in enumerate(saved[:-1])
         if t.dtype == torch.uint8 and tuple(t.shape) == hidden
-        and tuple(saved[i + 1].shape) == hidden[:-1] + (1,)
+        and tuple(saved[i + 1].shape) == (*hidden[:-1], 1)
     ]  # fmt: skip
     assert len(per_token) >= 2 * 2 + 1  # each norm's input or normalized value
     F.cross_entropy(y, target).backward()

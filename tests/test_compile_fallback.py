@@ -24,9 +24,9 @@ def test_a_pytorch_that_cannot_inline_the_hooks_gets_the_eager_hooks_with_one_wa
     # 2.8's Dynamo does not say whether a call is compiled: the eager hooks serve it unasked
     said = hasattr(torch._dynamo.eval_frame, "_is_in_optimized_module")
     match = "does not tell inlined hooks the graph node"
-    with pytest.warns(RuntimeWarning, match=match) if said else contextlib.nullcontext():
-        with torchmesa.track() as t:
-            compiled(x).square().mean().backward()
+    warned = pytest.warns(RuntimeWarning, match=match) if said else contextlib.nullcontext()
+    with warned, torchmesa.track() as t:
+        compiled(x).square().mean().backward()
     assert t.compressed_tensors > 0 and t.held_bytes == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once

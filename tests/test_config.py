@@ -61,7 +61,7 @@ def test_allowed_values_are_listed():
         Config(rotation="hadamard")
     with pytest.raises(ValueError, match="'none', 'hadamard'"):
         Config(groups=PerBlock(32), rotation="random")
-    with pytest.raises(ValueError, match="masks .* are always stored in 1 bit"):
+    with pytest.raises(ValueError, match=r"masks .* are always stored in 1 bit"):
         Config(bits=1)
     with pytest.raises(ValueError, match="'half', 'quantize', 'exact'"):
         Config(batch_norm="bf16")

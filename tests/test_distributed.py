@@ -71,19 +71,19 @@ def test_ranks_agree_and_match_exact_training(runs, engine):
         cos = F.cosine_similarity(delta.flatten().double(), ref.flatten().double(), dim=0)
         assert cos > 0.999, (engine, name, float(cos))  # the update, not just the weights
     for r in (rank0, rank1):
-        assert all(e / s > 3 for e, s in zip(r["exact_bytes"], r["stored_bytes"]))
+        assert all(e / s > 3 for e, s in zip(r["exact_bytes"], r["stored_bytes"], strict=False))
 
 
 @pytest.mark.slow
 def test_fsdp_gathered_parameters_are_never_quantized(runs):
     """Parameters are never counted as activations. If FSDP's gathered weights were taken
     for activations, FSDP would count (and quantize) more than DDP on the same batch."""
-    for ddp, fsdp in zip(runs["ddp"], runs["fsdp"]):
+    for ddp, fsdp in zip(runs["ddp"], runs["fsdp"], strict=False):
         assert ddp["exact_bytes"] == fsdp["exact_bytes"]
         assert ddp["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)
         # FSDP frees the LayerNorm's gathered weights between uses, so the norm is not run
         # again (rule 12): its output is stored and its input (a GELU output) rebuilt,
         # where DDP stores the input and rebuilds the output. The same codes (each rank's
         # 128 rows of 128 channels): only the ranges differ (per token, per channel).
-        for d, f in zip(ddp["stored_bytes"], fsdp["stored_bytes"]):
+        for d, f in zip(ddp["stored_bytes"], fsdp["stored_bytes"], strict=False):
             assert abs(f - d) <= 2 * 128 * 8, (d, f)

@@ -40,9 +40,9 @@ def test_rule1_eval_and_no_grad_untouched():
 def test_rule2_foreign_hooks_win_with_a_warning():
     model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
     x = torch.randn(32, 64)
-    with pytest.warns(RuntimeWarning, match="another saved-tensor hooks pair"):
-        with torch.autograd.graph.save_on_cpu():
-            model(x).sum().backward()
+    warned = pytest.warns(RuntimeWarning, match="another saved-tensor hooks pair")
+    with warned, torch.autograd.graph.save_on_cpu():
+        model(x).sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.autograd.graph.save_on_cpu():  # warned once only
@@ -60,7 +60,7 @@ def test_rule1_checkpoint_recompute_is_left_alone():
             checkpoint(m, x, use_reentrant=False).square().sum().backward()
     for m in (inner, plain):
         checkpoint(m, x, use_reentrant=True).square().sum().backward()
-    for (_, a), (_, b) in zip(inner.named_parameters(), plain.named_parameters()):
+    for (_, a), (_, b) in zip(inner.named_parameters(), plain.named_parameters(), strict=False):
         torch.testing.assert_close(a.grad, b.grad)
 
 
@@ -195,7 +195,7 @@ def test_rule8_non_finite_activations_give_non_finite_gradients(bad, estimator):
     x[3, 5] = bad
     for m in (exact, model):
         m(x).sum().backward()
-    for (name, a), (_, b) in zip(exact.named_parameters(), model.named_parameters()):
+    for (name, a), (_, b) in zip(exact.named_parameters(), model.named_parameters(), strict=False):
         assert torch.isfinite(a.grad).all() == torch.isfinite(b.grad).all(), name
 
 
@@ -251,7 +251,7 @@ def test_retain_graph_second_backward_gives_same_gradients():
     for p in model.parameters():
         p.grad = None
     loss.backward()
-    for a, p in zip(first, model.parameters()):
+    for a, p in zip(first, model.parameters(), strict=False):
         assert torch.equal(a, p.grad)
 
 
@@ -631,7 +631,7 @@ def test_rule12_retain_graph_rebuilds_again_and_nothing_outlives_backward(monkey
     model.zero_grad()
     loss.backward()
     assert len(calls) == 2 * runs
-    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters(), strict=False))
 
 
 def test_rule12_double_backward_matches_stored():
@@ -645,7 +645,7 @@ def test_rule12_double_backward_matches_stored():
         (g,) = torch.autograd.grad(model(inp).sum(), inp, create_graph=True)
         g.square().sum().backward()
         grads.append([p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=False):
         assert (a is None) == (b is None)
         assert a is None or F.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.999
 
@@ -719,7 +719,7 @@ def test_rule12_keyword_inputs_and_autocast():
         assert result.forward_equal and result.min_cosine >= 0.999
     model = torchmesa.compress(Net(), Config(derive=True, min_numel=0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        t, out = tracked(model, torch.randn(32, 64))
+        t, _out = tracked(model, torch.randn(32, 64))
     assert t.by_module["lin"].kept["derived"].tensors == 1  # the bf16 copy of the norm output
 
 

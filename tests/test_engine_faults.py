@@ -197,11 +197,11 @@ def test_two_threads_in_one_compressed_model_at_once():
         th.start()
     for th in threads:
         th.join()
-    for x, (out, grads, compressed) in zip(inputs, results):
+    for x, (out, grads, compressed) in zip(inputs, results, strict=False):
         ref = exact(x)
         ref_grads = torch.autograd.grad(ref.square().mean(), list(exact.parameters()))
         assert torch.equal(out, ref.detach()) and compressed == 3
-        for g, r in zip(grads, ref_grads):
+        for g, r in zip(grads, ref_grads, strict=False):
             assert F.cosine_similarity(g.flatten(), r.flatten(), dim=0) > 0.999
 
 
@@ -216,9 +216,8 @@ def test_values_whose_span_overflows_fp32_stay_exact_with_a_warning(dtype):
     x = x.to(dtype).requires_grad_()
     w = torch.randn(64, 64, dtype=dtype, requires_grad=True)
     model = torchmesa.compress(Lambda(lambda a, b: (a * 1) * (b * 1)))
-    with pytest.warns(RuntimeWarning, match="near the fp32 limit"):
-        with torchmesa.track() as t:
-            out = model(x, w)
+    with pytest.warns(RuntimeWarning, match="near the fp32 limit"), torchmesa.track() as t:
+        out = model(x, w)
     out.backward(torch.ones_like(out))
     got = w.grad.clone()
     w.grad = None
@@ -247,7 +246,7 @@ def test_empty_batches_train_like_exact():
     model = torchmesa.compress(copy.deepcopy(exact))
     for m in (exact, model):
         m(torch.randn(0, 64)).sum().backward()
-    for a, b in zip(exact.parameters(), model.parameters()):
+    for a, b in zip(exact.parameters(), model.parameters(), strict=False):
         assert torch.equal(a.grad, b.grad)
 
 
@@ -283,11 +282,13 @@ def _quantized(x):
 def test_unusual_layouts_stay_exact_with_one_warning(kind, convert):
     model = torchmesa.compress(Lambda(lambda x: SavesAs.apply(x, convert)))
     x = torch.randn(64, 64, requires_grad=True)
-    with pytest.warns(
-        RuntimeWarning, match=f"{kind} saved tensors are kept exact .* module .Lambda."
+    with (
+        pytest.warns(
+            RuntimeWarning, match=f"{kind} saved tensors are kept exact .* module .Lambda."
+        ),
+        torchmesa.track() as t,
     ):
-        with torchmesa.track() as t:
-            model(x).sum().backward()
+        model(x).sum().backward()
     assert t.compressed_tensors == 0 and t.saved_tensors == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -315,7 +316,7 @@ def test_nested_tensors_stay_exact_with_a_warning():
         out = model(nested)
     torch.nested.to_padded_tensor(out, 0.0).sum().backward()
     grads = [g for g in nested.grad.unbind()]
-    for g, p in zip(grads, parts):
+    for g, p in zip(grads, parts, strict=False):
         p = p.requires_grad_()
         F.gelu(p).sum().backward()
         assert torch.equal(g, p.grad)

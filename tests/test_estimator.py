@@ -59,7 +59,7 @@ def test_ema_counts_clipped_groups():
 def test_ema_skips_non_finite_batches():
     est = EMARange(0.9)
     est.ranges(SITE, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]))
-    shift, rng = est.ranges(SITE, torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 2.0]))
+    _shift, rng = est.ranges(SITE, torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 2.0]))
     assert torch.isnan(rng[1]) and not torch.isnan(rng[0])
     kept_shift, kept_range = est.state(SITE)
     assert torch.equal(kept_shift, torch.tensor([0.0, 0.0]))

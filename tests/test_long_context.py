@@ -193,7 +193,7 @@ PATTERNS: dict[str, tuple[Callable[[], tuple[nn.Module, dict]], int, int]] = {
         ),
         2,
         0,
-    ),  # fmt: skip
+    ),
     "gemma2: soft-capping, sliding window": (
         _causal_lm(
             "Gemma2Config",
@@ -205,7 +205,7 @@ PATTERNS: dict[str, tuple[Callable[[], tuple[nn.Module, dict]], int, int]] = {
         ),
         2,
         0,
-    ),  # fmt: skip
+    ),
     "bloom: ALiBi": (_causal_lm("BloomConfig", "BloomForCausalLM"), 2, 0),
     "bert: padding": (
         _causal_lm("BertConfig", "BertForMaskedLM", padded=True, max_position_embeddings=N),
@@ -229,7 +229,7 @@ PATTERNS: dict[str, tuple[Callable[[], tuple[nn.Module, dict]], int, int]] = {
         ),
         3,
         3,
-    ),  # fmt: skip
+    ),
     "bart: cross-attention": (
         _seq2seq(
             "BartConfig",
@@ -246,7 +246,7 @@ PATTERNS: dict[str, tuple[Callable[[], tuple[nn.Module, dict]], int, int]] = {
         ),
         6,
         0,
-    ),  # fmt: skip
+    ),
     "whisper: audio encoder, cross-attention": (_whisper, 6, 0),
     # windows of 7 x 7 tokens (the model's own length), a relative bias and shifted masks
     "swin: windows, relative bias": (_swin, 4, 0),
@@ -261,7 +261,7 @@ PATTERNS: dict[str, tuple[Callable[[], tuple[nn.Module, dict]], int, int]] = {
         ),
         0,
         2,
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -77,11 +77,11 @@ def test_bad_rules_name_the_field(kwargs, field):
 
 
 def test_bad_policies_and_arguments():
-    with pytest.raises(ValueError, match="Policy.rules"):
+    with pytest.raises(ValueError, match=r"Policy\.rules"):
         Policy(("0",))
-    with pytest.raises(ValueError, match="Policy.default"):
+    with pytest.raises(ValueError, match=r"Policy\.default"):
         Policy((), default=8)
-    with pytest.raises(TypeError, match="a list of torchmesa.Rule"):
+    with pytest.raises(TypeError, match=r"a list of torchmesa\.Rule"):
         torchmesa.compress(net(), "0")
 
 

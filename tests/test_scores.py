@@ -65,7 +65,7 @@ RECOGNISED = {
             0.1,
         )
         @ x["v"]
-    ),  # fmt: skip
+    ),
     # older GPT-2: divide by a 0-dim tensor, where() with a 0-dim minimum
     "where": lambda x: F.softmax(
         torch.where(
@@ -74,7 +74,7 @@ RECOGNISED = {
             torch.full([], _min(x["q"].dtype), dtype=x["q"].dtype),
         ),
         -1,
-    ),  # fmt: skip
+    ),
     "masked_fill": lambda x: _scores(x).masked_fill(~x["causal"], float("-inf")).softmax(-1),
     "masked_fill_ in place": lambda x: (
         lambda s: s.masked_fill_(~x["window"], float("-inf")).softmax(-1)
@@ -106,7 +106,7 @@ RECOGNISED = {
         )
         .view(B, H, N, N)
         .softmax(-1, dtype=torch.float32)
-    ),  # fmt: skip
+    ),
     "cross-attention": lambda x: (x["q"] @ x["k_cross"].transpose(-1, -2)).softmax(-1),
     "fully masked row, -inf": lambda x: (
         _scores(x).masked_fill(x["empty_row"], -math.inf).softmax(-1)
@@ -276,7 +276,7 @@ def test_retain_graph_rebuilds_again_and_accumulates_exactly_twice():
     loss.backward(retain_graph=True)
     once = [p.grad.clone() for p in model.parameters()]
     loss.backward()
-    for g1, p in zip(once, model.parameters()):
+    for g1, p in zip(once, model.parameters(), strict=False):
         torch.testing.assert_close(p.grad, 2 * g1, rtol=1e-5, atol=1e-7)
 
 

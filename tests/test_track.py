@@ -62,7 +62,7 @@ def test_every_way_a_tensor_is_kept_is_counted_once():
             nn.Dropout(0.1),
             nn.Flatten(),
             nn.Linear(16 * 64, 10),
-        )  # fmt: skip
+        )
     )
     with torchmesa.track() as t:
         model(torch.randn(8, 3, 8, 8)).sum().backward()

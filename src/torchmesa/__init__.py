@@ -15,9 +15,9 @@ from torchmesa.track import Tracker, track
 __all__ = [
     "OPTIONS",
     "ClassNamed",
+    "Config",
     "HFCallback",
     "LightningCallback",
-    "Config",
     "Option",
     "PerBlock",
     "PerChannelGroup",

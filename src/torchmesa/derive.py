@@ -62,9 +62,10 @@ INPUT = -2
 def is_derivable(module: nn.Module) -> bool:
     """Whether ``module`` computes a deterministic function of its input that is cheap to
     run again: a known norm or activation, a leaf without buffers (no running state)."""
-    if not isinstance(module, _DERIVABLE_TYPES):
-        if not type(module).__name__.endswith(DERIVABLE_SUFFIXES):
-            return False
+    if not isinstance(module, _DERIVABLE_TYPES) and not type(module).__name__.endswith(
+        DERIVABLE_SUFFIXES
+    ):
+        return False
     has_children = next(module.children(), None) is not None
     has_buffers = next(module.buffers(recurse=False), None) is not None
     return not has_children and not has_buffers
@@ -206,7 +207,7 @@ def _product(
     saves = ("", "_saved_result1") if dropout else ("_saved_self", "_saved_other")
     parents = (*node.next_functions, (None, 0)) if dropout else node.next_functions
     factors: list[Source] = []
-    for (parent, nr), saved in zip(parents, saves):
+    for (parent, nr), saved in zip(parents, saves, strict=True):
         if parent is not None:
             hit = known.get((parent, nr))
             if hit is None:
@@ -221,7 +222,7 @@ def _product(
                 return None
             factors.append(wrap(stored))
     if dropout:
-        p = getattr(node, "_saved_p")
+        p = node._saved_p
         return ProductSource(factors[0], factors[1], 0.0 if p >= 1 else 1.0 / (1.0 - p))
     return ProductSource(factors[0], factors[1])
 
@@ -253,10 +254,10 @@ def layout_step(node: Any, name: str) -> Step | None:
     """The step a node of :data:`LAYOUT_NODES` replays, or None where this torch does not
     say the shape it gave."""
     if name == "TransposeBackward0":
-        dims = (getattr(node, "_saved_dim0"), getattr(node, "_saved_dim1"))
+        dims = (node._saved_dim0, node._saved_dim1)
         return ("transpose", *map(_signed, dims))
     if name == "PermuteBackward0":
-        return ("permute", tuple(map(_signed, getattr(node, "_saved_dims"))))
+        return ("permute", tuple(map(_signed, node._saved_dims)))
     if name == "TBackward0":
         return ("t",)
     shape = _shape(node)

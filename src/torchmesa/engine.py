@@ -50,7 +50,7 @@ class _Frame:
     many tensors it saved so far, how it stores them, and for a derivable module what it
     takes to run it again (rule 12)."""
 
-    __slots__ = ("path", "call", "saves", "norm", "config", "rerun")
+    __slots__ = ("call", "config", "norm", "path", "rerun", "saves")
 
     def __init__(self, path: str, call: int, norm: NormKind, config: Config | None) -> None:
         self.path, self.call, self.saves = path, call, 0
@@ -138,9 +138,9 @@ class _Forward:
         key = _dedup_key(x)
         for table in (self.operands, self.dedup):
             hit = table.get(key)
-            if hit is not None and hit[0]() is not None:
-                if table is self.operands or isinstance(hit[1], MaskRecord):
-                    return hit[1], 0
+            alive = hit is not None and hit[0]() is not None
+            if alive and (table is self.operands or isinstance(hit[1], MaskRecord)):
+                return hit[1], 0
         decision = decide_operand(x)
         if isinstance(decision, Mask):
             assert frame.config is not None
@@ -199,7 +199,7 @@ class _Hook:
     belongs to the model it compresses, so a deep copy or a pickle of the model gets an
     inert hook instead, with a warning: the copy is a plain model until compressed."""
 
-    __slots__ = ("engine", "fn", "args")
+    __slots__ = ("args", "engine", "fn")
 
     def __init__(self, engine: Engine, fn: Any, *args: Any) -> None:
         self.engine, self.fn, self.args = engine, fn, args
@@ -236,7 +236,7 @@ class _Call:
     state when the eager hooks are on for it (else None), the compiled path's hooks when
     those are (rule 13), and how deep the modules are nested."""
 
-    __slots__ = ("forward", "graph", "depth")
+    __slots__ = ("depth", "forward", "graph")
 
     def __init__(
         self,

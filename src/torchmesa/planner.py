@@ -389,7 +389,7 @@ def _loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:
 
 def _relative_error(grads: list, reference: list) -> float:
     num = den = 0.0
-    for g, r in zip(grads, reference):
+    for g, r in zip(grads, reference, strict=True):
         if r is None:
             continue
         g = torch.zeros_like(r) if g is None else g
@@ -423,6 +423,6 @@ def _preserved(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         torch.random.set_rng_state(random_state)
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip(model.parameters(), grads, strict=True):
             p.grad = g
         model.train(training)

@@ -338,7 +338,7 @@ def _mesa_rules(blocks: list[dict], origin: str, match: Match) -> list[Rule]:
     """Rules for one section: layers named by index first, then the rest ("all")."""
     named = sorted({i for b in blocks if b["by_index"][0] != "all" for i in b["by_index"][0]})
     rules = []
-    for index in named + [None]:
+    for index in [*named, None]:
         merged: dict = {}
         for block in blocks:
             picks = block["by_index"][0]

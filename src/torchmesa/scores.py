@@ -111,7 +111,7 @@ class SdpaCall:
     @staticmethod
     def of(args: tuple, kwargs: dict) -> SdpaCall:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        bound = dict(zip(names, args)) | kwargs
+        bound = dict(zip(names, args, strict=False)) | kwargs
         return SdpaCall(bound.get("attn_mask"), bool(bound.get("is_causal", False)))
 
 
@@ -183,7 +183,9 @@ class Step:
             return x.mul_(other) if op == "mul" else x.div_(other)
         if op == "masked_fill":
             mask, value = _value(args[0]), _value(args[1])
-            if mask.dim() > x.dim() or any(m > n for m, n in zip(mask.shape[::-1], x.shape[::-1])):
+            if mask.dim() > x.dim() or any(
+                m > n for m, n in zip(mask.shape[::-1], x.shape[::-1], strict=False)
+            ):
                 return x.masked_fill(mask, value)
             return x.masked_fill_(mask, value)
         if op == "where":
@@ -205,7 +207,7 @@ def _fits_in_place(x: torch.Tensor, other: Any) -> bool:
         return torch.result_type(x, other) == x.dtype
     if torch.result_type(x, other) != x.dtype or other.dim() > x.dim():
         return False
-    return all(m in (1, n) for m, n in zip(other.shape[::-1], x.shape[::-1]))
+    return all(m in (1, n) for m, n in zip(other.shape[::-1], x.shape[::-1], strict=False))
 
 
 def _sdpa_mask(scores: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
@@ -247,7 +249,7 @@ class ScoresSource:
     the chain; computed once for all of its uses (the softmax's own backward, a dropout
     product, a cast), dropped after the last and at the end of the backward pass."""
 
-    __slots__ = ("product", "steps", "head", "like", "operands", "uses", "_ready", "_left")
+    __slots__ = ("_left", "_ready", "head", "like", "operands", "product", "steps", "uses")
 
     def __init__(
         self,

@@ -32,5 +32,5 @@ def test_bad_arguments_name_the_problem():
         ByteBatches(text, seq=64)
     with pytest.raises(ValueError, match="split must be"):
         ByteBatches(text, seq=4).sample(2, "test")
-    with pytest.raises(FileNotFoundError, match="no_such_module.py"):
+    with pytest.raises(FileNotFoundError, match=r"no_such_module\.py"):
         stdlib_text(("no_such_module.py",))

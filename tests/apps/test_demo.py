@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from torchmesa.apps import cli, datasets, demo  # noqa: E402
+from torchmesa.apps import cli, datasets, demo
 
 
 @pytest.mark.slow
@@ -24,7 +24,9 @@ def test_short_run_learns_and_compresses(tmp_path, report):
             assert r["step_seconds_median"] > 0
     score = result["score"]
     assert score["name"] == "test_accuracy" and len(score["exact"]) == 2
-    assert score["difference"] == [c - e for e, c in zip(score["exact"], score["torchmesa"])]
+    assert score["difference"] == [
+        c - e for e, c in zip(score["exact"], score["torchmesa"], strict=False)
+    ]
     assert result["saved_ratio"] > 3.8
     fits = result["fits"]  # in exact's activation memory at batch 64, a batch about 6x larger
     assert fits["exact_batch"] == 64 and fits["torchmesa_batch"] > 3.8 * 64
@@ -70,5 +72,5 @@ def test_bad_arguments_are_refused(capsys):
 def test_digits_split_is_fixed():
     a = datasets.load_digits(0)
     b = datasets.load_digits(0)
-    assert all((x == y).all() for x, y in zip(a, b))
+    assert all((x == y).all() for x, y in zip(a, b, strict=False))
     assert a[0].shape == (1437, 1, 8, 8) and float(a[0].max()) <= 1.0

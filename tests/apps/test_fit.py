@@ -109,7 +109,7 @@ def test_a_killed_trial_does_not_fit_and_a_crash_is_reported(monkeypatch):
         return subprocess.CompletedProcess(args, 2, "", "Traceback ...\nValueError: bad layer\n")
 
     monkeypatch.setattr(fit.subprocess, "run", crashed)
-    with pytest.raises(fit.FitError, match="(?s)the trial exact at batch 8 failed:\n.*bad layer"):
+    with pytest.raises(fit.FitError, match=r"(?s)the trial exact at batch 8 failed:\n.*bad layer"):
         fit.run_trial(JOB, "exact", 8)
 
 
@@ -123,6 +123,6 @@ def test_the_optimizer_state_is_made_without_moving_a_weight():
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
     fit._make_optimizer_state(opt)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=False))
     assert all("exp_avg" in opt.state[p] for p in model.parameters())
     assert opt.param_groups[0]["lr"] == 0.1 and all(p.grad is None for p in model.parameters())

@@ -29,7 +29,7 @@ def test_a_row_of_nan_stays_exact_with_a_warning_and_negative_values_silently():
     p = torch.randn(4, 64).softmax(-1)
     p[1] = float("nan")  # a softmax over a row of -inf
     session = FormatSession()
-    session.warn_once = lambda key, message: warnings.warn(message, RuntimeWarning)
+    session.warn_once = lambda key, message: warnings.warn(message, RuntimeWarning, stacklevel=2)
     with pytest.warns(RuntimeWarning, match="holds NaN or Inf"):
         kept = FORMATS[LogQuantize].pack(p, LOG, Config(), SITE, session)
     assert isinstance(kept, torch.Tensor) and torch.equal(kept.nan_to_num(), p.nan_to_num())

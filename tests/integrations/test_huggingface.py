@@ -55,7 +55,7 @@ def test_trainer_with_the_callback_trains_compressed_and_ends_plain(tmp_path):
     ref_loss, ref_curve = train(plain, tmp_path / "b", [])
     assert len(curve) == len(ref_curve) == 6
     assert abs(loss - ref_loss) / ref_loss < 0.01
-    for a, b in zip(curve, ref_curve):
+    for a, b in zip(curve, ref_curve, strict=False):
         assert abs(a - b) / b < 0.02
 
 

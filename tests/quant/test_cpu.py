@@ -37,7 +37,7 @@ def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
     """``x`` contiguous; dense but permuted in memory (last two dims swapped); and a
     strided slice with gaps (every other element of a larger tensor, as q, k and v are
     slices of one projection)."""
-    gappy = torch.empty(x.shape + (2,), dtype=x.dtype)[..., 0].copy_(x)
+    gappy = torch.empty((*x.shape, 2), dtype=x.dtype)[..., 0].copy_(x)
     if x.dim() < 2:
         return [x, gappy]
     return [x, x.transpose(-1, -2).contiguous().transpose(-1, -2), gappy]

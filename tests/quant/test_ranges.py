@@ -64,7 +64,7 @@ def test_running_estimate_moves_as_the_references(n, decay, delayed):
     used = (shift + 0.1, rng * 0.9) if delayed else None
     got = cpu.ema_step(lo, hi, state, decay, used)
     want = reference.ema_step(lo, hi, state, decay, used)
-    for g, w in zip(got[:4], want[:4]):
+    for g, w in zip(got[:4], want[:4], strict=False):
         _bitwise(g, w)
     assert got.clipped == int(want.clipped) and got.clipped > 0
     assert got.all_seen == bool(want.seen.all())

@@ -160,7 +160,7 @@ def test_stochastic_rounding_is_unbiased():
     x = torch.rand(4096) * 2 - 1
     errs = []
     for _ in range(200):
-        _, xr, layout = roundtrip(x, PerTensor(), "stochastic", gen)
+        _, xr, _layout = roundtrip(x, PerTensor(), "stochastic", gen)
         errs.append(xr - x)
     err = torch.stack(errs)
     step = float(2 / 255)

@@ -68,7 +68,7 @@ def test_codes_are_bitwise_those_of_the_reference(shape, granularity, dtype):
 def test_non_contiguous_input_and_zero_minimum_groups(dtype):
     base = torch.relu(torch.randn(2, 9, 3, 16)).to(dtype).to(DEVICE)
     x = base.transpose(1, 2)  # (B, H, N, D), not contiguous; ReLU: every minimum is 0
-    layout, lo, scale, ref, got = reference_and_kernel(x, PerHead(), zero_min=True)
+    _layout, _lo, _scale, ref, got = reference_and_kernel(x, PerHead(), zero_min=True)
     assert torch.equal(got, ref)
     assert torch.equal(got > 0, x > 0)
 
@@ -125,7 +125,7 @@ def test_ties_round_half_to_even(dtype):
     # range [-1, 254] gives scale 1, so x = k + 0.5 lands exactly on y = k + 1.5: a tie
     ties = torch.arange(-1, 253, dtype=torch.float32) + 0.5
     x = torch.cat([torch.tensor([-1.0, 254.0]), ties]).to(dtype).to(DEVICE)
-    layout, lo, scale, ref, got = reference_and_kernel(x, PerTensor())
+    _layout, _lo, scale, ref, got = reference_and_kernel(x, PerTensor())
     assert float(scale) == 1.0
     assert torch.equal(got, ref)
     y = x.float() + 1  # exact: what the quantizer rounds
@@ -176,7 +176,8 @@ def test_low_bit_codes_match_the_reference(bits, dtype):
     torch.testing.assert_close(back.float(), back_ref.float(), rtol=out_ulp, atol=atol)
 
 
-STATS_CASES = CASES + [
+STATS_CASES = [
+    *CASES,
     ((2, 3, 4097), PerChannelGroup(group_size=1)),  # 6 rows of 4097 channels: many tiles
     ((4099, 3), PerChannelGroup(group_size=2)),  # many rows, uneven last group
     ((3, 4099), PerToken()),  # rows longer than a tile

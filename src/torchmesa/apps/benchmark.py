@@ -231,9 +231,8 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
         # and reported on its own, never mixed into the step-time median
         setup.sync()
         start = time.perf_counter()
-        with torchmesa.track() as t:  # counts checkpoint's kept block inputs too
-            with setup.autocast():
-                loss = spec.loss(model, batch)
+        with torchmesa.track() as t, setup.autocast():  # checkpoint's block inputs too
+            loss = spec.loss(model, batch)
         loss.backward()
         setup.sync()
         first[config] = time.perf_counter() - start
@@ -386,7 +385,9 @@ def mesa_table(rows: list[dict]) -> str:
 
 def _aligned(lines: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines
+    )
 
 
 def _device_name(setup: Setup) -> str:

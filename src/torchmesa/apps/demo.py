@@ -193,7 +193,7 @@ def run_seeds(make: Callable[[int], Task], seeds: Sequence[int], progress: bool 
         "score": {
             "name": score,
             **per,
-            "difference": [c - e for e, c in zip(per["exact"], per["torchmesa"])],
+            "difference": [c - e for e, c in zip(per["exact"], per["torchmesa"], strict=True)],
         },
         "torch": torch.__version__,
     }
@@ -305,7 +305,7 @@ def plot(report: dict, path: str) -> str:
     for name, (color, line, width) in styles.items():  # exact drawn wide, under the other
         curves = [r["curves"][name] for r in report["runs"]]
         xs = [every * (i + 1) for i in range(len(curves[0]))]
-        columns = list(zip(*curves))
+        columns = list(zip(*curves, strict=False))
         mean = [statistics.fmean(c) for c in columns]
         left.plot(xs, mean, line, label=name, color=color, linewidth=width)
         if len(curves) > 1:

@@ -182,7 +182,7 @@ def _make_optimizer_state(opt: torch.optim.Optimizer) -> None:
             p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    for group, rate in zip(opt.param_groups, rates):
+    for group, rate in zip(opt.param_groups, rates, strict=True):
         group["lr"] = rate
 
 
@@ -258,7 +258,7 @@ def search(run: Callable[[int], Trial], budget: int, start: int, cap: int) -> li
             hi = min(hi, value)
         step = max(1, lo // 100)
         line = _line(trials, budget)
-        if hi - lo <= step or lo >= cap or t.fits and line is not None and line < lo + step:
+        if hi - lo <= step or lo >= cap or (t.fits and line is not None and line < lo + step):
             return trials
         value = _next(trials, lo, hi, line)
 
@@ -288,7 +288,7 @@ def _next(trials: list[Trial], lo: int, hi: int, line: int | None) -> int:
     after a fit, 2 % below a miss that proves it long); halve the gap where misses repeat."""
     if trials[-1].fits:
         guess = 4 * lo if line is None else max(line, lo + max(1, lo // 100))
-    elif line is None or len(trials) > 1 and not trials[-2].fits:
+    elif line is None or (len(trials) > 1 and not trials[-2].fits):
         guess = (lo + hi) // 2 if lo else hi // 2
     else:
         guess = min(line, hi - max(1, hi // 50))
@@ -432,7 +432,9 @@ def table(search: Search) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     trials = sum(len(r["trials"]) for r in data["results"])
     peak = (
         "peak: max_memory_allocated"

@@ -17,7 +17,7 @@ class Record:
     backward. ``stride`` is the saved tensor's own when it was not contiguous (rule 10),
     else None; ``nbytes`` is what the record holds."""
 
-    __slots__ = ("stride", "__weakref__")
+    __slots__ = ("__weakref__", "stride")
     kind = "quantized"  # how ``track()`` and ``report()`` name the way it is kept
 
     def __init__(self, stride: tuple[int, ...] | None) -> None:
@@ -93,7 +93,7 @@ def in_compiled_backward() -> bool:
 def same_strides(t: torch.Tensor, stride: tuple[int, ...]) -> bool:
     """Whether ``t`` has ``stride`` in every dim of more than one element (a compiled
     graph's stride check ignores the others)."""
-    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
+    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride, strict=True))
 
 
 def laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
@@ -102,6 +102,8 @@ def laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
         return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out = t.new_empty(extent(t.shape, stride)).as_strided(t.shape, stride)
     # a broadcast dim (stride 0) is one element in memory: write it once, not n times
-    once = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride))
+    once = tuple(
+        0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride, strict=True)
+    )
     out[once].copy_(t[once])
     return out

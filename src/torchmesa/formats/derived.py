@@ -144,7 +144,7 @@ class AnchorRecord(Record):
     """A derivable module's save of its own input: the stored record, restored once for
     both the module's run in backward and its own backward, which comes after."""
 
-    __slots__ = ("stored", "call")
+    __slots__ = ("call", "stored")
 
     def __init__(self, stored: Any, call: ModuleCall) -> None:
         super().__init__(stored.stride if isinstance(stored, Record) else None)
@@ -202,7 +202,7 @@ class StoredSource:
 class DerivedRecord(Record):
     """A saved tensor rebuilt from its source, at no cost in stored bytes."""
 
-    __slots__ = ("source", "steps", "like")
+    __slots__ = ("like", "source", "steps")
     kind = "derived"
 
     def __init__(self, decision: Derive, t: torch.Tensor) -> None:

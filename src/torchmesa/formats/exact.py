@@ -39,12 +39,12 @@ class ExactFormat:
 
 def compact(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of just its elements when it views a larger storage (rule 5)."""
-    if type(t) is torch.Tensor and not unusual_layout(t):
-        if storage_nbytes(t) > t.numel() * t.element_size() and not is_expanded(t):
-            return t.clone()
+    plain = type(t) is torch.Tensor and not unusual_layout(t)
+    if plain and storage_nbytes(t) > t.numel() * t.element_size() and not is_expanded(t):
+        return t.clone()
     return t
 
 
 def is_expanded(t: torch.Tensor) -> bool:
     """True for a broadcast view (a stride-0 dim): never copied, as a copy materializes it."""
-    return any(s == 0 and n != 1 for s, n in zip(t.stride(), t.shape))
+    return any(s == 0 and n != 1 for s, n in zip(t.stride(), t.shape, strict=True))

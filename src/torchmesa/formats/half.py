@@ -17,7 +17,7 @@ from torchmesa.formats.base import Record, Session, saved_stride
 class HalfRecord(Record):
     """fp16 values, their scale and the saved tensor's dtype."""
 
-    __slots__ = ("values", "scale", "dtype")
+    __slots__ = ("dtype", "scale", "values")
     kind = "half"
 
     def __init__(

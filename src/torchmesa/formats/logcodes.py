@@ -18,7 +18,7 @@ from torchmesa.formats.exact import compact
 class LogRecord(Record):
     """8-bit codes of ``log(x / row max)``, the row maxima, and how to read them back."""
 
-    __slots__ = ("codes", "peak", "dtype", "window")
+    __slots__ = ("codes", "dtype", "peak", "window")
 
     def __init__(
         self,

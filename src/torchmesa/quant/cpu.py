@@ -61,7 +61,7 @@ class _Access:
     each code, ``(i // inner) % mid``, and its range group, ``parameter // gs``; and, when
     the input is not dense in that order, the strided view the kernels read it through."""
 
-    __slots__ = ("codes_stride", "mid", "inner", "gs", "nd", "sizes", "strides", "_view")
+    __slots__ = ("_view", "codes_stride", "gs", "inner", "mid", "nd", "sizes", "strides")
 
     def __init__(self, shape: torch.Size, stride: tuple[int, ...], layout: GroupLayout,
                  logical: bool) -> None:  # fmt: skip
@@ -94,7 +94,7 @@ def _merged(sizes: list[int], strides: list[int]) -> tuple[list[int], list[int]]
     """A strided view with neighbouring dims that step as one dim merged (q sliced from a
     (B, N, 3, H, D) projection reads as N * B rows of H * D contiguous elements)."""
     out_sizes, out_strides = [sizes[0]], [strides[0]]
-    for size, st in zip(sizes[1:], strides[1:]):
+    for size, st in zip(sizes[1:], strides[1:], strict=True):
         if out_strides[-1] == st * size:
             out_sizes[-1] *= size
             out_strides[-1] = st

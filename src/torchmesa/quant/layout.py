@@ -65,7 +65,7 @@ class GroupLayout:
         if self.kind == "per_head":
             return values.view((1, self.num_groups) + (1,) * (ndim - 2))
         if self.kind == "per_token":
-            return values.view(self.leading + (1,))
+            return values.view((*self.leading, 1))
         if self.kind == "per_channel_group":
             if self.group_size == 1:
                 return values

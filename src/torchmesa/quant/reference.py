@@ -68,7 +68,7 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
         if x.is_contiguous():
             v = x.view(x.shape[0], x.shape[1], -1)  # (B, H, rest)
             return v.amin(dim=-1).amin(dim=0).float(), v.amax(dim=-1).amax(dim=0).float()
-        dims = (0,) + tuple(range(2, x.dim()))
+        dims = (0, *tuple(range(2, x.dim())))
         return x.amin(dim=dims).float(), x.amax(dim=dims).float()
     if x.dim() == 1:
         lo, hi = x.float(), x.float()
