@@ -138,8 +138,9 @@ class _Forward:
         key = _dedup_key(x)
         for table in (self.operands, self.dedup):
             hit = table.get(key)
-            alive = hit is not None and hit[0]() is not None
-            if alive and (table is self.operands or isinstance(hit[1], MaskRecord)):
+            if hit is None or hit[0]() is None:
+                continue
+            if table is self.operands or isinstance(hit[1], MaskRecord):
                 return hit[1], 0
         decision = decide_operand(x)
         if isinstance(decision, Mask):
