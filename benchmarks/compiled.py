@@ -1,4 +1,5 @@
-"""The compiled path (engine rule 13): ``torch.compile(torchmesa.compress(model))`` against
+"""The compiled path (engine rule [ Compiled graphs ]): ``torch.compile(torchmesa.compress(model))``
+against
 ``torch.compile(model)`` side by side, on the same weights and batch.
 
 Per model: compile time of each (first step: forward and backward), saved-activation

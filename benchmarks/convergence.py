@@ -10,7 +10,7 @@ initial weights, batch order and dropout draws under every setting, for several 
   files, 90/10 split), final validation loss.
 
 Settings: exact; 8-bit with EMA ranges (Mesa); 8-bit with dynamic ranges; the same with
-derived tensors (rule 12, the default); 4-bit and 2-bit with stochastic rounding (dynamic
+derived tensors (rule [ Derived ], the default); 4-bit and 2-bit with stochastic rounding (dynamic
 ranges, every tensor stored). ``--settings`` picks some (exact always runs). It reports
 each setting's mean and spread over seeds, its gap to exact, and, on the weights exact
 training reached, each parameter's gradient cosine to the exact gradient (the gradient

@@ -1,4 +1,4 @@
-"""Rebuilt or stored: which is closer to exact, per kind of derived tensor (rule 12).
+"""Rebuilt or stored: which is closer to exact, per kind of derived tensor (rule [ Derived ]).
 
 Storing a tensor y = f(x) in 8 bits gives backward deq(q(y)); deriving it gives
 f(deq(q(x))). For each kind of tensor torchmesa derives, one small model isolates it

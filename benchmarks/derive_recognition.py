@@ -1,4 +1,4 @@
-"""What recognising producers costs: the ways rule 12 could find what a saved tensor
+"""What recognising producers costs: the ways rule [ Derived ] could find what a saved tensor
 was made from, timed side by side on one training step.
 
 - ``exact``: no hooks at all;

@@ -44,7 +44,7 @@ step mesa-bf16 210 "$PY" benchmarks/bench.py --preset mesa --device cuda --preci
     --configs exact torchmesa-dynamic torchmesa torchmesa-4bit checkpoint --steps 4 \
     --out "$OUT/bench-cuda-bf16-mesa.json"
 
-# 4. the compiled path (engine rule 13): DeiT-B at batch 128 under bf16, compiled torchmesa
+# 4. the compiled path (engine rule [ Compiled graphs ]): DeiT-B at batch 128 under bf16, compiled torchmesa
 #    against compiled exact (step ratio, peak memory, saved bytes, compile time, breaks)
 step compiled 150 "$PY" benchmarks/compiled.py --models deit-b --batch 128 --device cuda \
     --dtype bf16 --steps 5 --two-models --out "$OUT/compiled-cuda.json"

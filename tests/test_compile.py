@@ -171,7 +171,7 @@ def strided_model(kind: str) -> tuple[nn.Module, torch.Tensor]:
 @pytest.mark.parametrize("order", ["compress-then-compile", "compile-then-compress"])
 @pytest.mark.parametrize("kind", ["fused-qkv", "transposed-key", "channels-last"])
 def test_compiled_backward_gets_saved_strides(kind, order):
-    """Engine rule 10: a compiled backward checks each saved tensor's strides."""
+    """Engine rule [ Strides ]: a compiled backward checks each saved tensor's strides."""
     torch._dynamo.reset()
     model, x = strided_model(kind)
     exact = copy.deepcopy(model)

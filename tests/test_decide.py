@@ -1,4 +1,4 @@
-"""decide(): how a saved tensor is kept, called on plain tensors (rules 3 to 6)."""
+"""decide(): how a saved tensor is kept, called on plain tensors (rule [ Parameters ] to 6)."""
 
 import pytest
 import torch

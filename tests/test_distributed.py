@@ -82,7 +82,7 @@ def test_fsdp_gathered_parameters_are_never_quantized(runs):
         assert ddp["exact_bytes"] == fsdp["exact_bytes"]
         assert ddp["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)
         # FSDP frees the LayerNorm's gathered weights between uses, so the norm is not run
-        # again (rule 12): its output is stored and its input (a GELU output) rebuilt,
+        # again (rule [ Derived ]): its output is stored and its input (a GELU output) rebuilt,
         # where DDP stores the input and rebuilds the output. The same codes (each rank's
         # 128 rows of 128 channels): only the ranges differ (per token, per channel).
         for d, f in zip(ddp["stored_bytes"], fsdp["stored_bytes"], strict=False):

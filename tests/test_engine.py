@@ -23,7 +23,7 @@ def tracked(model, *inputs):
     return t, out
 
 
-def test_rule1_eval_and_no_grad_untouched():
+def test_eval_and_no_grad_untouched():
     model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
     x = torch.randn(32, 64, requires_grad=False)
     model.eval()
@@ -37,7 +37,7 @@ def test_rule1_eval_and_no_grad_untouched():
     assert t.compressed_tensors == 2
 
 
-def test_rule2_foreign_hooks_win_with_a_warning():
+def test_foreign_hooks_win_with_a_warning():
     model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
     x = torch.randn(32, 64)
     warned = pytest.warns(RuntimeWarning, match="another saved-tensor hooks pair")
@@ -49,7 +49,7 @@ def test_rule2_foreign_hooks_win_with_a_warning():
             model(x).sum().backward()
 
 
-def test_rule1_checkpoint_recompute_is_left_alone():
+def test_checkpoint_recompute_is_left_alone():
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
     plain = copy.deepcopy(inner)
@@ -87,7 +87,7 @@ def test_checkpoint_inside_compressed_model_is_correct(reentrant):
     assert t.by_module["Net"].tensors == 1 and t.held_bytes == 0
 
 
-def test_rule3_parameters_and_amp_copies_are_not_quantized():
+def test_parameters_and_amp_copies_are_not_quantized():
     lin = nn.Linear(64, 64)
     model = torchmesa.compress(nn.Sequential(lin))
     x = torch.randn(64, 64, requires_grad=True) * 1  # an activation, not a leaf
@@ -99,7 +99,7 @@ def test_rule3_parameters_and_amp_copies_are_not_quantized():
     assert t.compressed_tensors == 1 and t.saved_tensors == 1
 
 
-def test_rule4_bool_masks_pack_to_one_bit():
+def test_bool_masks_pack_to_one_bit():
     def masked(x):
         return torch.where(x > 0, x, torch.zeros_like(x)) * 2
 
@@ -110,7 +110,7 @@ def test_rule4_bool_masks_pack_to_one_bit():
     assert t.stored_bytes == 64 * 128 // 8
 
 
-def test_rule5_small_integer_and_double_tensors_stay_exact():
+def test_small_integer_and_double_tensors_stay_exact():
     idx = torch.randint(0, 32, (2048,))
     model = torchmesa.compress(Lambda(lambda x: x[idx]))
     x = torch.randn(32, 64, requires_grad=True) * 1
@@ -125,14 +125,14 @@ def test_rule5_small_integer_and_double_tensors_stay_exact():
     assert t.compressed_tensors == 0
 
 
-def test_rule5_complex_is_kept_exact_with_one_warning():
+def test_complex_is_kept_exact_with_one_warning():
     model = torchmesa.compress(Lambda(lambda z: (z * z).abs()))
     z = torch.randn(64, 64, dtype=torch.complex64, requires_grad=True) * 1
     with pytest.warns(RuntimeWarning, match="complex saved tensors are kept exact"):
         model(z).sum().backward()
 
 
-def test_rule6_expanded_views_stay_exact():
+def test_expanded_views_stay_exact():
     def scale(x, bias):
         return x * bias.expand_as(x)  # mul saves both operands; one is a broadcast view
 
@@ -145,7 +145,7 @@ def test_rule6_expanded_views_stay_exact():
     assert t.stored_bytes < x.numel() + 64 * 4 + 2 * 64 * 8
 
 
-def test_rule7_a_storage_saved_twice_is_stored_once():
+def test_a_storage_saved_twice_is_stored_once():
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
@@ -161,7 +161,7 @@ def test_rule7_a_storage_saved_twice_is_stored_once():
     assert t.exact_bytes == x.numel() * 4
 
 
-def test_rule7_reused_addresses_are_not_confused():
+def test_reused_addresses_are_not_confused():
     # each GELU input is freed once quantized, so the allocator may hand its address to the
     # next one: same shape, same version; dedup must not return the first copy
     model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(6)])
@@ -169,7 +169,7 @@ def test_rule7_reused_addresses_are_not_confused():
     assert res.forward_equal and res.min_cosine > 0.9999
 
 
-def test_rule7_views_inside_a_quantized_tensor_cost_nothing():
+def test_views_inside_a_quantized_tensor_cost_nothing():
     def body(x):
         h = F.gelu(x)  # gelu saves all of x, dense
         return h[..., :64] + x[..., 64:128] * x[..., 128:].transpose(0, 1)  # two strided views
@@ -186,7 +186,7 @@ def test_rule7_views_inside_a_quantized_tensor_cost_nothing():
 
 @pytest.mark.parametrize("estimator", ["dynamic", "delayed"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_rule8_non_finite_activations_give_non_finite_gradients(bad, estimator):
+def test_non_finite_activations_give_non_finite_gradients(bad, estimator):
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
     exact = copy.deepcopy(model)
     torchmesa.compress(model, Config(estimator=estimator))
@@ -199,7 +199,7 @@ def test_rule8_non_finite_activations_give_non_finite_gradients(bad, estimator):
         assert torch.isfinite(a.grad).all() == torch.isfinite(b.grad).all(), name
 
 
-def test_rule9_estimates_do_not_join_the_graph():
+def test_estimates_do_not_join_the_graph():
     model = torchmesa.compress(nn.Sequential(nn.Linear(64, 64), nn.GELU()))
     for _ in range(3):
         model(torch.randn(32, 64)).sum().backward()
@@ -296,7 +296,7 @@ def test_functional_ops_are_compressed_without_modules():
     assert t.compressed_tensors >= 5 and t.ratio > 3.5
 
 
-def test_rule4_float_dropout_masks_pack_to_one_bit():
+def test_float_dropout_masks_pack_to_one_bit():
     # on the CPU, dropout multiplies by a float mask {0, 1/(1-p)} and saves it
     model = torchmesa.compress(nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.25)))
     t, _ = tracked(model, torch.randn(128, 64))
@@ -376,7 +376,7 @@ def test_every_float_activation_an_op_saves_is_compressed(name):
     assert t.ratio > floor, (name, t.ratio)
 
 
-def test_rule3_frozen_weight_copies_under_autocast_stay_exact():
+def test_frozen_weight_copies_under_autocast_stay_exact():
     # LoRA: the frozen base weight's bf16 copy has no autograd history of its own
     base = nn.Linear(128, 128)
     base.weight.requires_grad_(False)
@@ -411,7 +411,7 @@ def test_rule3_frozen_weight_copies_under_autocast_stay_exact():
 
 
 @pytest.mark.parametrize("estimator", ["dynamic", "delayed"])
-def test_rule8_check_finite_names_the_module(estimator):
+def test_check_finite_names_the_module(estimator):
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
     torchmesa.compress(model, Config(check_finite=True, estimator=estimator))
     x = torch.randn(32, 64)
@@ -473,7 +473,8 @@ def test_low_bit_storage_is_denser_and_still_correct(bits):
     ratios = {}
     for b in (8, bits):
         twin = torchmesa.compress(copy.deepcopy(model), Config(bits=b, rounding="stochastic"))
-        with torchmesa.track() as t:  # an input with history: data would stay exact (rule 4)
+        # an input with history: data would stay exact (rule [ Masks ])
+        with torchmesa.track() as t:
             out = twin(torch.randn(128, 64, requires_grad=True) * 1).sum()
         out.backward()
         ratios[b] = t.ratio
@@ -490,7 +491,7 @@ def test_stochastic_rounding_gives_unbiased_weight_gradients_at_two_bits():
     """A linear layer's weight gradient is linear in its saved input, so with unbiased
     rounding the mean over many steps converges to the exact gradient."""
     layer = nn.Linear(64, 32)
-    # an input with history, as inside a network (data without it would stay exact, rule 4)
+    # an input with history, as inside a network (data without it would stay exact, rule [ Masks ])
     x, g = torch.randn(256, 64, requires_grad=True) * 1, torch.randn(256, 32)
     exact = torch.autograd.grad(layer(x), layer.weight, g)[0]
     means = {}
@@ -561,7 +562,7 @@ def test_time_hooks_adds_pack_and_unpack_seconds_until_stopped():
     assert spent == before
 
 
-# -- rule 12: derived tensors ------------------------------------------------------------
+# -- rule [ Derived ]: derived tensors ------------------------------------------------------------
 
 
 class _MLPBlock(nn.Module):
@@ -587,7 +588,7 @@ def _kept(tracker) -> dict:
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_rule12_derived_tensors_store_less_and_train_like_exact(p):
+def test_derived_tensors_store_less_and_train_like_exact(p):
     torch.manual_seed(0)
     model = nn.Sequential(_MLPBlock(p=p), _MLPBlock(p=p), nn.Linear(64, 8))
     run = lambda m: (lambda o: (o, o.square().mean()))(m(torch.randn(6, 40, 64)))  # noqa: E731
@@ -599,7 +600,7 @@ def test_rule12_derived_tensors_store_less_and_train_like_exact(p):
     assert derived.stored_bytes < 0.8 * stored.stored_bytes
 
 
-def test_rule12_reports_how_each_tensor_is_kept():
+def test_reports_how_each_tensor_is_kept():
     model = torchmesa.compress(_MLPBlock(p=0.2), Config(derive=True))
     t, out = tracked(model, torch.randn(4, 32, 64))
     kept = _kept(t)
@@ -610,7 +611,7 @@ def test_rule12_reports_how_each_tensor_is_kept():
     out.sum().backward()
 
 
-def test_rule12_retain_graph_rebuilds_again_and_nothing_outlives_backward(monkeypatch):
+def test_retain_graph_rebuilds_again_and_nothing_outlives_backward(monkeypatch):
     from torchmesa.formats import ModuleCall
 
     calls = []
@@ -634,7 +635,7 @@ def test_rule12_retain_graph_rebuilds_again_and_nothing_outlives_backward(monkey
     assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters(), strict=False))
 
 
-def test_rule12_double_backward_matches_stored():
+def test_double_backward_matches_stored():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 1))
     x = torch.randn(32, 16)
@@ -650,7 +651,7 @@ def test_rule12_double_backward_matches_stored():
         assert a is None or F.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.999
 
 
-def test_rule12_a_tensor_changed_in_place_after_its_producer_is_stored():
+def test_a_tensor_changed_in_place_after_its_producer_is_stored():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -668,7 +669,7 @@ def test_rule12_a_tensor_changed_in_place_after_its_producer_is_stored():
     assert result.forward_equal and result.min_cosine >= 0.999, result.worst_param
 
 
-def test_rule12_nothing_is_derived_from_an_input_kept_exact_or_not_stored():
+def test_nothing_is_derived_from_an_input_kept_exact_or_not_stored():
     from torchmesa import Policy, Rule
 
     model = _MLPBlock()
@@ -695,7 +696,7 @@ class FlakyGELU(nn.Module):
         return x
 
 
-def test_rule12_a_module_that_does_not_run_again_alike_raises_naming_it():
+def test_a_module_that_does_not_run_again_alike_raises_naming_it():
     model = torchmesa.compress(
         nn.Sequential(nn.Linear(64, 64), FlakyGELU(), nn.Linear(64, 1)), Config(derive=True)
     )
@@ -704,7 +705,7 @@ def test_rule12_a_module_that_does_not_run_again_alike_raises_naming_it():
         loss.backward()
 
 
-def test_rule12_keyword_inputs_and_autocast():
+def test_keyword_inputs_and_autocast():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -723,7 +724,7 @@ def test_rule12_keyword_inputs_and_autocast():
     assert t.by_module["lin"].kept["derived"].tensors == 1  # the bf16 copy of the norm output
 
 
-def test_rule12_a_rebuilt_module_input_is_not_kept_alive():
+def test_a_rebuilt_module_input_is_not_kept_alive():
     model = torchmesa.compress(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 1)))
     hidden = []
     model[1].register_forward_pre_hook(lambda m, args: hidden.append(weakref.ref(args[0])))

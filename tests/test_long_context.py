@@ -2,8 +2,8 @@
 against exact training on the same batch, weights and dropout draws.
 
 Every attention probability in these models is rebuilt from its score product in backward
-(rule 14) or, where its chain is not one torchmesa knows, stored as log codes; either way
-the gradients stay at cosine >= 0.999, where one 8-bit range per head gave 0.74 on GPT-2
+(rule [ Probabilities ]) or, where its chain is not one torchmesa knows, stored as log codes; either
+way the gradients stay at cosine >= 0.999, where one 8-bit range per head gave 0.74 on GPT-2
 at 1,024 tokens.
 """
 

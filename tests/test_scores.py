@@ -1,4 +1,5 @@
-"""Attention probabilities rebuilt from their score product (torchmesa.scores, rule 14).
+"""Attention probabilities rebuilt from their score product (torchmesa.scores, rule
+[ Probabilities ]).
 
 The recipe is tested against the forward's own probabilities with exact operands (it
 must give them back bit for bit), then inside the engine: what is recognised, what falls

@@ -15,7 +15,7 @@ and integer tensors exact. Attention is told apart by its graph (:func:`attentio
 probabilities are stored as log codes; the rows a fused attention kernel reads, and the
 scores a softmax is recomputed from, with a range per row; a softmax's row statistics
 and a fused kernel's log-sum-exp exact. Rebuilding probabilities from q and k (engine
-rule 14) is eager-only: the partitioner recomputes pointwise ops, never the score
+rule [ Probabilities ]) is eager-only: the partitioner recomputes pointwise ops, never the score
 product, and each hook sees one saved value, not the q and k the scores came from.
 Parameters never reach the hooks (``saved_tensors_hooks_filtering_mode="no_static"``:
 AOTAutograd hands them every saved value but its static inputs), and their casts and views
@@ -23,7 +23,7 @@ stay exact. The graph's other inputs are activations (the model's input, or a te
 that an earlier graph made, across a graph break) and are stored as eager torchmesa
 stores them. Ranges are each batch's own
 (``estimator="dynamic"``); running estimates are eager-only.
-Derived tensors (engine rule 12) have a compiled counterpart in the partitioner: graphs
+Derived tensors (engine rule [ Derived ]) have a compiled counterpart in the partitioner: graphs
 compiled in a compressed call may recompute in backward a pointwise value that backward
 needs whole (a norm's output, GELU's output), from a value saved anyway, the way eager
 torchmesa derives them (:func:`compile_settings`). Outside a compiled region (after
@@ -229,7 +229,8 @@ def _is_softmax(node: Any) -> bool:
 
 
 def attention_kind(node: Any) -> str:
-    """What a saved graph node is to attention (engine rule 14's compiled counterpart):
+    """What a saved graph node is to attention (engine rule [ Probabilities ]'s compiled
+    counterpart):
     ``"probabilities"`` (a softmax's output, through layout ops, a safe softmax's zeroing
     and dropout), ``"logits"`` (what a softmax's row maximum is taken of, through a scale,
     a mask and layout: the partitioner keeps it to recompute the probabilities from it),
@@ -272,7 +273,7 @@ def attention_kind(node: Any) -> str:
 def _copy_of_input(node: Any) -> bool:
     """Whether the saved node is an input of the graph (a parameter, most often)
     reshaped or cast: autocast's bf16 copy of a weight is an intermediate of the graph,
-    and a parameter's copy is never quantized (engine rule 3)."""
+    and a parameter's copy is never quantized (engine rule [ Parameters ])."""
     if node is None or node.op != "call_function":
         return False
     while node is not None and node.op == "call_function":
@@ -323,7 +324,7 @@ def _keep_signs(
 
 
 def _pack_bits(mask: torch.Tensor) -> PackedSave:
-    """A bool tensor as 1 bit per element (engine rule 4), lowest bit first, in shifts
+    """A bool tensor as 1 bit per element (engine rule [ Masks ]), lowest bit first, in shifts
     and ors that Inductor fuses into one pass (a sum over each byte's 8 bits was 200x
     slower on the CPU): ``(bits, shape)``, ``shape`` an empty tensor of shape
     ``(0, *mask.shape)``. A mask that is not contiguous or whose size is not a multiple

@@ -179,7 +179,7 @@ class Config:
         derive: rebuild in backward, instead of storing, what norms and activations save
             beyond their stored input (and their outputs, which the next layer saves), and
             layout copies (transpose, reshape, cast) and products (dropout) of stored
-            tensors (engine rule 12): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
+            tensors (engine rule [ Derived ]): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
             (`docs/derive.md`). ``False`` is Mesa: every saved tensor is stored.
         attention_bits: bits for tensors of 4 or more dims while ``head_wise`` is on
             (Mesa's attention tensors: q, k, v, probabilities and outputs ``(B, H, N, ·)``;
@@ -206,8 +206,8 @@ class Config:
         probabilities: how attention probabilities (a softmax's output, its dropped and
             cast copies) are kept. ``"rebuild"`` (the default, with ``derive=True``): not
             stored; backward runs the score product again on the stored q and k (engine
-            rule 14), and those it cannot rebuild are stored as ``"log"`` says. ``"log"``:
-            8-bit codes of each probability's logarithm relative to its row's maximum,
+            rule [ Probabilities ]), and those it cannot rebuild are stored as ``"log"`` says.
+            ``"log"``: 8-bit codes of each probability's logarithm relative to its row's maximum,
             about a byte each, to 3 % of its value. ``"linear"``: 8-bit codes like every
             other tensor, one range per head (Mesa's storage): at 1,024 tokens most
             probabilities round to zero, and GPT-2's worst gradient cosine was 0.74

@@ -1,132 +1,131 @@
 """Decide: how one saved tensor is kept, from the tensor and where it was saved.
 
 :func:`decide` is a pure function: it reads the tensor (metadata, and for a float tensor
-without history its values, rule 4) and the config of the module that saved it, and
+without history its values, rule [ Masks ]) and the config of the module that saved it, and
 returns a *decision*: keep it exact, pack it to a 1-bit mask, or quantize it with a group
 layout. It changes nothing and remembers nothing; the engine hands the decision to the
 storage format registered for its type (:mod:`torchmesa.formats`).
 
 NOTE [ Engine rules ]
-  1. Scope. Hooks are active while a module of the compressed tree runs, from the
-     outermost one entered (the root, or a child called directly, as Lightning's
-     ``training_step`` calls ``self.net``), when that module is in training mode with
-     grad enabled, and not inside a backward pass (checkpoint recomputes forward there).
-  2. Innermost pair wins. If another saved-tensor hooks pair (non-reentrant checkpoint,
-     ``save_on_cpu``) is already active when the root starts, its rule applies to the
-     whole call and we step aside, with a one-time warning. ``track()``'s pair is ours.
-  3. Parameters and buffers (by storage), their views and AMP copies, and leaf tensors
-     that require grad are returned as they are and not counted as activations. A frozen
-     parameter's autocast copy carries no autograd history, so under autocast a saved
-     tensor without history shaped like a frozen parameter (or its transpose) counts as
-     that copy (LoRA's base weights): a false match only keeps a tensor exact.
-  4. Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so is a
-     float tensor with no autograd history whose entries are all 0 or one other value
-     (the CPU's dropout mask ``{0, 1/(1-p)}``, an additive attention mask ``{0, -inf}``),
-     with that value beside it. Below 8 bits, any
-     other float tensor without autograd history stays exact: an op's statistics (a
-     fused attention's log-sum-exp, a norm's mean and rstd), which backward multiplies
-     or exponentiates, or data the model was given. A reduction of an activation, it is
-     small beside it (1/head-dim of the keys for the log-sum-exp); at 4 bits its error
-     dominated the character GPT's gradient error (0.27 -> 0.16 kept exact), at 8 bits
-     it is below the rest (0.0146 -> 0.0129), so there it is stored as before.
-  5. fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized with the
-     module's config: per token inside LayerNorm-like layers, head-wise when they have 4+
-     dims, channel groups otherwise; per-token ranges are always the batch's own. Inside
-     ``scaled_dot_product_attention`` (its fused kernels save q, k, v and the output, and
-     recompute the probabilities from q and k against an exact log-sum-exp) every row of
-     one token gets its own range, and the log-sum-exp stays exact: with one range per
-     head, GPT-2's worst gradient at 4,096 tokens was at cosine 0.9968, per row 0.99997.
-     Attention probabilities (a softmax's output, a view, cast or dropped copy of it)
-     not rebuilt by rule 14 are stored as 8-bit codes of their logarithm relative to
-     their row's maximum: one linear range per head rounds most of them to zero at long
-     context, where they are ``1/s`` in size (``PerBlock`` configs keep their blocks). Inside
-     BatchNorm and InstanceNorm layers they are a 16-bit float copy instead
-     (``Config.batch_norm``): their weight gradient is a sum over batch and image that
-     cancels to a small value, and 8-bit codes of the input left it 7 % off
-     (EfficientNet-B0; fp16: 2.3 %). With
-     ``groups=PerBlock(n)`` every such tensor is stored in blocks of ``n`` along its last
-     dim, each with its own step (block-scaled codes, optionally rotated). Others
-     stay exact: integers, fp64, small ones; sparse, nested, complex, quantized and float8
-     tensors and tensor subclasses (warned once per kind). An exact tensor that is a small view
-     of a larger storage (the CLS token of a hidden state) is kept as a compact copy,
-     so it does not hold the whole storage alive.
-  6. Only what saves memory is stored: a tensor whose storage is smaller than its
-     compressed copy (an expanded mask, say) stays exact.
-  7. A tensor saved twice in one forward (same storage, view and version) is stored once,
-     and only while the first tensor is alive: a freed address may be reused. A view
-     that lies inside an earlier quantized dense tensor of the same storage and version
-     (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a
-     view of that copy, at no cost.
-  8. A tensor to quantize that holds NaN or Inf is kept exact, with one warning naming
-     the module: codes cannot hold ``-inf``, which models use on purpose (log-space
-     zeros: CTC's alphas, found by the zoo's wav2vec2, whose gradients came back NaN).
-     With ``Config(check_finite=True)`` it raises instead. Estimates skip such groups.
-     fp16 tensors on CUDA are not looked at (it costs a device sync; fp16 ranges never
-     overflow): there a non-finite group dequantizes to NaN (see quant.reference). A tensor
-     whose finite values span more than fp32 can hold (|x| near 3.4e38: fp32 or bf16)
-     cannot be quantized in fp32 arithmetic and stays exact, with a one-time warning.
-  9. Pack runs under ``no_grad``: nothing it computes joins the graph.
- 10. A compiled backward asserts the size and strides of each saved tensor it reads
-     (Inductor's ``assert_size_stride``), while a restored copy is laid out densely. So a
-     saved tensor that is not contiguous (the q/k/v slices of a fused projection, a
-     transposed key, a channels-last map) keeps its strides in its record, and a
-     compiled backward gets it back with those strides; an eager one gets the dense copy.
- 11. All ``torch.compile``-d modules share one cache of compiled frames, and Dynamo does
-     not guard on module hooks by default: compressing or decompressing a model drops
-     that cache, so that no model runs a frame compiled without (or with) torchmesa's
-     hooks. Each compiled module then compiles once more on its next call.
- 12. Derive, don't store (``Config(derive=True)``, eager forwards). A norm or activation
-     module (:func:`torchmesa.derive.is_derivable`: a deterministic leaf) whose input it
-     saves is the *anchor*: its other saves, and its output where later ops save it,
-     are rebuilt in backward by running its ``forward`` again on the restored input,
-     under the autocast state of the call, once for all of them, and matched by their
-     order (a rerun that saves other tensors raises, naming the module). A layout copy
-     of a stored or derived tensor (view, reshape, transpose, permute, clone, at most one
-     cast), and a product of two (a dropout's input times its stored mask; SwiGLU), is
-     rebuilt from them, found through the saved tensor's autograd history; anything
-     else on the way is stored. A known tensor changed in place (its version moved) is
-     not derived from. What is rebuilt is dropped after its last use and at the end of
-     the backward pass that rebuilt it; a second backward (``retain_graph``) rebuilds it
-     again. Masks and tensors kept exact stay as they are.
+  [ Scope ] Hooks are active while a module of the compressed tree runs, from the outermost
+    one entered (the root, or a child called directly, as Lightning's ``training_step``
+    calls ``self.net``), when that module is in training mode with grad enabled, and not
+    inside a backward pass (checkpoint recomputes forward there).
+  [ Other hooks ] The innermost pair wins. If another saved-tensor hooks pair (non-reentrant
+    checkpoint, ``save_on_cpu``) is already active when the root starts, its rule applies to
+    the whole call and we step aside, with a one-time warning. ``track()``'s pair is ours.
+  [ Parameters ] Parameters and buffers (by storage), their views and AMP copies, and leaf
+    tensors that require grad are returned as they are and not counted as activations. A
+    frozen parameter's autocast copy carries no autograd history, so under autocast a saved
+    tensor without history shaped like a frozen parameter (or its transpose) counts as that
+    copy (LoRA's base weights): a false match only keeps a tensor exact.
+  [ Masks ] Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so
+    is a float tensor with no autograd history whose entries are all 0 or one other value
+    (the CPU's dropout mask ``{0, 1/(1-p)}``, an additive attention mask ``{0, -inf}``),
+    with that value beside it. Below 8 bits, any other float tensor without autograd history
+    stays exact: an op's statistics (a fused attention's log-sum-exp, a norm's mean and
+    rstd), which backward multiplies or exponentiates, or data the model was given. A
+    reduction of an activation, it is small beside it (1/head-dim of the keys for the
+    log-sum-exp); at 4 bits its error dominated the character GPT's gradient error (0.27 ->
+    0.16 kept exact), at 8 bits it is below the rest (0.0146 -> 0.0129), so there it is
+    stored as before.
+  [ Quantized ] fp32/bf16/fp16 tensors with at least ``min_numel`` elements are quantized
+    with the module's config: per token inside LayerNorm-like layers, head-wise when they
+    have 4+ dims, channel groups otherwise; per-token ranges are always the batch's own.
+    Inside ``scaled_dot_product_attention`` (its fused kernels save q, k, v and the output,
+    and recompute the probabilities from q and k against an exact log-sum-exp) the
+    log-sum-exp stays exact, and from ``ROW_RANGES_FROM_TOKENS`` tokens on every row of one
+    token gets its own range: one range per head loses late rows at long context. Attention
+    probabilities (a softmax's output, a view, cast or dropped copy of it) not rebuilt by
+    rule [ Probabilities ] are stored as 8-bit codes of their logarithm relative to their
+    row's maximum: one linear range per head rounds most of them to zero at long context,
+    where they are ``1/s`` in size (``PerBlock`` configs keep their blocks). Inside
+    BatchNorm and InstanceNorm layers they are a 16-bit float copy instead
+    (``Config.batch_norm``): their weight gradient is a sum over batch and image that
+    cancels to a small value, and 8-bit codes of the input left it 7 % off (EfficientNet-B0;
+    fp16: 2.3 %). With ``groups=PerBlock(n)`` every such tensor is stored in blocks of ``n``
+    along its last dim, each with its own step (block-scaled codes, optionally rotated).
+    Others stay exact: integers, fp64, small ones; sparse, nested, complex, quantized and
+    float8 tensors and tensor subclasses (warned once per kind). An exact tensor that is a
+    small view of a larger storage (the CLS token of a hidden state) is kept as a compact
+    copy, so it does not hold the whole storage alive.
+  [ Savings only ] Only what saves memory is stored: a tensor whose storage is smaller than
+    its compressed copy (an expanded mask, say) stays exact.
+  [ Stored once ] A tensor saved twice in one forward (same storage, view and version) is
+    stored once, and only while the first tensor is alive: a freed address may be reused. A
+    view that lies inside an earlier quantized dense tensor of the same storage and version
+    (softmax saves ``(B, H, N, N)``, the next matmul ``(B·H, N, N)``) is stored as a view of
+    that copy, at no cost.
+  [ Non-finite ] A tensor to quantize that holds NaN or Inf is kept exact, with one warning
+    naming the module: codes cannot hold ``-inf``, which models use on purpose (log-space
+    zeros: CTC's alphas, found by the zoo's wav2vec2, whose gradients came back NaN). With
+    ``Config(check_finite=True)`` it raises instead. Estimates skip such groups. fp16
+    tensors on CUDA are not looked at (it costs a device sync; fp16 ranges never overflow):
+    there a non-finite group dequantizes to NaN (see quant.reference). A tensor whose finite
+    values span more than fp32 can hold (|x| near 3.4e38: fp32 or bf16) cannot be quantized
+    in fp32 arithmetic and stays exact, with a one-time warning.
+  [ No grad ] Pack runs under ``no_grad``: nothing it computes joins the graph.
+  [ Strides ] A compiled backward asserts the size and strides of each saved tensor it reads
+    (Inductor's ``assert_size_stride``), while a restored copy is laid out densely. So a
+    saved tensor that is not contiguous (the q/k/v slices of a fused projection, a
+    transposed key, a channels-last map) keeps its strides in its record, and a compiled
+    backward gets it back with those strides; an eager one gets the dense copy.
+  [ Compiled frames ] All ``torch.compile``-d modules share one cache of compiled frames,
+    and Dynamo does not guard on module hooks by default: compressing or decompressing a
+    model drops that cache, so that no model runs a frame compiled without (or with)
+    torchmesa's hooks. Each compiled module then compiles once more on its next call.
+  [ Derived ] Derive, don't store (``Config(derive=True)``, eager forwards). A norm or
+    activation module (:func:`torchmesa.derive.is_derivable`: a deterministic leaf) whose
+    input it saves is the *anchor*: its other saves, and its output where later ops save it,
+    are rebuilt in backward by running its ``forward`` again on the restored input, under
+    the autocast state of the call, once for all of them, and matched by their order (a
+    rerun that saves other tensors raises, naming the module). A layout copy of a stored or
+    derived tensor (view, reshape, transpose, permute, clone, at most one cast), and a
+    product of two (a dropout's input times its stored mask; SwiGLU), is rebuilt from them,
+    found through the saved tensor's autograd history; anything else on the way is stored. A
+    known tensor changed in place (its version moved) is not derived from. What is rebuilt
+    is dropped after its last use and at the end of the backward pass that rebuilt it; a
+    second backward (``retain_graph``) rebuilds it again. Masks and tensors kept exact stay
+    as they are.
 
- 13. Compiled graphs (PyTorch 2.13+; 2.8 does not tell the hooks their graph node, so
-     there the eager hooks run, with one warning). Under ``torch.compile``, the root's hooks run
-     outside Dynamo (before and after the compiled forward) and make
-     :class:`torchmesa.compiled.GraphHooks` ambient: graph-module hooks that AOTAutograd
-     inlines into the compiled forward and backward, so Inductor fuses the quantization
-     and no graph breaks at torchmesa. Each saved intermediate is decided at trace time
-     by rules 5 and 6 (rule 4 does not apply: no tensor in a graph has history) with
-     each batch's ranges: per token where a normalization op reads it, per head for 4+
-     dims, per channel otherwise; parameters (and their casts) stay exact, other graph
-     inputs are activations.
-     Module hooks traced into the graph do nothing. A config the graphs cannot store
-     (below 8 bits, ``PerBlock``, stochastic rounding, ``check_finite``, different
-     configs per module) or an older PyTorch warns once, and the eager hooks store what
-     the compiled graphs save, in Python at run time.
+  [ Compiled graphs ] (PyTorch 2.13+; 2.8 does not tell the hooks their graph node, so there
+    the eager hooks run, with one warning). Under ``torch.compile``, the root's hooks run
+    outside Dynamo (before and after the compiled forward) and make
+    :class:`torchmesa.compiled.GraphHooks` ambient: graph-module hooks that AOTAutograd
+    inlines into the compiled forward and backward, so Inductor fuses the quantization and
+    no graph breaks at torchmesa. Each saved intermediate is decided at trace time by rules
+    [ Quantized ] and [ Savings only ] (rule [ Masks ] does not apply: no tensor in a graph
+    has history) with each batch's ranges: per token where a normalization op reads it, per
+    head for 4+ dims, per channel otherwise; parameters (and their casts) stay exact, other
+    graph inputs are activations. Module hooks traced into the graph do nothing. A config
+    the graphs cannot store (below 8 bits, ``PerBlock``, stochastic rounding,
+    ``check_finite``, different configs per module) or an older PyTorch warns once, and the
+    eager hooks store what the compiled graphs save, in Python at run time.
 
- 14. Attention probabilities are rebuilt, not stored (``Config(derive=True)``, eager
-     forwards). A softmax over the last dim (or a soft-capping ``tanh`` before it) whose
-     input is a short chain of known steps (views, casts, a scalar scale, an added mask
-     or bias, ``where`` and ``masked_fill``) over a product ``bmm``/``mm``/``baddbmm`` of
-     two stored activations with an inner dim of at most 512, saves nothing: backward
-     runs the product again on the stored operands, replays the chain and the softmax,
-     once for all its readers (the softmax's backward, a dropout product, a cast), and
-     drops the result after the last of them and at the end of the backward pass. What
-     the chain adds that autograd does not keep is recorded during the compressed forward
-     by a pass-through ``TorchFunctionMode`` (:class:`torchmesa.scores.Capture`; inside
-     ``scaled_dot_product_attention``'s math path, from the call's arguments) and stored
-     losslessly (a mask in 1 bit, a bias as it is, once per forward); if that costs more
-     than storing the probabilities, or an operand changed in place before the softmax,
-     or any other op is on the way, the probabilities are stored (rule 5). An operand
-     kept exact that changed in place after forward makes backward raise, as PyTorch
-     does for the tensors it saves itself.
+  [ Probabilities ] Attention probabilities are rebuilt, not stored
+    (``Config(derive=True)``, eager forwards). A softmax over the last dim (or a
+    soft-capping ``tanh`` before it) whose input is a short chain of known steps (views,
+    casts, a scalar scale, an added mask or bias, ``where`` and ``masked_fill``) over a
+    product ``bmm``/``mm``/``baddbmm`` of two stored activations with an inner dim of at
+    most 512, saves nothing: backward runs the product again on the stored operands, replays
+    the chain and the softmax, once for all its readers (the softmax's backward, a dropout
+    product, a cast), and drops the result after the last of them and at the end of the
+    backward pass. What the chain adds that autograd does not keep is recorded during the
+    compressed forward by a pass-through ``TorchFunctionMode``
+    (:class:`torchmesa.scores.Capture`; inside ``scaled_dot_product_attention``'s math path,
+    from the call's arguments) and stored losslessly (a mask in 1 bit, a bias as it is, once
+    per forward); if that costs more than storing the probabilities, or an operand changed
+    in place before the softmax, or any other op is on the way, the probabilities are stored
+    (rule [ Quantized ]). An operand kept exact that changed in place after forward makes
+    backward raise, as PyTorch does for the tensors it saves itself.
 
-Rules 3 to 6 are decided here (:func:`is_activation`, :func:`decide`,
-:func:`decide_operand`); rules 1, 2, 7, 9, 11, 12 and 14 are the engine's (12 with
-:mod:`torchmesa.derive`, 14 with :mod:`torchmesa.scores`); rule 8 is the quantizing
-format's (it needs the ranges); rule 10 is every record's
-(:class:`torchmesa.formats.Record`); rule 13 is the engine's with
-:mod:`torchmesa.compiled`.
+[ Parameters ], [ Masks ], [ Quantized ] and [ Savings only ] are decided here
+(:func:`is_activation`, :func:`decide`, :func:`decide_operand`); [ Scope ],
+[ Other hooks ], [ Stored once ], [ No grad ], [ Compiled frames ], [ Derived ] and
+[ Probabilities ] are the engine's (the last two with :mod:`torchmesa.derive` and
+:mod:`torchmesa.scores`); [ Non-finite ] is the quantizing format's (it needs the ranges);
+[ Strides ] is every record's (:class:`torchmesa.formats.Record`); [ Compiled graphs ] is
+the engine's with :mod:`torchmesa.compiled`.
 """
 
 from __future__ import annotations
@@ -158,7 +157,7 @@ ROW_RANGES_FROM_TOKENS = 256
 
 @dataclass(frozen=True)
 class Exact:
-    """Keep the tensor as it is (a compact copy if it views a larger storage, rule 5).
+    """Keep the tensor as it is (a compact copy if it views a larger storage, rule [ Quantized ]).
 
     ``unsupported`` names a kind of tensor never compressed (a subclass, ``"sparse"``,
     ``"float8"``...), which the engine warns about once; ``""`` for the ordinary cases.
@@ -170,14 +169,14 @@ class Exact:
 @dataclass(frozen=True)
 class Mask:
     """Pack to 1 bit per element, losslessly: a bool tensor (``value`` None), or a float
-    tensor whose entries are all 0 or ``value`` (rule 4)."""
+    tensor whose entries are all 0 or ``value`` (rule [ Masks ])."""
 
     value: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Quantize:
-    """Store low-bit codes with one range per group of ``layout`` (rule 5).
+    """Store low-bit codes with one range per group of ``layout`` (rule [ Quantized ]).
 
     ``estimator`` is the config's, except for per-token layouts, whose ranges are always
     the batch's own (``"dynamic"``).
@@ -192,21 +191,22 @@ class Quantize:
 @dataclass(frozen=True)
 class Half:
     """Store a 16-bit float copy: fp16, scaled by a power of two when the values exceed
-    its range (inside BatchNorm layers, ``Config.batch_norm="half"``, rule 5)."""
+    its range (inside BatchNorm layers, ``Config.batch_norm="half"``, rule [ Quantized ])."""
 
 
 @dataclass(frozen=True)
 class LogQuantize:
-    """Store 8-bit codes of each value's logarithm relative to its row's maximum (rule 5):
-    probabilities, whose sizes span orders of magnitude within a row, each to a fixed
-    relative precision, where one linear range per head rounds most of them to zero."""
+    """Store 8-bit codes of each value's logarithm relative to its row's maximum
+    (rule [ Quantized ]): probabilities, whose sizes span orders of magnitude within a row,
+    each to a fixed relative precision, where one linear range per head rounds most of them
+    to zero."""
 
     window: float = quant.LOG_WINDOW
 
 
 @dataclass(frozen=True)
 class BlockQuantize:
-    """Store block-scaled codes, each block with its own step (``PerBlock``, rule 5)."""
+    """Store block-scaled codes, each block with its own step (``PerBlock``, rule [ Quantized ])."""
 
     layout: quant.BlockLayout
     bits: int
@@ -222,8 +222,8 @@ LOG = LogQuantize()
 def is_activation(
     t: torch.Tensor, param_storages: set[int], frozen_shapes: set[tuple[int, ...]]
 ) -> bool:
-    """Rule 3: False for parameters and buffers, their views and AMP copies, leaves that
-    require grad, and (``frozen_shapes`` non-empty only under autocast) history-free
+    """Rule [ Parameters ]: False for parameters and buffers, their views and AMP copies, leaves
+    that require grad, and (``frozen_shapes`` non-empty only under autocast) history-free
     tensors shaped like a frozen parameter or its transpose."""
     if is_parameter_like(t, param_storages):
         return False
@@ -234,10 +234,10 @@ def is_activation(
 
 def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = False) -> Decision:
     """How to keep activation ``t``, saved by a module with ``config`` (a normalization
-    layer of kind ``norm``, see :func:`torchmesa.config.norm_kind`, or ``""``): rules 4
+    layer of kind ``norm``, see :func:`torchmesa.config.norm_kind`, or ``""``): rule [ Masks ]
     to 6. ``compiled``: a compiled graph saves ``t``
-    (rule 13), where no tensor has autograd history, so that rule 4 does not apply, and
-    where it may be a fake tensor being traced, whose metadata alone can be read."""
+    (rule [ Compiled graphs ]), where no tensor has autograd history, so that rule [ Masks ] does
+    not apply, and where it may be a fake tensor being traced, whose metadata alone can be read."""
     if type(t) is not torch.Tensor and not compiled:
         return Exact(type(t).__name__)
     unusual = unusual_layout(t)
@@ -287,8 +287,8 @@ def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = Fal
 
 def decide_operand(t: torch.Tensor) -> Mask | Exact:
     """How to keep a tensor that attention scores were added to, masked or filled with
-    (rule 14): losslessly, since any error in it is an error in the scores. A mask (bool,
-    or zeros and one value such as ``-inf``) in 1 bit; anything else (a position bias) as
+    (rule [ Probabilities ]): losslessly, since any error in it is an error in the scores. A mask
+    (bool, or zeros and one value such as ``-inf``) in 1 bit; anything else (a position bias) as
     it is."""
     if t.dtype == torch.bool:
         return Mask() if t.numel() >= 8 else EXACT

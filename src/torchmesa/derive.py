@@ -1,6 +1,6 @@
 """Derive, don't store: which saved tensors are cheap functions of tensors stored anyway.
 
-Two kinds of saved tensor are rebuilt in backward instead of stored (engine rule 12):
+Two kinds of saved tensor are rebuilt in backward instead of stored (engine rule [ Derived ]):
 
 - the saves a *derivable module* (a norm or an activation: a leaf whose forward is a
   deterministic function of its one input) makes, beyond its input, and its output when

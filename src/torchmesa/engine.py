@@ -9,7 +9,7 @@ names the *site* of each save (module path, call, ordinal) for the running estim
 What happens to one saved tensor is decided by :func:`torchmesa.decide.decide` (where
 ``NOTE [ Engine rules ]`` lists the rules) and done by the storage format registered for
 the decision (:data:`torchmesa.formats.FORMATS`); the engine runs the hooks, names sites,
-keeps one record per tensor saved twice (rule 7) and the estimates of its model.
+keeps one record per tensor saved twice (rule [ Stored once ]) and the estimates of its model.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from torchmesa.track import Tracker, active_trackers
 class _Frame:
     """One running module of the compressed tree: its path, which call of it this is, how
     many tensors it saved so far, how it stores them, and for a derivable module what it
-    takes to run it again (rule 12)."""
+    takes to run it again (rule [ Derived ])."""
 
     __slots__ = ("call", "config", "norm", "path", "rerun", "saves")
 
@@ -81,8 +81,9 @@ class _Forward:
         ] = {}
         self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
-        self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}  # score chains' (rule 14)
-        self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule 12
+        # the operands score chains add (rule [ Probabilities ])
+        self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}
+        self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule [ Derived ]
         self.compiled = False  # a torch.compile-d call, its saves made by compiled graphs
         self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
 
@@ -99,7 +100,8 @@ class _Forward:
         return None
 
     def clear(self) -> None:
-        """Forget what only this forward may use (rule 7's table, rule 12's producers)."""
+        """Forget what only this forward may use (rule [ Stored once ]'s table, rule [ Derived ]'s
+        producers)."""
         self.dedup.clear()
         self.dense_bases.clear()
         self.known.clear()
@@ -107,7 +109,7 @@ class _Forward:
         if self.capture is not None:
             self.capture.clear()
 
-    # -- derived tensors (rule 12) ------------------------------------------------------
+    # -- derived tensors (rule [ Derived ]) ------------------------------------------------------
 
     def derivation(self, t: torch.Tensor, frame: _Frame, ordinal: int | None) -> Derive | None:
         """How ``t`` is rebuilt in backward, or None to store it: a save of a derivable
@@ -130,9 +132,9 @@ class _Forward:
 
     def store_operand(self, x: torch.Tensor, frame: _Frame) -> tuple[Any, int] | None:
         """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
-        bias), losslessly (rule 14), once per forward (rule 7): the stored form and the
-        bytes it newly cost. A copy of an exact one is the chain's own, so that nothing
-        done to ``x`` later reaches the scores rebuilt from it."""
+        bias), losslessly (rule [ Probabilities ]), once per forward (rule [ Stored once ]): the
+        stored form and the bytes it newly cost. A copy of an exact one is the chain's own, so that
+        nothing done to ``x`` later reaches the scores rebuilt from it."""
         if type(x) is not torch.Tensor or unusual_layout(x):
             return None
         key = _dedup_key(x)
@@ -174,7 +176,8 @@ class _Forward:
         return site[0] or self.engine.root_label
 
     def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
-        """A view of an earlier quantized dense tensor that holds all of ``t`` (Rule 7)."""
+        """A view of an earlier quantized dense tensor that holds all of ``t`` (Rule
+        [ Stored once ])."""
         first = t.storage_offset()
         last = first + extent(t.shape, t.stride()) - 1
         for ref, base in self.dense_bases.get(storage_ptr(t), ()):
@@ -235,7 +238,7 @@ def _make_inert_hook() -> Any:
 class _Call:
     """One call of the module tree on one thread, from its outermost module: the forward
     state when the eager hooks are on for it (else None), the compiled path's hooks when
-    those are (rule 13), and how deep the modules are nested."""
+    those are (rule [ Compiled graphs ]), and how deep the modules are nested."""
 
     __slots__ = ("depth", "forward", "graph")
 
@@ -262,8 +265,8 @@ def _owner_is_ours(pack_hook: Any) -> bool:
 
 
 def _require_readable_hooks() -> None:
-    """Rule 2 reads which saved-tensor hooks pair is active, which PyTorch exposes since
-    2.8: before it, torchmesa would store what a checkpoint means to recompute."""
+    """Rule [ Other hooks ] reads which saved-tensor hooks pair is active, which PyTorch exposes
+    since 2.8: before it, torchmesa would store what a checkpoint means to recompute."""
     if not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"):
         raise ImportError(
             f"torchmesa needs torch>=2.8, found {torch.__version__}: it reads the active "
@@ -354,7 +357,7 @@ class Engine:
     ) -> _Frame | None:
         """Enter ``module``: its frame, when compression is on for this call."""
         stack = self._stack()
-        if not stack:  # the outermost module of the tree to run starts the call (Rule 1)
+        if not stack:  # the outermost module of the tree to run starts the call (Rule [ Scope ])
             graph = self._begin_graph(module)
             stack.append(_Call(None if graph is not None else self._begin(module), graph))
         call = stack[-1]
@@ -373,7 +376,7 @@ class Engine:
         args: Any,
         kwargs: Any,
     ) -> None:
-        """Enter a derivable module (rule 12): note how to run it again on its input; not
+        """Enter a derivable module (rule [ Derived ]): note how to run it again on its input; not
         one with parameters that a sharding engine frees between uses (a rerun before the
         module's own backward would find them sharded)."""
         if _compiling():
@@ -418,9 +421,9 @@ class Engine:
                     self.ranges.commit(forward.staged)
 
     def _begin_graph(self, module: nn.Module) -> contextlib.ExitStack | None:
-        """Start a call of the tree on the compiled path (rule 13): when ``torch.compile``
-        runs it, make the graph hooks ambient, so that AOTAutograd inlines them, with the
-        partitioner's settings for graphs compiled in the call; None when
+        """Start a call of the tree on the compiled path (rule [ Compiled graphs ]): when
+        ``torch.compile`` runs it, make the graph hooks ambient, so that AOTAutograd inlines them,
+        with the partitioner's settings for graphs compiled in the call; None when
         the call runs eagerly, or when the compiled path cannot serve it (warned once: then
         the eager hooks store what the compiled graphs save, in Python, at run time)."""
         if not _in_compiled_module():
@@ -430,7 +433,7 @@ class Engine:
                 "graph",
                 "torchmesa: the compiled graphs' saved tensors are stored by Python hooks "
                 f"outside the compiled graph ({self.graph_refusal}), at the cost of a "
-                "Python call per tensor (engine rule 13).",
+                "Python call per tensor (engine rule [ Compiled graphs ]).",
             )
             return None
         if not self._in_scope(module):  # not training, or another pair of hooks wins
@@ -440,7 +443,7 @@ class Engine:
                 "graph-estimator",
                 f"torchmesa: estimator={self.graph_hooks.config.estimator!r} keeps running "
                 "ranges in eager forwards only; compiled graphs quantize with each batch's "
-                "own ranges (engine rule 13).",
+                "own ranges (engine rule [ Compiled graphs ]).",
             )
         scope = contextlib.ExitStack()
         scope.enter_context(compiled.compile_settings())
@@ -450,7 +453,8 @@ class Engine:
         return scope
 
     def _in_scope(self, module: nn.Module) -> bool:
-        """Whether a call of the tree starting at ``module`` is compressed (rules 1, 2)."""
+        """Whether a call of the tree starting at ``module`` is compressed (rules [ Scope ] and
+        [ Other hooks ])."""
         root = self._root()
         if root is None or not (module.training and torch.is_grad_enabled()) or in_backward():
             return False
@@ -459,13 +463,14 @@ class Engine:
                 "foreign-hooks",
                 "torchmesa: another saved-tensor hooks pair (torch.utils.checkpoint or "
                 "save_on_cpu) is active around the compressed module; its rule applies and "
-                "activations there are not compressed (engine rule 2).",
+                "activations there are not compressed (engine rule [ Other hooks ]).",
             )
             return False
         return True
 
     def _begin(self, module: nn.Module) -> _Forward | None:
-        """Start a call of the tree at ``module``: activate the hooks, or not (Rules 1, 2)."""
+        """Start a call of the tree at ``module``: activate the hooks, or not (Rules [ Scope ] and
+        [ Other hooks ])."""
         root = self._root()
         if root is None or not self._in_scope(module):
             return None
@@ -483,7 +488,8 @@ class Engine:
         forward = _Forward(self, hooks, params, frozen)
         forward.sharded = sharded
         forward.compiled = _in_compiled_module()
-        if not forward.compiled:  # what score chains add, and where SDPA runs (rules 5, 14)
+        # what score chains add, and where SDPA runs (rules [ Quantized ], [ Probabilities ])
+        if not forward.compiled:
             forward.capture = scores.Capture()
             forward.capture.__enter__()
         return forward
@@ -496,7 +502,7 @@ class Engine:
             return t
         frame = forward.frames[-1]
         # a derivable module's saves are matched by their order when it runs again, so
-        # every one is counted, parameters too (rule 12)
+        # every one is counted, parameters too (rule [ Derived ])
         ordinal = frame.rerun.next_ordinal() if frame.rerun is not None else None
         if not is_activation(t, forward.param_storages, forward.frozen_shapes):
             return t
@@ -547,12 +553,12 @@ class Engine:
         self, t: torch.Tensor, site: Site, frame: _Frame, ordinal: int | None, forward: _Forward
     ) -> Any:
         """What the format for ``t``'s decision packs, or, for a tensor not kept exact, the
-        record of an earlier save of it (rule 7); a derivable module's input is its anchor,
-        and what can be rebuilt from stored tensors is derived (rule 12)."""
+        record of an earlier save of it (rule [ Stored once ]); a derivable module's input is its
+        anchor, and what can be rebuilt from stored tensors is derived (rule [ Derived ])."""
         config = frame.config
         assert config is not None
         # a fused attention's saves (q, k, v, its output) are rows of one token each, whose
-        # sizes differ by position: each row gets its own range, like a norm's (rule 5)
+        # sizes differ by position: each row gets its own range, like a norm's (rule [ Quantized ])
         in_attention = forward.capture is not None and forward.capture.sdpa
         norm: NormKind = "attention" if in_attention else frame.norm
         decision: Any = decide(t, config, norm, forward.compiled)
@@ -623,7 +629,7 @@ _PROBED = torch.empty(0)
 def _probe_saved(node: Any, attr: str) -> Any:
     """What the engine stored for ``node``'s saved tensor ``attr``, without restoring it:
     reading the attribute calls the unpack hook, which hands the stored object over
-    instead (rule 12's dropout masks). None if it was not stored by the engine."""
+    instead (rule [ Derived ]'s dropout masks). None if it was not stored by the engine."""
     _probing.on, _probing.hit = True, None
     try:
         getattr(node, attr, None)
@@ -644,7 +650,7 @@ def _sharded(p: torch.Tensor) -> bool:
 
 
 def _compiling() -> bool:
-    """Whether Dynamo is tracing: rule 12 is eager-only (a compiled forward's saves do not
+    """Whether Dynamo is tracing: rule [ Derived ] is eager-only (a compiled forward's saves do not
     reach the module frames it would match them in)."""
     compiler = getattr(torch, "compiler", None)
     return compiler is not None and compiler.is_compiling()
@@ -670,8 +676,8 @@ def _forget_compiled_modules() -> None:
 
 
 def _graph_hooks(settings: dict[str, Config | None]) -> tuple[compiled.GraphHooks | None, str]:
-    """The compiled path's hooks for a tree whose modules share one config (rule 13), or
-    None and why not."""
+    """The compiled path's hooks for a tree whose modules share one config (rule
+    [ Compiled graphs ]), or None and why not."""
     if not compiled.inlining_available():
         return None, (
             f"PyTorch {torch.__version__} does not tell inlined hooks the graph node "
@@ -699,7 +705,8 @@ def _in_compiled_module() -> bool:
 def _outside_graphs() -> Any:
     """The class of the root's hooks: Dynamo does not trace them, so that under
     ``torch.compile`` they run before and after the compiled forward and make the hooks
-    ambient around it (rule 13). Importing Dynamo for it costs about a second, once."""
+    ambient around it (rule [ Compiled graphs ]). Importing Dynamo for it costs about a second,
+    once."""
     global _RootHook
     if _RootHook is None:
         disable = torch.compiler.disable

@@ -1,4 +1,5 @@
-"""Attention probabilities rebuilt from their score product, never stored (engine rule 14).
+"""Attention probabilities rebuilt from their score product, never stored (engine rule
+[ Probabilities ]).
 
 A softmax over the last dim saves its output, ``P = softmax(f(a @ b))``: at ``s`` tokens
 that is ``s`` values per query per head, more than the rest of a layer beyond a few hundred
@@ -309,8 +310,8 @@ class ScoresSource:
 
 Probe = Callable[[Any, str], Any]
 Store = Callable[[torch.Tensor], tuple[Any, int] | None]
-"""Stores an operand losslessly, the way the engine does (rule 14): the stored object and
-the bytes it newly cost (0 when an earlier copy serves), or None if it cannot."""
+"""Stores an operand losslessly, the way the engine does (rule [ Probabilities ]): the stored object
+and the bytes it newly cost (0 when an earlier copy serves), or None if it cannot."""
 Wrap = Callable[[Any], Source]
 Edge = tuple[Any, int]
 Build = Callable[[], "Step | None"]

@@ -13,7 +13,7 @@ code) the tracker's own saved-tensor hooks count the tensor as kept exact, so th
 cover the whole graph. A storage's address is trusted only while a tensor of it is alive:
 a compressed original may be freed and its address reused by a new activation.
 
-Inside compiled graphs no hook runs per tensor (engine rule 13): :func:`graph_held`
+Inside compiled graphs no hook runs per tensor (engine rule [ Compiled graphs ]): :func:`graph_held`
 counts what a compiled forward's graphs hold instead, from its output.
 """
 
@@ -39,7 +39,7 @@ def active_trackers() -> list[Tracker]:
 
 KINDS = ("quantized", "half", "derived", "mask", "exact")
 """How a saved tensor is kept: quantized codes, a 16-bit copy (BatchNorm inputs), rebuilt
-in backward (rule 12), a 1-bit mask, or the tensor itself."""
+in backward (rule [ Derived ]), a 1-bit mask, or the tensor itself."""
 
 
 @dataclass
@@ -129,8 +129,8 @@ class Tracker:
 
     def record_operand(self, stored: Any, module: str) -> None:
         """Count what a rebuilt tensor's recipe stored of its own (a mask or bias added to
-        attention scores, rule 14): held for backward, though exact training holds nothing
-        for it. Counted once, however many recipes share it."""
+        attention scores, rule [ Probabilities ]): held for backward, though exact training holds
+        nothing for it. Counted once, however many recipes share it."""
         entry = self.by_module.setdefault(module, ModuleBytes())
         exact = isinstance(stored, torch.Tensor)
         self._count_stored(

@@ -1,4 +1,4 @@
-"""Records restore themselves: values, dtype and strides, eager and compiled (rule 10)."""
+"""Records restore themselves: values, dtype and strides, eager and compiled (rule [ Strides ])."""
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def test_laid_out_copies_values_with_the_saved_strides(make):
 
 
 def test_eager_backward_restores_strided_saves_densely():
-    """Rule 10: outside a compiled backward a strided save comes back dense, no larger."""
+    """Rule [ Strides ]: outside a compiled backward a strided save comes back dense, no larger."""
 
     q = (torch.randn(2, 8, 3, 4, 16) > 0).permute(2, 0, 3, 1, 4)[0]  # (2, 4, 8, 16), strided
     record = MaskRecord(quant.pack_mask(q), q.stride())

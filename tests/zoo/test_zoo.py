@@ -17,7 +17,7 @@ MIN_COSINE = 0.999
 # at the default, every model stores at most this share of exact's bytes: BatchNorm
 # networks keep their BatchNorm inputs in 16 bits (ResNet-18 2.4x), the rest 8-bit codes
 MIN_RATIO = 2.2
-# wav2vec2's CTC loss saves its log-space alphas, which hold -inf: kept exact (rule 8)
+# wav2vec2's CTC loss saves its log-space alphas, which hold -inf: kept exact (rule [ Non-finite ])
 EXPECTED_WARNINGS = {"hf:wav2vec2": "module 'Wav2Vec2ForCTC' holds NaN or Inf"}
 # Under bf16 autocast the reference is noisy itself: EfficientNet-B0's exact bf16 gradient
 # lies 10x farther from exact fp32's than torchmesa's lies from exact bf16's, and bf16

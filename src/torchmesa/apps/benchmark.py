@@ -55,7 +55,7 @@ CONFIGS = {  # name: (checkpoint each block, compression)
     "torchmesa-ema": (False, torchmesa.Config(estimator="ema", derive=False)),
     "torchmesa-dynamic": (False, torchmesa.Config(estimator="dynamic", derive=False)),
     "torchmesa-delayed": (False, torchmesa.Config(estimator="delayed", derive=False)),
-    # the default: dynamic ranges, and derived tensors rebuilt instead of stored (rule 12)
+    # the default: dynamic ranges, and derived tensors rebuilt instead of stored (rule [ Derived ])
     "torchmesa": (False, torchmesa.Config()),
     "checkpoint": (True, None),
     "checkpoint+torchmesa": (True, torchmesa.Config()),
@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     setup = Setup(args.device, args.precision)
     if setup.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
-    warnings.simplefilter("ignore", RuntimeWarning)  # checkpoint+torchmesa: rule 2 warning
+    # checkpoint+torchmesa: rule [ Other hooks ]'s warning
+    warnings.simplefilter("ignore", RuntimeWarning)
     if args.worker:
         name, config, batch = args.worker
         print(json.dumps(worker(name, config, int(batch), steps=2, setup=setup, sizes=sizes)))

@@ -1,4 +1,5 @@
-"""Affine codes: Mesa's low-bit quantization, one shift and scale per group (rules 5, 7, 8)."""
+"""Affine codes: Mesa's low-bit quantization, one shift and scale per group (rules [ Quantized ],
+[ Stored once ] and [ Non-finite ])."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class ViewRecord(Record):
 
 class AffineFormat:
     """Quantizes a :class:`~torchmesa.decide.Quantize` decision with its estimator's
-    ranges; a view of an earlier quantized tensor costs nothing (rule 7)."""
+    ranges; a view of an earlier quantized tensor costs nothing (rule [ Stored once ])."""
 
     decision: ClassVar[type] = Quantize
 
@@ -79,7 +80,8 @@ class AffineFormat:
             session.warn_once(
                 "overflow",
                 "torchmesa: a saved activation holds values near the fp32 limit (|x| > "
-                "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule 8).",
+                "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule "
+                "[ Non-finite ]).",
             )
             return compact(t)
         if est.nonfinite:
@@ -91,8 +93,8 @@ class AffineFormat:
 
 
 def kept_nonfinite(t: torch.Tensor, site: Site, session: Session, config: Config) -> torch.Tensor:
-    """An activation holding NaN or Inf, kept exact (rule 8): codes cannot hold ``-inf``,
-    a value models use on purpose (log-space zeros: CTC's alphas; masked scores). With
+    """An activation holding NaN or Inf, kept exact (rule [ Non-finite ]): codes cannot hold
+    ``-inf``, a value models use on purpose (log-space zeros: CTC's alphas; masked scores). With
     ``Config(check_finite=True)`` it raises instead."""
     if config.check_finite:
         raise nonfinite_error(t, site, session)
@@ -100,7 +102,7 @@ def kept_nonfinite(t: torch.Tensor, site: Site, session: Session, config: Config
     session.warn_once(
         f"nonfinite-{module}",
         f"torchmesa: an activation saved in module {module!r} holds NaN or Inf, which "
-        "low-bit codes cannot hold; it is kept exact (engine rule 8).",
+        "low-bit codes cannot hold; it is kept exact (engine rule [ Non-finite ]).",
     )
     return compact(t)
 

@@ -14,7 +14,7 @@ from torchmesa.tensors import extent
 
 class Record:
     """One saved tensor in a compressed form: what autograd holds between forward and
-    backward. ``stride`` is the saved tensor's own when it was not contiguous (rule 10),
+    backward. ``stride`` is the saved tensor's own when it was not contiguous (rule [ Strides ]),
     else None; ``nbytes`` is what the record holds."""
 
     __slots__ = ("__weakref__", "stride")
@@ -33,7 +33,7 @@ class Record:
 
     def unpack(self) -> torch.Tensor:
         """What backward gets: the restored tensor, with the saved strides when a compiled
-        backward reads it (it asserts them) and they differ (rule 10)."""
+        backward reads it (it asserts them) and they differ (rule [ Strides ])."""
         t = self.restore()
         if self.stride is not None and in_compiled_backward() and not same_strides(t, self.stride):
             return laid_out(t, self.stride)
@@ -73,7 +73,7 @@ class Format(Protocol):
 
 
 def saved_stride(t: torch.Tensor) -> tuple[int, ...] | None:
-    """``t``'s strides for its record when it is not contiguous, else None (rule 10)."""
+    """``t``'s strides for its record when it is not contiguous, else None (rule [ Strides ])."""
     return None if t.is_contiguous() else t.stride()
 
 

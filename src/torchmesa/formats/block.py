@@ -1,4 +1,5 @@
-"""Block-scaled codes: each block of ``PerBlock(n)`` elements with its own step (rules 5, 7, 8).
+"""Block-scaled codes: each block of ``PerBlock(n)`` elements with its own step (rules
+[ Quantized ], [ Stored once ] and [ Non-finite ]).
 
 Microscaling in place of Mesa's per-channel ranges: an outlier token stretches one block,
 not a whole channel, which is what lets 4 bits hold (`docs/convergence.md`). The codes'
@@ -24,7 +25,7 @@ from torchmesa.formats.exact import compact
 
 class BlockFormat:
     """Quantizes a :class:`~torchmesa.decide.BlockQuantize` decision; a view of an earlier
-    quantized tensor costs nothing (rule 7)."""
+    quantized tensor costs nothing (rule [ Stored once ])."""
 
     decision: ClassVar[type] = BlockQuantize
 
@@ -49,7 +50,7 @@ class BlockFormat:
                 "block-overflow",
                 "torchmesa: a saved activation holds values whose block step its scale "
                 f"format ({decision.layout.scale}) cannot hold; it is kept exact (engine "
-                "rule 8).",
+                "rule [ Non-finite ]).",
             )
             return compact(t)
         if nonfinite:

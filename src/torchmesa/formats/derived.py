@@ -1,4 +1,4 @@
-"""Derived: a saved tensor rebuilt in backward from tensors stored anyway (rule 12).
+"""Derived: a saved tensor rebuilt in backward from tensors stored anyway (rule [ Derived ]).
 
 A :class:`DerivedRecord` holds no values, only where they come from: a :class:`ModuleCall`
 (a norm or activation run again on its restored input, once for all the saves it made)
@@ -218,7 +218,8 @@ class DerivedRecord(Record):
         return replay(self.source.take(), self.steps, self.like)
 
     def add_use(self) -> None:
-        """One more saved tensor holds this record (rule 7): one more use of its source."""
+        """One more saved tensor holds this record (rule [ Stored once ]): one more use of its
+        source."""
         self.source.add_use()
 
 

@@ -1,4 +1,5 @@
-"""Exact: the tensor itself, or a compact copy when it views a larger storage (rule 5)."""
+"""Exact: the tensor itself, or a compact copy when it views a larger storage (rule
+[ Quantized ])."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class ExactFormat:
 
 
 def compact(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a copy of just its elements when it views a larger storage (rule 5)."""
+    """``t``, or a copy of just its elements when it views a larger storage (rule [ Quantized ])."""
     plain = type(t) is torch.Tensor and not unusual_layout(t)
     if plain and storage_nbytes(t) > t.numel() * t.element_size() and not is_expanded(t):
         return t.clone()

@@ -1,4 +1,4 @@
-"""Half: a 16-bit float copy with a power-of-two scale (BatchNorm inputs, rule 5)."""
+"""Half: a 16-bit float copy with a power-of-two scale (BatchNorm inputs, rule [ Quantized ])."""
 
 from __future__ import annotations
 

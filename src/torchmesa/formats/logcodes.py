@@ -1,4 +1,4 @@
-"""Log codes: probabilities stored to a fixed relative precision (rule 5)."""
+"""Log codes: probabilities stored to a fixed relative precision (rule [ Quantized ])."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ class LogRecord(Record):
 
 class LogFormat:
     """Keeps a :class:`~torchmesa.decide.LogQuantize` decision as log-domain codes; a
-    tensor holding NaN or Inf (a softmax over a row of ``-inf``) stays exact (rule 8)."""
+    tensor holding NaN or Inf (a softmax over a row of ``-inf``) stays exact (rule
+    [ Non-finite ])."""
 
     decision: ClassVar[type] = LogQuantize
 

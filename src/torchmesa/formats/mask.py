@@ -1,4 +1,4 @@
-"""Masks: bool tensors, and float tensors of zeros and one value, in 1 bit (rule 4)."""
+"""Masks: bool tensors, and float tensors of zeros and one value, in 1 bit (rule [ Masks ])."""
 
 from __future__ import annotations
 
