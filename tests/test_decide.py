@@ -1,4 +1,5 @@
-"""decide(): how a saved tensor is kept, called on plain tensors (rule [ Parameters ] to 6)."""
+"""decide(): how a saved tensor is kept, called on plain tensors (rules [ Parameters ] to
+[ Savings only ])."""
 
 import pytest
 import torch

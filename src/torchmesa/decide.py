@@ -234,10 +234,11 @@ def is_activation(
 
 def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = False) -> Decision:
     """How to keep activation ``t``, saved by a module with ``config`` (a normalization
-    layer of kind ``norm``, see :func:`torchmesa.config.norm_kind`, or ``""``): rule [ Masks ]
-    to 6. ``compiled``: a compiled graph saves ``t``
-    (rule [ Compiled graphs ]), where no tensor has autograd history, so that rule [ Masks ] does
-    not apply, and where it may be a fake tensor being traced, whose metadata alone can be read."""
+    layer of kind ``norm``, see :func:`torchmesa.config.norm_kind`, or ``""``): rules
+    [ Masks ], [ Quantized ] and [ Savings only ]. ``compiled``: a compiled graph saves ``t``
+    (rule [ Compiled graphs ]), where no tensor has autograd history, so that rule [ Masks ]
+    does not apply, and where it may be a fake tensor being traced, whose metadata alone can
+    be read."""
     if type(t) is not torch.Tensor and not compiled:
         return Exact(type(t).__name__)
     unusual = unusual_layout(t)
