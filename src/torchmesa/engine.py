@@ -6,10 +6,10 @@ tensors and is untouched; only the copy autograd keeps is compressed. Forward pr
 hooks on each module of the compressed tree keep a stack of the modules running, which
 names the *site* of each save (module path, call, ordinal) for the running estimates.
 
-What happens to one saved tensor is decided by :func:`torchmesa.decide.decide` (where
-``NOTE [ Engine rules ]`` lists the rules) and done by the storage format registered for
-the decision (:data:`torchmesa.formats.FORMATS`); the engine runs the hooks, names sites,
-keeps one record per tensor saved twice (rule [ Stored once ]) and the estimates of its model.
+The engine installs and removes those hooks, decides whether a call of the tree is
+compressed (rules [ Scope ], [ Other hooks ], [ Compiled graphs ]) and opens a
+:class:`torchmesa.store.ForwardStore` for it: the store owns the pack path (decide,
+dedup, derive, format) and the state of that one forward.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import sys
 import threading
 import time
-import warnings
 import weakref
 from itertools import chain
 from typing import Any
@@ -26,176 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmesa import compiled, quant, scores
+from torchmesa import compiled, scores
 from torchmesa.config import Config, NormKind, norm_kind
-from torchmesa.decide import Exact, Mask, decide, decide_operand, is_activation, unusual_layout
-from torchmesa.derive import OUTPUT, Derive, Known, is_derivable, trace
-from torchmesa.estimator import RangeStore, Site
-from torchmesa.formats import (
-    FORMATS,
-    AnchorRecord,
-    DerivedRecord,
-    MaskRecord,
-    ModuleCall,
-    StoredSource,
-)
+from torchmesa.derive import is_derivable
+from torchmesa.formats import ModuleCall
 from torchmesa.formats.base import in_backward, restored
 from torchmesa.policy import Policy
-from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
-from torchmesa.track import Tracker, active_trackers
-
-
-class _Frame:
-    """One running module of the compressed tree: its path, which call of it this is, how
-    many tensors it saved so far, how it stores them, and for a derivable module what it
-    takes to run it again (rule [ Derived ])."""
-
-    __slots__ = ("call", "config", "norm", "path", "rerun", "saves")
-
-    def __init__(self, path: str, call: int, norm: NormKind, config: Config | None) -> None:
-        self.path, self.call, self.saves = path, call, 0
-        self.norm, self.config = norm, config
-        self.rerun: ModuleCall | None = None
-
-
-class _Forward:
-    """State of one call of the compressed root: module stack, call counts, dedup table."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        hooks: torch.autograd.graph.saved_tensors_hooks,
-        params: set[int],
-        frozen_shapes: set[tuple[int, ...]],
-    ) -> None:
-        self.engine = engine
-        self.ranges = engine.ranges
-        self.hooks = hooks
-        self.param_storages = params
-        self.frozen_shapes = frozen_shapes
-        self.frames: list[_Frame] = []
-        self.calls: dict[str, int] = {}
-        self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
-        self.dense_bases: dict[
-            int, list[tuple[weakref.ref, quant.QuantizedTensor | quant.BlockCodes]]
-        ] = {}
-        self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
-        self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
-        # the operands score chains add (rule [ Probabilities ])
-        self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}
-        self.sharded = False  # parameters sharded between uses (FSDP, ZeRO-3): rule [ Derived ]
-        self.compiled = False  # a torch.compile-d call, its saves made by compiled graphs
-        self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
-
-    def push(self, path: str, norm: NormKind, config: Config | None) -> _Frame:
-        index = self.calls.get(path, 0)
-        self.calls[path] = index + 1
-        frame = _Frame(path, index, norm, config)
-        self.frames.append(frame)
-        return frame
-
-    def pop(self, path: str) -> _Frame | None:
-        if self.frames and self.frames[-1].path == path:
-            return self.frames.pop()
-        return None
-
-    def clear(self) -> None:
-        """Forget what only this forward may use (rule [ Stored once ]'s table, rule [ Derived ]'s
-        producers)."""
-        self.dedup.clear()
-        self.dense_bases.clear()
-        self.known.clear()
-        self.operands.clear()
-        if self.capture is not None:
-            self.capture.clear()
-
-    # -- derived tensors (rule [ Derived ]) ------------------------------------------------------
-
-    def derivation(self, t: torch.Tensor, frame: _Frame, ordinal: int | None) -> Derive | None:
-        """How ``t`` is rebuilt in backward, or None to store it: a save of a derivable
-        module beyond its stored input, or a layout copy of a known tensor."""
-        rerun = frame.rerun
-        if rerun is not None and rerun.anchor is not None and ordinal is not None:
-            return Derive(rerun.want(ordinal, t))
-        config = frame.config
-        rebuild = config is not None and config.probabilities == "rebuild"
-        if self.capture is not None and rebuild and scores.is_head(t):
-            return scores.recognise(
-                t,
-                self.capture,
-                _probe_saved,
-                lambda x: self.store_operand(x, frame),
-                StoredSource,
-                lambda x: is_activation(x, self.param_storages, self.frozen_shapes),
-            )
-        return trace(t, self.known, _probe_saved, StoredSource) if self.known else None
-
-    def store_operand(self, x: torch.Tensor, frame: _Frame) -> tuple[Any, int] | None:
-        """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
-        bias), losslessly (rule [ Probabilities ]), once per forward (rule [ Stored once ]): the
-        stored form and the bytes it newly cost. A copy of an exact one is the chain's own, so that
-        nothing done to ``x`` later reaches the scores rebuilt from it."""
-        if type(x) is not torch.Tensor or unusual_layout(x):
-            return None
-        key = _dedup_key(x)
-        for table in (self.operands, self.dedup):
-            hit = table.get(key)
-            if hit is None or hit[0]() is None:
-                continue
-            if table is self.operands or isinstance(hit[1], MaskRecord):
-                return hit[1], 0
-        decision = decide_operand(x)
-        if isinstance(decision, Mask):
-            assert frame.config is not None
-            site = self.next_site(frame)
-            stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, self)
-            nbytes = stored.nbytes
-        else:
-            stored = x.detach().clone()
-            nbytes = storage_nbytes(stored)
-        self.operands[key] = (weakref.ref(x), stored)
-        return stored, nbytes
-
-    def add_known(self, t: torch.Tensor, source: Any) -> None:
-        """Record ``t`` as produced by its autograd node (a view's is its own), so that a
-        layout copy or product of it saved later is derived from ``source``."""
-        if t.grad_fn is not None:
-            self.known[(t.grad_fn, t.output_nr)] = Known(
-                weakref.ref(t), t._version, t.numel(), source
-            )
-
-    # -- what a storage format may use (formats.Session) --------------------------------
-
-    def generator(self, device: torch.device, seed: int) -> torch.Generator:
-        return self.engine.generator(device, seed)
-
-    def warn_once(self, key: str, message: str) -> None:
-        self.engine.warn_once(key, message)
-
-    def module_name(self, site: Site) -> str:
-        return site[0] or self.engine.root_label
-
-    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
-        """A view of an earlier quantized dense tensor that holds all of ``t`` (Rule
-        [ Stored once ])."""
-        first = t.storage_offset()
-        last = first + extent(t.shape, t.stride()) - 1
-        for ref, base in self.dense_bases.get(storage_ptr(t), ()):
-            src = ref()
-            if src is None or src.dtype != t.dtype or src._version != t._version:
-                continue
-            start = src.storage_offset()
-            if start <= first and last < start + src.numel():
-                return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
-        return None
-
-    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor | quant.BlockCodes) -> None:
-        if is_dense(t):
-            self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
-
-    def next_site(self, frame: _Frame) -> Site:
-        frame.saves += 1
-        return (frame.path, frame.call, frame.saves - 1)
+from torchmesa.store import PROBED, ForwardStore, Frame, Shared, dedup_key, probing
+from torchmesa.tensors import storage_ptr
+from torchmesa.track import Tracker
 
 
 class _Hook:
@@ -220,7 +58,7 @@ class _Hook:
         return (_make_inert_hook, ())
 
     def _warn_copy(self) -> None:
-        self.engine.warn_once(
+        self.engine.shared.warn_once(
             "copy",
             "torchmesa: a deep copy or pickle of a compressed model is not compressed; "
             "call torchmesa.compress on the copy to compress it too.",
@@ -236,28 +74,26 @@ def _make_inert_hook() -> Any:
 
 
 class _Call:
-    """One call of the module tree on one thread, from its outermost module: the forward
-    state when the eager hooks are on for it (else None), the compiled path's hooks when
-    those are (rule [ Compiled graphs ]), and how deep the modules are nested."""
+    """One call of the module tree on one thread, from its outermost module: its store and
+    the saved-tensor hooks around it when the eager hooks are on for it (else None), the
+    compiled path's hooks when those are (rule [ Compiled graphs ]), and how deep the
+    modules are nested."""
 
-    __slots__ = ("depth", "forward", "graph")
+    __slots__ = ("depth", "forward", "graph", "hooks")
 
     def __init__(
         self,
-        forward: _Forward | None,
+        forward: ForwardStore | None,
+        hooks: contextlib.ExitStack | None = None,
         graph: contextlib.ExitStack | None = None,
     ) -> None:
-        self.forward, self.graph, self.depth = forward, graph, 0
+        self.forward, self.hooks, self.graph, self.depth = forward, hooks, graph, 0
 
 
 def _raised(output: Any) -> bool:
     """Whether a forward hook registered with ``always_call=True`` runs because forward
     raised: it then gets no output and is called while the exception is handled."""
     return output is None and sys.exc_info()[1] is not None
-
-
-def _dedup_key(t: torch.Tensor) -> tuple:
-    return (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
 
 
 def _owner_is_ours(pack_hook: Any) -> bool:
@@ -290,13 +126,11 @@ class Engine:
     def __init__(self, root: nn.Module, policy: Policy) -> None:
         self.policy = policy
         self.settings = policy.resolve(root)  # module path -> Config, or None for exact
-        self.ranges = RangeStore()  # each site moves with its own config's decay
+        self.shared = Shared(type(root).__name__)  # ranges, generators, warnings given
+        self.ranges = self.shared.ranges
         self._root = weakref.ref(root)
-        self.root_label = type(root).__name__
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._local = threading.local()
-        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
-        self._warned: set[str] = set()
         self._spent: dict[str, float] | None = None
         self.graph_hooks, self.graph_refusal = _graph_hooks(self.settings)
 
@@ -341,7 +175,7 @@ class Engine:
         forward = self._current()
         return forward is not None and forward.sharded
 
-    def _current(self) -> _Forward | None:
+    def _current(self) -> ForwardStore | None:
         stack = self._stack()
         return stack[-1].forward if stack else None
 
@@ -354,12 +188,14 @@ class Engine:
 
     def _open(
         self, path: str, norm: NormKind, config: Config | None, module: nn.Module
-    ) -> _Frame | None:
+    ) -> Frame | None:
         """Enter ``module``: its frame, when compression is on for this call."""
         stack = self._stack()
         if not stack:  # the outermost module of the tree to run starts the call (Rule [ Scope ])
             graph = self._begin_graph(module)
-            stack.append(_Call(None if graph is not None else self._begin(module), graph))
+            begun = None if graph is not None else self._begin(module)
+            store, hooks = begun if begun is not None else (None, None)
+            stack.append(_Call(store, hooks, graph))
         call = stack[-1]
         call.depth += 1
         if call.forward is not None:
@@ -391,7 +227,7 @@ class Engine:
         if len(inputs) == 1 and type(inputs[0][1]) is torch.Tensor:
             slot, x = inputs[0]
             frame.rerun = ModuleCall(
-                module, args, kwargs, slot, _dedup_key(x), x.requires_grad, path or "the model"
+                module, args, kwargs, slot, dedup_key(x), x.requires_grad, path or "the model"
             )
 
     def _exit(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
@@ -402,20 +238,16 @@ class Engine:
             return
         call = stack[-1]
         if call.forward is not None:
-            frame = call.forward.pop(path)
-            rerun = frame.rerun if frame is not None else None
-            if rerun is not None and rerun.anchor is not None and isinstance(output, torch.Tensor):
-                call.forward.add_known(output, rerun.want(OUTPUT, output))
+            call.forward.pop(path, output)
         call.depth -= 1
         if call.depth == 0:
             stack.pop()
             if call.graph is not None:
                 call.graph.close()
+            if call.hooks is not None:
+                call.hooks.close()
             forward = call.forward
             if forward is not None:
-                if forward.capture is not None:
-                    forward.capture.__exit__(None, None, None)
-                forward.hooks.__exit__(None, None, None)
                 forward.clear()
                 if not _raised(output):
                     self.ranges.commit(forward.staged)
@@ -429,7 +261,7 @@ class Engine:
         if not _in_compiled_module():
             return None
         if self.graph_hooks is None:
-            self.warn_once(
+            self.shared.warn_once(
                 "graph",
                 "torchmesa: the compiled graphs' saved tensors are stored by Python hooks "
                 f"outside the compiled graph ({self.graph_refusal}), at the cost of a "
@@ -439,7 +271,7 @@ class Engine:
         if not self._in_scope(module):  # not training, or another pair of hooks wins
             return None
         if self.graph_hooks.config.estimator != "dynamic":
-            self.warn_once(
+            self.shared.warn_once(
                 "graph-estimator",
                 f"torchmesa: estimator={self.graph_hooks.config.estimator!r} keeps running "
                 "ranges in eager forwards only; compiled graphs quantize with each batch's "
@@ -459,7 +291,7 @@ class Engine:
         if root is None or not (module.training and torch.is_grad_enabled()) or in_backward():
             return False
         if _foreign_hooks_active():
-            self.warn_once(
+            self.shared.warn_once(
                 "foreign-hooks",
                 "torchmesa: another saved-tensor hooks pair (torch.utils.checkpoint or "
                 "save_on_cpu) is active around the compressed module; its rule applies and "
@@ -468,7 +300,7 @@ class Engine:
             return False
         return True
 
-    def _begin(self, module: nn.Module) -> _Forward | None:
+    def _begin(self, module: nn.Module) -> tuple[ForwardStore, contextlib.ExitStack] | None:
         """Start a call of the tree at ``module``: activate the hooks, or not (Rules [ Scope ] and
         [ Other hooks ])."""
         root = self._root()
@@ -480,48 +312,29 @@ class Engine:
         if _autocast_on():
             frozen = {tuple(p.shape) for p in root.parameters() if not p.requires_grad}
             frozen |= {shape[::-1] for shape in frozen}
+        store = ForwardStore(self.shared, params, frozen, sharded, _in_compiled_module())
+        hooks = contextlib.ExitStack()
         if self._spent is None:
-            hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            pair = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         else:
-            hooks = torch.autograd.graph.saved_tensors_hooks(self._timed_pack, self._timed_unpack)
-        hooks.__enter__()
-        forward = _Forward(self, hooks, params, frozen)
-        forward.sharded = sharded
-        forward.compiled = _in_compiled_module()
+            pair = torch.autograd.graph.saved_tensors_hooks(self._timed_pack, self._timed_unpack)
+        hooks.enter_context(pair)
         # what score chains add, and where SDPA runs (rules [ Quantized ], [ Probabilities ])
-        if not forward.compiled:
-            forward.capture = scores.Capture()
-            forward.capture.__enter__()
-        return forward
+        if not store.compiled:
+            store.capture = hooks.enter_context(scores.Capture())
+        return store, hooks
 
     # -- pack / unpack -----------------------------------------------------------------
 
     def _pack(self, t: torch.Tensor) -> Any:
-        forward = self._current()
-        if forward is None or not forward.frames:
-            return t
-        frame = forward.frames[-1]
-        # a derivable module's saves are matched by their order when it runs again, so
-        # every one is counted, parameters too (rule [ Derived ])
-        ordinal = frame.rerun.next_ordinal() if frame.rerun is not None else None
-        if not is_activation(t, forward.param_storages, forward.frozen_shapes):
-            return t
-        site = forward.next_site(frame)
-        if frame.config is None:  # a module a rule keeps exact
-            stored: Any = t
-        else:
-            with torch.no_grad():
-                stored = self._store(t, site, frame, ordinal, forward)
-        counted = stored.stored if isinstance(stored, AnchorRecord) else stored
-        for tracker in active_trackers():
-            tracker.record(t, counted, site[0] or self.root_label)
-        return stored
+        store = self._current()
+        return t if store is None else store.pack(t)
 
     @staticmethod
     def _unpack(stored: Any) -> torch.Tensor:
-        if _probing.on:
-            _probing.hit = stored
-            return _PROBED
+        if probing.on:
+            probing.hit = stored
+            return PROBED
         return restored(stored)
 
     def time_hooks(self, spent: dict[str, float] | None) -> None:
@@ -549,96 +362,11 @@ class Engine:
         if spent is not None:
             spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
 
-    def _store(
-        self, t: torch.Tensor, site: Site, frame: _Frame, ordinal: int | None, forward: _Forward
-    ) -> Any:
-        """What the format for ``t``'s decision packs, or, for a tensor not kept exact, the
-        record of an earlier save of it (rule [ Stored once ]); a derivable module's input is its
-        anchor, and what can be rebuilt from stored tensors is derived (rule [ Derived ])."""
-        config = frame.config
-        assert config is not None
-        # a fused attention's saves (q, k, v, its output) are rows of one token each, whose
-        # sizes differ by position: each row gets its own range, like a norm's (rule [ Quantized ])
-        in_attention = forward.capture is not None and forward.capture.sdpa
-        norm: NormKind = "attention" if in_attention else frame.norm
-        decision: Any = decide(t, config, norm, forward.compiled)
-        rerun = frame.rerun
-        # the input key of a derivable module still waiting for its anchor, else None
-        wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
-        if type(decision) is Exact:
-            stored = FORMATS[Exact].pack(t, decision, config, site, forward)
-            # an unsupported tensor (nested, sparse) may not even have a shape to compare
-            anchor = wanted is not None and not decision.unsupported and _dedup_key(t) == wanted
-        else:
-            key = _dedup_key(t)
-            anchor = key == wanted
-            hit = forward.dedup.get(key)
-            if hit is not None and hit[0]() is not None:
-                stored = hit[1]
-                if isinstance(stored, DerivedRecord):
-                    stored.add_use()
-            else:
-                if config.derive and not anchor and type(decision) is not Mask:
-                    decision = forward.derivation(t, frame, ordinal) or decision
-                stored = FORMATS[type(decision)].pack(t, decision, config, site, forward)
-                forward.dedup[key] = (weakref.ref(t), stored)
-                if config.derive and not isinstance(stored, DerivedRecord):
-                    forward.add_known(t, StoredSource(stored))
-                elif isinstance(decision, Derive) and isinstance(
-                    decision.source, scores.ScoresSource
-                ):  # a dropout product or cast of the probabilities is derived from them
-                    forward.add_known(t, decision.source)
-                    for tracker in active_trackers():
-                        for operand in decision.source.operands:
-                            tracker.record_operand(operand, site[0] or self.root_label)
-        if anchor and not isinstance(stored, DerivedRecord):
-            assert rerun is not None
-            rerun.anchor = stored
-            return AnchorRecord(stored, rerun)
-        return stored
-
-    def generator(self, device: torch.device, seed: int) -> torch.Generator:
-        """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""
-        gen = self._generators.get((device, seed))
-        if gen is None:
-            gen = self._generators[(device, seed)] = torch.Generator(device=device)
-            gen.manual_seed(seed)
-        return gen
-
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-
 
 def _autocast_on() -> bool:
     """Whether autocast is on for the CPU or CUDA. Read it when the forward starts: inside
     an op (and so inside pack) autocast excludes itself and always reads as off."""
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-
-
-class _Probing(threading.local):
-    on = False
-    hit: Any = None
-
-
-_probing = _Probing()
-_PROBED = torch.empty(0)
-
-
-def _probe_saved(node: Any, attr: str) -> Any:
-    """What the engine stored for ``node``'s saved tensor ``attr``, without restoring it:
-    reading the attribute calls the unpack hook, which hands the stored object over
-    instead (rule [ Derived ]'s dropout masks). None if it was not stored by the engine."""
-    _probing.on, _probing.hit = True, None
-    try:
-        getattr(node, attr, None)
-    except RuntimeError:  # freed, or not a saved tensor
-        return None
-    finally:
-        _probing.on = False
-    hit, _probing.hit = _probing.hit, None
-    return hit
 
 
 def _sharded(p: torch.Tensor) -> bool:

@@ -1,0 +1,333 @@
+"""What one forward pass stores: the pack path from a saved tensor to what autograd holds.
+
+:class:`ForwardStore` owns the state of one call of the compressed tree (its running
+modules, the table of tensors saved before, the producers derived tensors are rebuilt
+from, the operands score chains add) and turns each saved tensor into what autograd
+keeps: it asks :func:`torchmesa.decide.decide`, dedups (rule [ Stored once ]), derives
+(rules [ Derived ] and [ Probabilities ]) and hands the decision to its storage format.
+Formats use the store as their :class:`torchmesa.formats.Session`; what outlives the
+forward (running ranges, random generators, warnings given) is the model's
+:class:`Shared`. The engine only installs the hooks and opens and closes stores.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from typing import Any
+
+import torch
+
+from torchmesa import quant, scores
+from torchmesa.config import Config, NormKind
+from torchmesa.decide import Exact, Mask, decide, decide_operand, is_activation, unusual_layout
+from torchmesa.derive import OUTPUT, Derive, Known, trace
+from torchmesa.estimator import RangeStore, Site
+from torchmesa.formats import (
+    FORMATS,
+    AnchorRecord,
+    DerivedRecord,
+    MaskRecord,
+    ModuleCall,
+    StoredSource,
+)
+from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
+from torchmesa.track import active_trackers
+
+
+class Shared:
+    """What a compressed model keeps across forwards: running ranges, our random streams
+    for stochastic rounding, and the warnings already given."""
+
+    def __init__(self, root_label: str) -> None:
+        self.ranges = RangeStore()  # each site moves with its own config's decay
+        self.root_label = root_label
+        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self._warned: set[str] = set()
+
+    def generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """Our own random stream for stochastic rounding: the model's (dropout) is untouched."""
+        gen = self._generators.get((device, seed))
+        if gen is None:
+            gen = self._generators[(device, seed)] = torch.Generator(device=device)
+            gen.manual_seed(seed)
+        return gen
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class Frame:
+    """One running module of the compressed tree: its path, which call of it this is, how
+    many tensors it saved so far, how it stores them, and for a derivable module what it
+    takes to run it again (rule [ Derived ])."""
+
+    __slots__ = ("call", "config", "norm", "path", "rerun", "saves")
+
+    def __init__(self, path: str, call: int, norm: NormKind, config: Config | None) -> None:
+        self.path, self.call, self.saves = path, call, 0
+        self.norm, self.config = norm, config
+        self.rerun: ModuleCall | None = None
+
+
+class ForwardStore:
+    """The pack state of one call of the compressed root, and the pack path itself."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        params: set[int],
+        frozen_shapes: set[tuple[int, ...]],
+        sharded: bool,
+        compiled: bool,
+    ) -> None:
+        self.shared = shared
+        self.ranges = shared.ranges
+        self.param_storages = params
+        self.frozen_shapes = frozen_shapes
+        self.sharded = sharded  # parameters sharded between uses (FSDP, ZeRO-3): [ Derived ]
+        self.compiled = compiled  # a torch.compile-d call, its saves made by compiled graphs
+        self.frames: list[Frame] = []
+        self.calls: dict[str, int] = {}
+        self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
+        self.dense_bases: dict[
+            int, list[tuple[weakref.ref, quant.QuantizedTensor | quant.BlockCodes]]
+        ] = {}
+        self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
+        self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
+        # the operands score chains add (rule [ Probabilities ])
+        self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}
+        self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
+
+    # -- the running modules ------------------------------------------------------------
+
+    def push(self, path: str, norm: NormKind, config: Config | None) -> Frame:
+        index = self.calls.get(path, 0)
+        self.calls[path] = index + 1
+        frame = Frame(path, index, norm, config)
+        self.frames.append(frame)
+        return frame
+
+    def pop(self, path: str, output: Any) -> None:
+        """Leave module ``path``; a derivable module's output becomes a known producer."""
+        if not self.frames or self.frames[-1].path != path:
+            return
+        rerun = self.frames.pop().rerun
+        if rerun is not None and rerun.anchor is not None and isinstance(output, torch.Tensor):
+            self.add_known(output, rerun.want(OUTPUT, output))
+
+    def clear(self) -> None:
+        """Forget what only this forward may use (rule [ Stored once ]'s table, rule
+        [ Derived ]'s producers)."""
+        self.dedup.clear()
+        self.dense_bases.clear()
+        self.known.clear()
+        self.operands.clear()
+        if self.capture is not None:
+            self.capture.clear()
+
+    # -- the pack path ------------------------------------------------------------------
+
+    def pack(self, t: torch.Tensor) -> Any:
+        """What autograd keeps for ``t``, saved by the innermost running module."""
+        if not self.frames:
+            return t
+        frame = self.frames[-1]
+        # a derivable module's saves are matched by their order when it runs again, so
+        # every one is counted, parameters too (rule [ Derived ])
+        ordinal = frame.rerun.next_ordinal() if frame.rerun is not None else None
+        if not is_activation(t, self.param_storages, self.frozen_shapes):
+            return t
+        site = self.next_site(frame)
+        if frame.config is None:  # a module a rule keeps exact
+            stored: Any = t
+        else:
+            with torch.no_grad():
+                stored = self.store(t, site, frame, ordinal)
+        counted = stored.stored if isinstance(stored, AnchorRecord) else stored
+        for tracker in active_trackers():
+            tracker.record(t, counted, site[0] or self.shared.root_label)
+        return stored
+
+    def store(self, t: torch.Tensor, site: Site, frame: Frame, ordinal: int | None) -> Any:
+        """What the format for ``t``'s decision packs, or, for a tensor not kept exact, the
+        record of an earlier save of it (rule [ Stored once ]); a derivable module's input
+        is its anchor, and what can be rebuilt from stored tensors is derived (rule
+        [ Derived ])."""
+        config = frame.config
+        assert config is not None
+        # a fused attention's saves (q, k, v, its output) are rows of one token each, whose
+        # sizes differ by position: long ones get a range each (rule [ Quantized ])
+        in_attention = self.capture is not None and self.capture.sdpa
+        norm: NormKind = "attention" if in_attention else frame.norm
+        decision: Any = decide(t, config, norm, self.compiled)
+        rerun = frame.rerun
+        # the input key of a derivable module still waiting for its anchor, else None
+        wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
+        if type(decision) is Exact:
+            stored = FORMATS[Exact].pack(t, decision, config, site, self)
+            # an unsupported tensor (nested, sparse) may not even have a shape to compare
+            anchor = wanted is not None and not decision.unsupported and dedup_key(t) == wanted
+        else:
+            key = dedup_key(t)
+            anchor = key == wanted
+            hit = self.dedup.get(key)
+            if hit is not None and hit[0]() is not None:
+                stored = hit[1]
+                if isinstance(stored, DerivedRecord):
+                    stored.add_use()
+            else:
+                stored = self._pack_new(t, key, decision, config, site, frame, ordinal, anchor)
+        if anchor and not isinstance(stored, DerivedRecord):
+            assert rerun is not None
+            rerun.anchor = stored
+            return AnchorRecord(stored, rerun)
+        return stored
+
+    def _pack_new(
+        self,
+        t: torch.Tensor,
+        key: tuple,
+        decision: Any,
+        config: Config,
+        site: Site,
+        frame: Frame,
+        ordinal: int | None,
+        anchor: bool,
+    ) -> Any:
+        """A tensor not saved before in this forward: derived where it can be, else packed
+        by its decision's format; remembered for the saves after it."""
+        if config.derive and not anchor and type(decision) is not Mask:
+            decision = self.derivation(t, frame, ordinal) or decision
+        stored = FORMATS[type(decision)].pack(t, decision, config, site, self)
+        self.dedup[key] = (weakref.ref(t), stored)
+        if config.derive and not isinstance(stored, DerivedRecord):
+            self.add_known(t, StoredSource(stored))
+        elif isinstance(decision, Derive) and isinstance(decision.source, scores.ScoresSource):
+            # a dropout product or cast of the probabilities is derived from them
+            self.add_known(t, decision.source)
+            for tracker in active_trackers():
+                for operand in decision.source.operands:
+                    tracker.record_operand(operand, site[0] or self.shared.root_label)
+        return stored
+
+    # -- derived tensors (rules [ Derived ] and [ Probabilities ]) ----------------------
+
+    def derivation(self, t: torch.Tensor, frame: Frame, ordinal: int | None) -> Derive | None:
+        """How ``t`` is rebuilt in backward, or None to store it: a save of a derivable
+        module beyond its stored input, attention probabilities, or a layout copy of a
+        known tensor."""
+        rerun = frame.rerun
+        if rerun is not None and rerun.anchor is not None and ordinal is not None:
+            return Derive(rerun.want(ordinal, t))
+        config = frame.config
+        rebuild = config is not None and config.probabilities == "rebuild"
+        if self.capture is not None and rebuild and scores.is_head(t):
+            return scores.recognise(
+                t,
+                self.capture,
+                probe_saved,
+                lambda x: self.store_operand(x, frame),
+                StoredSource,
+                lambda x: is_activation(x, self.param_storages, self.frozen_shapes),
+            )
+        return trace(t, self.known, probe_saved, StoredSource) if self.known else None
+
+    def store_operand(self, x: torch.Tensor, frame: Frame) -> tuple[Any, int] | None:
+        """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
+        bias), losslessly (rule [ Probabilities ]), once per forward (rule [ Stored once ]):
+        the stored form and the bytes it newly cost. A copy of an exact one is the chain's
+        own, so that nothing done to ``x`` later reaches the scores rebuilt from it."""
+        if type(x) is not torch.Tensor or unusual_layout(x):
+            return None
+        key = dedup_key(x)
+        for table in (self.operands, self.dedup):
+            hit = table.get(key)
+            if hit is None or hit[0]() is None:
+                continue
+            if table is self.operands or isinstance(hit[1], MaskRecord):
+                return hit[1], 0
+        decision = decide_operand(x)
+        if isinstance(decision, Mask):
+            assert frame.config is not None
+            site = self.next_site(frame)
+            stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, self)
+            nbytes = stored.nbytes
+        else:
+            stored = x.detach().clone()
+            nbytes = storage_nbytes(stored)
+        self.operands[key] = (weakref.ref(x), stored)
+        return stored, nbytes
+
+    def add_known(self, t: torch.Tensor, source: Any) -> None:
+        """Record ``t`` as produced by its autograd node (a view's is its own), so that a
+        layout copy or product of it saved later is derived from ``source``."""
+        if t.grad_fn is not None:
+            self.known[(t.grad_fn, t.output_nr)] = Known(
+                weakref.ref(t), t._version, t.numel(), source
+            )
+
+    # -- what a storage format may use (formats.Session) --------------------------------
+
+    def generator(self, device: torch.device, seed: int) -> torch.Generator:
+        return self.shared.generator(device, seed)
+
+    def warn_once(self, key: str, message: str) -> None:
+        self.shared.warn_once(key, message)
+
+    def module_name(self, site: Site) -> str:
+        return site[0] or self.shared.root_label
+
+    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
+        """A view of an earlier quantized dense tensor that holds all of ``t`` (rule
+        [ Stored once ])."""
+        first = t.storage_offset()
+        last = first + extent(t.shape, t.stride()) - 1
+        for ref, base in self.dense_bases.get(storage_ptr(t), ()):
+            src = ref()
+            if src is None or src.dtype != t.dtype or src._version != t._version:
+                continue
+            start = src.storage_offset()
+            if start <= first and last < start + src.numel():
+                return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
+        return None
+
+    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor | quant.BlockCodes) -> None:
+        if is_dense(t):
+            self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
+
+    def next_site(self, frame: Frame) -> Site:
+        frame.saves += 1
+        return (frame.path, frame.call, frame.saves - 1)
+
+
+def dedup_key(t: torch.Tensor) -> tuple:
+    """What makes two saves one tensor: storage, view, dtype and version."""
+    return (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+
+
+class _Probing(threading.local):
+    on = False
+    hit: Any = None
+
+
+probing = _Probing()
+PROBED = torch.empty(0)
+
+
+def probe_saved(node: Any, attr: str) -> Any:
+    """What the engine stored for ``node``'s saved tensor ``attr``, without restoring it:
+    reading the attribute calls the unpack hook, which hands the stored object over
+    instead (rule [ Derived ]'s dropout masks). None if it was not stored by the engine."""
+    probing.on, probing.hit = True, None
+    try:
+        getattr(node, attr, None)
+    except RuntimeError:  # freed, or not a saved tensor
+        return None
+    finally:
+        probing.on = False
+    hit, probing.hit = probing.hit, None
+    return hit
