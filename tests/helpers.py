@@ -217,10 +217,10 @@ class Lambda(nn.Module):
 
 
 class FormatSession:
-    """The least a format needs of a forward: no earlier copies, fresh estimates."""
+    """The least a format needs of a forward: fresh estimates."""
 
     def __init__(self):
-        self.staged, self.ranges, self.bases = {}, RangeStore(), []
+        self.staged, self.ranges = {}, RangeStore()
 
     def generator(self, device, seed):
         return torch.Generator(device=device).manual_seed(seed)
@@ -230,9 +230,3 @@ class FormatSession:
 
     def module_name(self, site):
         return site[0]
-
-    def covering_base(self, t):
-        return None
-
-    def add_base(self, t, q):
-        self.bases.append(q)

@@ -21,7 +21,16 @@ import torch
 
 from torchmesa import quant, scores
 from torchmesa.config import Config, NormKind
-from torchmesa.decide import Exact, Mask, decide, decide_operand, is_activation, unusual_layout
+from torchmesa.decide import (
+    BlockQuantize,
+    Exact,
+    Mask,
+    Quantize,
+    decide,
+    decide_operand,
+    is_activation,
+    unusual_layout,
+)
 from torchmesa.derive import OUTPUT, Derive, Known, trace
 from torchmesa.estimator import RangeStore, Site
 from torchmesa.formats import (
@@ -30,10 +39,15 @@ from torchmesa.formats import (
     DerivedRecord,
     MaskRecord,
     ModuleCall,
+    QuantizedRecord,
     StoredSource,
+    ViewRecord,
 )
+from torchmesa.formats.base import saved_stride
 from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import active_trackers
+
+_CODES = (Quantize, BlockQuantize)  # decisions whose codes a later view can be cut from
 
 
 class Shared:
@@ -202,7 +216,13 @@ class ForwardStore:
         by its decision's format; remembered for the saves after it."""
         if config.derive and not anchor and type(decision) is not Mask:
             decision = self.derivation(t, frame, ordinal) or decision
-        stored = FORMATS[type(decision)].pack(t, decision, config, site, self)
+        view = self.covering_base(t) if type(decision) in _CODES else None
+        if view is not None:  # inside an earlier quantized tensor: free
+            stored: Any = ViewRecord(view, saved_stride(t))
+        else:
+            stored = FORMATS[type(decision)].pack(t, decision, config, site, self)
+            if isinstance(stored, QuantizedRecord) and is_dense(t):
+                self.add_base(t, stored.q)
         self.dedup[key] = (weakref.ref(t), stored)
         if config.derive and not isinstance(stored, DerivedRecord):
             self.add_known(t, StoredSource(stored))
@@ -296,8 +316,8 @@ class ForwardStore:
         return None
 
     def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor | quant.BlockCodes) -> None:
-        if is_dense(t):
-            self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
+        """``t``'s codes, for the views inside it saved later (rule [ Stored once ])."""
+        self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
 
     def next_site(self, frame: Frame) -> Site:
         frame.saves += 1

@@ -51,16 +51,14 @@ class ViewRecord(Record):
 
 class AffineFormat:
     """Quantizes a :class:`~torchmesa.decide.Quantize` decision with its estimator's
-    ranges; a view of an earlier quantized tensor costs nothing (rule [ Stored once ])."""
+    ranges (a view inside an earlier quantized tensor never reaches it: the store gives
+    it a :class:`ViewRecord`, rule [ Stored once ])."""
 
     decision: ClassVar[type] = Quantize
 
     def pack(
         self, t: torch.Tensor, decision: Quantize, config: Config, site: Site, session: Session
     ) -> torch.Tensor | Record:
-        view = session.covering_base(t)
-        if view is not None:
-            return ViewRecord(view, saved_stride(t))
         stochastic = decision.rounding == "stochastic"
         generator = session.generator(t.device, config.seed) if stochastic else None
         # finding out whether a range is not finite costs a GPU a device sync; fp16
@@ -88,7 +86,6 @@ class AffineFormat:
             return kept_nonfinite(t, site, session, config)
         if est.step is not None:
             session.ranges.record(site, est.step, session.staged)
-        session.add_base(t, est.q)
         return QuantizedRecord(est.q, saved_stride(t))
 
 

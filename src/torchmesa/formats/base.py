@@ -6,7 +6,6 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from torchmesa import quant
 from torchmesa.config import Config
 from torchmesa.estimator import RangeStore, Site
 from torchmesa.tensors import extent
@@ -56,10 +55,6 @@ class Session(Protocol):
     def warn_once(self, key: str, message: str) -> None: ...
 
     def module_name(self, site: Site) -> str: ...
-
-    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None: ...
-
-    def add_base(self, t: torch.Tensor, q: quant.QuantizedTensor | quant.BlockCodes) -> None: ...
 
 
 class Format(Protocol):

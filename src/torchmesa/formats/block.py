@@ -18,14 +18,14 @@ from torchmesa import quant
 from torchmesa.config import Config
 from torchmesa.decide import BlockQuantize
 from torchmesa.estimator import Site
-from torchmesa.formats.affine import QuantizedRecord, ViewRecord, kept_nonfinite
+from torchmesa.formats.affine import QuantizedRecord, kept_nonfinite
 from torchmesa.formats.base import Record, Session, saved_stride
 from torchmesa.formats.exact import compact
 
 
 class BlockFormat:
-    """Quantizes a :class:`~torchmesa.decide.BlockQuantize` decision; a view of an earlier
-    quantized tensor costs nothing (rule [ Stored once ])."""
+    """Quantizes a :class:`~torchmesa.decide.BlockQuantize` decision (a view inside an
+    earlier quantized tensor is the store's, rule [ Stored once ])."""
 
     decision: ClassVar[type] = BlockQuantize
 
@@ -37,9 +37,6 @@ class BlockFormat:
         site: Site,
         session: Session,
     ) -> torch.Tensor | Record:
-        view = session.covering_base(t)
-        if view is not None:
-            return ViewRecord(view, saved_stride(t))
         stochastic = decision.rounding == "stochastic"
         generator = session.generator(t.device, config.seed) if stochastic else None
         q, nonfinite, overflows = quant.quantize_blocks(
@@ -55,5 +52,4 @@ class BlockFormat:
             return compact(t)
         if nonfinite:
             return kept_nonfinite(t, site, session, config)
-        session.add_base(t, q)
         return QuantizedRecord(q, saved_stride(t))
