@@ -373,8 +373,8 @@ class GraphHooks:
         probabilities = probabilities and self.config.probabilities != "linear"
         if probabilities and x.numel() >= self.config.min_numel:
             with torch.no_grad():
-                codes, peak = quant.to_log_codes(x)
-            return codes, peak, x.new_empty(0)
+                codes, rows = quant.to_log_codes(x)
+            return codes, rows, x.new_empty(0)
         if kind == "logits":  # rows of their own offsets: a range each
             norm: NormKind = "token"
         elif kind == "attention":  # a range per row at long context, as eagerly
@@ -406,8 +406,8 @@ class GraphHooks:
         if len(packed) == 2:
             return _unpack_bits(*packed)
         if len(packed) == 3 and packed[0].dtype == torch.uint8:
-            codes, peak, tag = packed
-            return quant.from_log_codes(codes, peak, tag.dtype)
+            codes, rows, tag = packed
+            return quant.from_log_codes(codes, rows, tag.dtype)
         if len(packed) == 3:
             values, scale, tag = packed
             return quant.from_half(values, scale, tag.dtype)

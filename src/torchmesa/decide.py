@@ -257,7 +257,7 @@ def decide(t: torch.Tensor, config: Config, norm: NormKind, compiled: bool = Fal
     if t.dim() >= 2 and is_probabilities(t):
         if config.probabilities != "linear" and not isinstance(config.groups, PerBlock):
             rows = numel // t.shape[-1]
-            return LOG if storage_nbytes(t) > numel + 4 * rows else EXACT
+            return LOG if storage_nbytes(t) > numel + 8 * rows else EXACT
         norm = ""  # stored like any other tensor: one range per head, as Mesa stores them
     bits = config.bits
     if config.attention_bits is not None and config.head_wise and t.dim() >= 4:

@@ -7,7 +7,7 @@ import torch
 
 from torchmesa import quant
 
-BOUND = math.exp(quant.LOG_WINDOW / 508) - 1  # half a step of the logarithm: 3.2 %
+BOUND = math.exp(quant.LOG_WINDOW / 508) - 1  # half a step of the full window: 3.2 %
 
 
 def _probabilities(rows: int, n: int, spread: float, dtype: torch.dtype) -> torch.Tensor:
@@ -19,18 +19,40 @@ def _probabilities(rows: int, n: int, spread: float, dtype: torch.dtype) -> torc
 @pytest.mark.parametrize("n, spread", [(7, 1.0), (1031, 1.0), (4099, 6.0)])
 def test_every_value_in_the_window_comes_back_within_half_a_step(n, spread, dtype):
     p = _probabilities(5, n, spread, dtype)
-    codes, peak = quant.to_log_codes(p)
-    assert codes.dtype == torch.uint8 and codes.shape == p.shape and peak.shape == (5, 1)
-    back = quant.from_log_codes(codes, peak, dtype)
+    codes, rows = quant.to_log_codes(p)
+    assert codes.dtype == torch.uint8 and codes.shape == p.shape and rows.shape == (5, 2)
+    peak, width = rows[:, :1], rows[:, 1:]
+    assert bool((width <= quant.LOG_WINDOW).all())
+    back = quant.from_log_codes(codes, rows, dtype)
     assert back.dtype == dtype
     kept = p.float() >= peak * math.exp(-quant.LOG_WINDOW)
     err = (back.float() - p.float()).abs()[kept]
-    # the dtype rounds the value it gives back too, to its precision or, below its
-    # smallest normal number, to its finest step
+    # half a step of the row's own window; the dtype rounds the value it gives back too,
+    # to its precision or, below its smallest normal number, to its finest step
     info = torch.finfo(dtype)
-    bound = p.float()[kept] * (BOUND + 2 * info.eps) + info.tiny * info.eps
+    half_step = (torch.exp(width / 508) - 1).expand_as(p)[kept]
+    bound = p.float()[kept] * (half_step + 2 * info.eps) + info.tiny * info.eps
     assert bool((err <= bound).all())
     assert bool((back.float()[~kept] <= peak.expand_as(p)[~kept] * math.exp(-15.9)).all())
+
+
+def test_a_short_row_of_similar_values_gets_a_finer_step():
+    # a softmax over 16 keys: its values lie within a factor of e**2 to e**7 of each other,
+    # so the row's window is its own span, not the full 16, and the step 2-8x finer
+    p = _probabilities(64, 16, 1.0, torch.float32)
+    codes, rows = quant.to_log_codes(p)
+    span = (p.amax(-1) / p.amin(-1)).log()
+    assert torch.allclose(rows[:, 1], span)
+    back = quant.from_log_codes(codes, rows, torch.float32)
+    rel = float(((back - p).abs() / p).max())
+    assert rel <= float(torch.exp(span.max() / 508) - 1) * 1.001 + 1e-6 and rel < BOUND / 2
+    assert torch.equal(back.amax(-1), p.amax(-1)) and torch.allclose(back.amin(-1), p.amin(-1))
+
+
+def test_a_row_of_equal_values_and_a_row_of_one_value_come_back_exactly():
+    p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    back = quant.from_log_codes(*quant.to_log_codes(p), torch.float32)
+    assert torch.equal(back, p)
 
 
 def test_zeros_stay_zero_and_the_row_maximum_is_exact():

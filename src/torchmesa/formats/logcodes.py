@@ -16,27 +16,26 @@ from torchmesa.formats.exact import compact
 
 
 class LogRecord(Record):
-    """8-bit codes of ``log(x / row max)``, the row maxima, and how to read them back."""
+    """8-bit codes of ``log(x / row max)``, each row's maximum and window, and the dtype."""
 
-    __slots__ = ("codes", "dtype", "peak", "window")
+    __slots__ = ("codes", "dtype", "rows")
 
     def __init__(
         self,
         codes: torch.Tensor,
-        peak: torch.Tensor,
+        rows: torch.Tensor,
         dtype: torch.dtype,
-        window: float,
         stride: tuple[int, ...] | None,
     ) -> None:
         super().__init__(stride)
-        self.codes, self.peak, self.dtype, self.window = codes, peak, dtype, window
+        self.codes, self.rows, self.dtype = codes, rows, dtype
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.peak.numel() * self.peak.element_size()
+        return self.codes.numel() + self.rows.numel() * self.rows.element_size()
 
     def restore(self) -> torch.Tensor:
-        return quant.from_log_codes(self.codes, self.peak, self.dtype, self.window)
+        return quant.from_log_codes(self.codes, self.rows, self.dtype)
 
 
 class LogFormat:
@@ -53,5 +52,5 @@ class LogFormat:
             return kept_nonfinite(t, site, session, config)
         if bool((t < 0).any()):  # not a probability after all: a logarithm cannot hold it
             return compact(t)
-        codes, peak = quant.to_log_codes(t, decision.window)
-        return LogRecord(codes, peak, t.dtype, decision.window, saved_stride(t))
+        codes, rows = quant.to_log_codes(t, decision.window)
+        return LogRecord(codes, rows, t.dtype, saved_stride(t))
