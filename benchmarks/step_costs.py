@@ -9,6 +9,7 @@ the module and saved-tensor hooks cost before anything is stored.
 
     python benchmarks/step_costs.py                      # DeiT-S, batch 8, delayed scaling
     python benchmarks/step_costs.py --model deit-b --estimator dynamic
+    python benchmarks/step_costs.py --model vit-digits --batch 64 --config torchmesa --steps 30
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ import torch
 import torchmesa
 from torchmesa import Policy
 from torchmesa.api import engine_of
-from torchmesa.apps.benchmark import Setup, batch_on, build, step
-from torchmesa.apps.models import SPECS
+from torchmesa.apps.benchmark import CONFIGS, Setup, batch_on, build, step
+from torchmesa.apps.sources import resolve
 from torchmesa.quant import cpu, cpu_library
 
 
-def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps: int) -> dict:
+def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: int) -> dict:
     if not cpu.available():
         raise SystemExit("step_costs.py times the fused CPU kernels; they are not available")
-    setup, spec = Setup(), SPECS[model_name]
+    setup, spec = Setup(), resolve(model_name)
     batch = batch_on(spec, batch_size, setup)
     exact = build(spec, "exact", setup)
-    compressed = build(spec, f"torchmesa-{estimator}", setup)  # bench.py's configurations
+    compressed = build(spec, config, setup)  # one of bench.py's configurations
     # the engine with every module kept exact: its hooks run, nothing is stored
     hooks_only = torchmesa.compress(build(spec, "exact", setup), Policy(default=None))
     models = {"exact": exact, "torchmesa": compressed, "hooks only": hooks_only}
@@ -64,7 +65,7 @@ def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps
     return {
         "model": model_name,
         "batch": batch_size,
-        "estimator": estimator,
+        "config": config,
         "exact_step_seconds": exact_s,
         "torchmesa_step_seconds": compressed_s,
         "step_time_vs_exact": compressed_s / exact_s,
@@ -82,7 +83,7 @@ def measure(model_name: str, batch_size: int, estimator: str, warmup: int, steps
 def table(r: dict) -> str:
     ms = 1e3
     lines = [
-        f"{r['model']} batch {r['batch']}, estimator {r['estimator']}: exact step "
+        f"{r['model']} batch {r['batch']}, {r['config']}: exact step "
         f"{r['exact_step_seconds'] * ms:.0f} ms, torchmesa {r['torchmesa_step_seconds'] * ms:.0f}"
         f" ms ({r['step_time_vs_exact']:.3f}x, with timers); hooks only (nothing stored) "
         f"{r['hooks_only_step_seconds'] * ms:.0f} ms ({r['hooks_only_vs_exact']:.3f}x)",
@@ -100,15 +101,21 @@ def table(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deit-s", choices=sorted(SPECS))
+    parser.add_argument("--model", default="deit-s", help="a built-in (deit-s, vit-digits, ...)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--estimator", default="delayed", choices=["dynamic", "ema", "delayed"])
+    estimators = ["dynamic", "ema", "delayed"]
+    parser.add_argument("--estimator", default="delayed", choices=estimators,
+                        help="Mesa storage with this estimator")  # fmt: skip
+    settings = [c for c in CONFIGS if c.startswith("torchmesa")]
+    parser.add_argument("--config", choices=settings,
+                        help="instead, a setting of bench.py (torchmesa: the default)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/"
                         "step-costs-cpu.json)")  # fmt: skip
     args = parser.parse_args()
-    result = measure(args.model, args.batch, args.estimator, args.warmup, args.steps)
+    config = args.config or f"torchmesa-{args.estimator}"
+    result = measure(args.model, args.batch, config, args.warmup, args.steps)
     print(table(result))
     out = args.out or Path(__file__).parent / "results" / "step-costs-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,14 @@ def test_step_costs_split_the_step_into_kernels_and_the_rest(tmp_path):
     assert report["outside_kernels_seconds_per_step"] > 0 and report["step_time_vs_exact"] > 0
     assert report["hooks_only_step_seconds"] > 0 and report["hooks_only_vs_exact"] > 0
     assert "hooks only (nothing stored)" in done.stdout
+
+
+def test_step_costs_of_the_default_setting_on_the_demo_model(tmp_path):
+    out = tmp_path / "costs.json"
+    args = ("--model", "vit-digits", "--batch", "16", "--config", "torchmesa")
+    done = run_benchmark("step_costs.py", *args, "--warmup", "1", "--steps", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == "vit-digits" and report["config"] == "torchmesa"
+    assert report["kernel_seconds_per_step"]["tm_dequantize"] > 0  # each batch's own ranges
+    assert "tm_quantize_delayed" not in report["kernel_seconds_per_step"]
