@@ -94,7 +94,10 @@ def compile_settings() -> contextlib.AbstractContextManager[None]:
     from torch._functorch import config as functorch
 
     known = functorch.get_config_copy()
-    return functorch.patch(**{k: v for k, v in COMPILE_SETTINGS.items() if k in known})
+    patch: contextlib.AbstractContextManager[None] = functorch.patch(
+        **{k: v for k, v in COMPILE_SETTINGS.items() if k in known}
+    )
+    return patch
 
 
 def unsupported(config: Config) -> str:

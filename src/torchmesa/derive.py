@@ -275,7 +275,11 @@ def apply_step(base: torch.Tensor, step: Step) -> torch.Tensor:
     return base.t()
 
 
-def replay(base: torch.Tensor, steps: tuple[Step, ...], like: tuple) -> torch.Tensor:
+Like = tuple[torch.Size, torch.dtype, torch.device]
+"""What a rebuilt tensor must look like: the saved tensor's shape, dtype and device."""
+
+
+def replay(base: torch.Tensor, steps: tuple[Step, ...], like: Like) -> torch.Tensor:
     """``base`` with ``steps`` applied, cast and reshaped to ``like = (shape, dtype,
     device)``: the saved tensor's values."""
     shape, dtype, device = like

@@ -49,11 +49,11 @@ class _Hook:
     def __call__(self, *hook_args: Any) -> Any:
         return self.fn(*self.args, *hook_args)
 
-    def __deepcopy__(self, memo: dict) -> Any:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         self._warn_copy()
         return _inert_hook
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         self._warn_copy()
         return (_make_inert_hook, ())
 
@@ -396,7 +396,7 @@ def _forget_compiled_modules() -> None:
         return
     try:
         from torch._dynamo import convert_frame, external_utils
-        from torch._dynamo.eval_frame import reset_code
+        from torch._dynamo.eval_frame import reset_code  # type: ignore[attr-defined]
     except ImportError:  # a torch whose Dynamo has moved these
         return
     with convert_frame.compile_lock:
@@ -438,7 +438,8 @@ def _outside_graphs() -> Any:
     global _RootHook
     if _RootHook is None:
         disable = torch.compiler.disable
-        _RootHook = type("_RootHook", (_Hook,), {"__call__": disable(_Hook.__call__)})
+        call = disable(_Hook.__call__)  # type: ignore[no-untyped-call]
+        _RootHook = type("_RootHook", (_Hook,), {"__call__": call})
     return _RootHook
 
 

@@ -68,6 +68,10 @@ class _Running:
         return _Running(quant.RangeState(zeros, zeros, seen), 0, 0, False)
 
 
+Staged = dict[Site, "_Running"]
+"""The estimates one forward moved, per site, kept when it returns."""
+
+
 class RangeStore:
     """The running estimates of one compressed model, per site: what ``"ema"`` and
     ``"delayed"`` move, staged per forward and committed when it returns."""
@@ -80,7 +84,7 @@ class RangeStore:
         site: Site,
         lo_shape: tuple[int, ...],
         device: torch.device,
-        staged: dict | None = None,
+        staged: Staged | None = None,
     ) -> quant.RangeState:
         """The site's estimate to move by this batch: its latest, or a fresh one (every
         group unseen) when the site is new or its tensor changed shape."""
@@ -89,7 +93,7 @@ class RangeStore:
             return _Running.fresh(lo_shape, device).state
         return running.state
 
-    def record(self, site: Site, step: quant.EmaStep, staged: dict | None = None) -> None:
+    def record(self, site: Site, step: quant.EmaStep, staged: Staged | None = None) -> None:
         """Keep ``step``, the estimate :meth:`current` or :meth:`prior` gave moved by a
         batch (:func:`torchmesa.quant.running_step`), in ``staged`` if given, else at once."""
         old = self._matching(site, step.shift.shape, step.shift.device, staged)
@@ -97,7 +101,7 @@ class RangeStore:
             old = _Running.fresh(step.shift.shape, step.shift.device)
         self._stage(site, old, step, staged)
 
-    def _stage(self, site: Site, old: _Running, step: quant.EmaStep, staged: dict | None) -> None:
+    def _stage(self, site: Site, old: _Running, step: quant.EmaStep, staged: Staged | None) -> None:
         new = _Running(
             quant.RangeState(step.shift, step.range, step.seen),
             old.clipped + step.clipped,
@@ -111,7 +115,7 @@ class RangeStore:
         site: Site,
         lo_shape: tuple[int, ...],
         device: torch.device,
-        staged: dict | None = None,
+        staged: Staged | None = None,
     ) -> quant.RangeState | None:
         """The site's estimate before this batch, for delayed scaling; None if the site
         is new, changed shape, or has a group never seen finite (then the batch must set
@@ -126,7 +130,7 @@ class RangeStore:
         return running.state
 
     def _matching(
-        self, site: Site, shape: tuple[int, ...], device: torch.device, staged: dict | None
+        self, site: Site, shape: tuple[int, ...], device: torch.device, staged: Staged | None
     ) -> _Running | None:
         """The site's latest estimate (staged by this forward, else kept), if it has
         ``shape`` and lives on ``device``."""
@@ -140,7 +144,7 @@ class RangeStore:
             return None
         return running
 
-    def commit(self, staged: dict) -> None:
+    def commit(self, staged: Staged) -> None:
         """Keep the estimates one forward staged."""
         self._sites.update(staged)
 
@@ -187,7 +191,7 @@ class RangeEstimator(Protocol):
     (and this forward's ``staged`` estimates) and returns the moved estimate to keep."""
 
     def quantize(
-        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: Staged
     ) -> Estimate: ...
 
 
@@ -195,7 +199,7 @@ class OwnRanges:
     """``"dynamic"``: each group's own range in this batch; nothing is ever clipped."""
 
     def quantize(
-        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: Staged
     ) -> Estimate:
         q, lo, hi = quant.quantize_dynamic(
             t, job.layout, bits=job.bits, rounding=job.rounding, generator=job.generator
@@ -209,7 +213,7 @@ class MovingRanges:
     new site (or one whose tensor changed shape) starts from the batch's own ranges."""
 
     def quantize(
-        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: Staged
     ) -> Estimate:
         state = store.current(job.site, (job.layout.num_groups,), t.device, staged)
         return _running(t, job, state, delayed=False)
@@ -220,7 +224,7 @@ class DelayedRanges(MovingRanges):
     batch in the same pass; until every group was seen finite, as ``"ema"``."""
 
     def quantize(
-        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: dict
+        self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: Staged
     ) -> Estimate:
         state = store.prior(job.site, (job.layout.num_groups,), t.device, staged)
         if state is None:

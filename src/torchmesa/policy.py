@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -266,10 +267,10 @@ def _read(path: str) -> str:
         raise MesaPolicyError(f"cannot read Mesa policy file {path!r}: {err.strerror}") from err
 
 
-def _parse_mesa(text: str, path: str) -> dict[str, tuple[int, list[dict]]]:
+def _parse_mesa(text: str, path: str) -> dict[str, tuple[int, list[dict[str, Any]]]]:
     """``{tag: (line of its section, [blocks])}``; a block is ``{key: (value, line)}``."""
-    sections: dict[str, tuple[int, list[dict]]] = {}
-    blocks: list[dict] | None = None
+    sections: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+    blocks: list[dict[str, Any]] | None = None
     known = sorted(set(_MESA_TAGS) | set(_MESA_ATTENTION_TAGS))
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -334,12 +335,12 @@ def _mesa_value(key: str, value: str, where: str) -> object:
     return decay
 
 
-def _mesa_rules(blocks: list[dict], origin: str, match: Match) -> list[Rule]:
+def _mesa_rules(blocks: list[dict[str, Any]], origin: str, match: Match) -> list[Rule]:
     """Rules for one section: layers named by index first, then the rest ("all")."""
     named = sorted({i for b in blocks if b["by_index"][0] != "all" for i in b["by_index"][0]})
     rules = []
     for index in [*named, None]:
-        merged: dict = {}
+        merged: dict[str, Any] = {}
         for block in blocks:
             picks = block["by_index"][0]
             if picks == "all" or (index is not None and index in picks):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchmesa.derive import LAYOUT_NODES, Derive, Source, _signed, apply_step, layout_step
+from torchmesa.derive import LAYOUT_NODES, Derive, Like, Source, _signed, apply_step, layout_step
 from torchmesa.tensors import is_softmax_output
 
 MAX_CHAIN = 12
@@ -110,7 +110,7 @@ class SdpaCall:
     causal: bool
 
     @staticmethod
-    def of(args: tuple, kwargs: dict) -> SdpaCall:
+    def of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> SdpaCall:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
         bound = dict(zip(names, args, strict=False)) | kwargs
         return SdpaCall(bound.get("attn_mask"), bool(bound.get("is_causal", False)))
@@ -127,7 +127,13 @@ class Capture(TorchFunctionMode):
         self.calls: dict[tuple[Any, int], Call] = {}
         self.sdpa: list[SdpaCall] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
             self.sdpa.append(SdpaCall.of(args, kwargs))
@@ -161,7 +167,7 @@ class Step:
     """One step of the chain from the product to the softmax, replayed on its input."""
 
     op: str
-    args: tuple = ()
+    args: tuple[Any, ...] = ()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The step on ``x``, the chain's own tensor: in place where that gives the same
@@ -177,10 +183,13 @@ class Step:
             other = _value(args[0])
             if not _fits_in_place(x, other):
                 if op in ("add", "sub"):
-                    return getattr(torch, op)(x, other, alpha=args[1])
-                return x * other if op == "mul" else x / other
+                    out: torch.Tensor = getattr(torch, op)(x, other, alpha=args[1])
+                    return out
+                out = x * other if op == "mul" else x / other
+                return out
             if op in ("add", "sub"):
-                return getattr(x, op + "_")(other, alpha=args[1])
+                out = getattr(x, op + "_")(other, alpha=args[1])
+                return out
             return x.mul_(other) if op == "mul" else x.div_(other)
         if op == "masked_fill":
             mask, value = _value(args[0]), _value(args[1])
@@ -257,7 +266,7 @@ class ScoresSource:
         product: Product,
         steps: tuple[Step, ...],
         head: str,
-        like: tuple,
+        like: Like,
         operands: tuple[Any, ...] = (),
     ) -> None:
         self.product, self.steps, self.head, self.like = product, steps, head, like
@@ -567,7 +576,7 @@ def _add(node: Any, nr: int, name: str, walk: _Walk) -> list[tuple[Build, Edge]]
     return out
 
 
-def _side_step(op: str, value: Any, rest: tuple, walk: _Walk) -> Build:
+def _side_step(op: str, value: Any, rest: tuple[Any, ...], walk: _Walk) -> Build:
     def build() -> Step | None:
         side = walk.side(value)
         return None if side is None else Step(op, (side, *rest))

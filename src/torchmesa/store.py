@@ -32,7 +32,7 @@ from torchmesa.decide import (
     unusual_layout,
 )
 from torchmesa.derive import OUTPUT, Derive, Known, trace
-from torchmesa.estimator import RangeStore, Site
+from torchmesa.estimator import RangeStore, Site, Staged
 from torchmesa.formats import (
     FORMATS,
     AnchorRecord,
@@ -47,6 +47,8 @@ from torchmesa.formats.base import saved_stride
 from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import active_trackers
 
+Key = tuple[int, int | torch.SymInt, torch.Size, tuple[int, ...], torch.dtype, int]
+"""What makes two saves one tensor (:func:`dedup_key`)."""
 _CODES = (Quantize, BlockQuantize)  # decisions whose codes a later view can be cut from
 
 
@@ -106,14 +108,14 @@ class ForwardStore:
         self.compiled = compiled  # a torch.compile-d call, its saves made by compiled graphs
         self.frames: list[Frame] = []
         self.calls: dict[str, int] = {}
-        self.dedup: dict[tuple, tuple[weakref.ref, Any]] = {}
+        self.dedup: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self.dense_bases: dict[
-            int, list[tuple[weakref.ref, quant.QuantizedTensor | quant.BlockCodes]]
+            int, list[tuple[weakref.ref[torch.Tensor], quant.QuantizedTensor | quant.BlockCodes]]
         ] = {}
-        self.staged: dict[Site, Any] = {}  # estimates this forward moved, kept if it returns
+        self.staged: Staged = {}  # estimates this forward moved, kept if it returns
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
         # the operands score chains add (rule [ Probabilities ])
-        self.operands: dict[tuple, tuple[weakref.ref, Any]] = {}
+        self.operands: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
 
     # -- the running modules ------------------------------------------------------------
@@ -204,7 +206,7 @@ class ForwardStore:
     def _pack_new(
         self,
         t: torch.Tensor,
-        key: tuple,
+        key: Key,
         decision: Any,
         config: Config,
         site: Site,
@@ -304,13 +306,13 @@ class ForwardStore:
     def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
         """A view of an earlier quantized dense tensor that holds all of ``t`` (rule
         [ Stored once ])."""
-        first = t.storage_offset()
+        first = int(t.storage_offset())
         last = first + extent(t.shape, t.stride()) - 1
         for ref, base in self.dense_bases.get(storage_ptr(t), ()):
             src = ref()
             if src is None or src.dtype != t.dtype or src._version != t._version:
                 continue
-            start = src.storage_offset()
+            start = int(src.storage_offset())
             if start <= first and last < start + src.numel():
                 return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
         return None
@@ -324,7 +326,7 @@ class ForwardStore:
         return (frame.path, frame.call, frame.saves - 1)
 
 
-def dedup_key(t: torch.Tensor) -> tuple:
+def dedup_key(t: torch.Tensor) -> Key:
     """What makes two saves one tensor: storage, view, dtype and version."""
     return (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
 

@@ -65,7 +65,7 @@ class _StorageSet:
     """Storages seen, keyed by address, each valid while a tensor of it is alive."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, weakref.ref] = {}
+        self._seen: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def add(self, t: torch.Tensor) -> bool:
         """Record ``t``'s storage; True if it was not seen (alive) before."""
@@ -91,7 +91,7 @@ class Tracker:
     def __post_init__(self) -> None:
         self._exact_storages = _StorageSet()
         self._kept_storages = _StorageSet()
-        self._handles: dict[int, weakref.ref] = {}
+        self._handles: dict[int, weakref.ref[torch.Tensor]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     @property

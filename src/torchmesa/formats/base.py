@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from torchmesa.config import Config
-from torchmesa.estimator import RangeStore, Site
+from torchmesa.estimator import RangeStore, Site, Staged
 from torchmesa.tensors import extent
 
 
@@ -47,7 +47,7 @@ def restored(stored: Any) -> torch.Tensor:
 class Session(Protocol):
     """What a format may use of the forward pass saving the tensor (the engine's)."""
 
-    staged: dict  # running estimates this forward moved, kept if it returns
+    staged: Staged  # running estimates this forward moved, kept if it returns
     ranges: RangeStore
 
     def generator(self, device: torch.device, seed: int) -> torch.Generator: ...

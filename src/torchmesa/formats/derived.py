@@ -39,10 +39,10 @@ class ModuleCall:
     def __init__(
         self,
         module: nn.Module,
-        args: tuple,
-        kwargs: dict,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         slot: int | str,
-        input_key: tuple,
+        input_key: tuple[Any, ...],
         requires_grad: bool,
         name: str,
     ) -> None:

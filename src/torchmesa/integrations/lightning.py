@@ -14,7 +14,7 @@ from torchmesa.config import Config
 from torchmesa.policy import Policy, Rule
 
 
-class LightningCallback(pl.Callback):
+class LightningCallback(pl.Callback):  # type: ignore[misc]
     """``pl.Trainer(callbacks=[torchmesa.LightningCallback()])``: the module's activations
     are stored in low bits during ``fit``; the module is plain again when ``fit`` returns
     or raises. Validation and test run without grad, so they are exact either way.

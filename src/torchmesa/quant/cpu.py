@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,7 +75,7 @@ class _Access:
             step *= shape[d]
         self.codes_stride = tuple(codes_stride)
         self.nd, self.sizes, self.strides = 0, None, None
-        self._view: tuple[ctypes.Array, ...] = ()
+        self._view: tuple[ctypes.Array[ctypes.c_int64], ...] = ()
         if not all(stride[d] == codes_stride[d] for d in order):
             sizes, strides = _merged([shape[d] for d in order], [stride[d] for d in order])
             self.nd = len(sizes)
@@ -115,17 +115,17 @@ def available() -> bool:
     return library.load() is not None
 
 
-def _input(x: torch.Tensor, access: _Access, dtypes: dict[torch.dtype, int]) -> dict:
+def _input(x: torch.Tensor, access: _Access, dtypes: dict[torch.dtype, int]) -> dict[str, Any]:
     """The fields of a call that say how to read ``x``: address, dtype, view, size."""
     return {"x": x.data_ptr(), "dtype": dtypes[x.dtype], "nd": access.nd, "sizes": access.sizes,
             "strides": access.strides, "n": x.numel()}  # fmt: skip
 
 
-def _geometry(access: _Access) -> dict:
+def _geometry(access: _Access) -> dict[str, Any]:
     return {"mid": access.mid, "inner": access.inner, "gs": access.gs}
 
 
-def _noise(bits: int, seed: int | None, codes: torch.Tensor) -> dict:
+def _noise(bits: int, seed: int | None, codes: torch.Tensor) -> dict[str, Any]:
     return {"bits": bits, "stochastic": seed is not None, "seed": 0 if seed is None else seed,
             "codes": codes.data_ptr()}  # fmt: skip
 
