@@ -193,9 +193,7 @@ class Engine:
         stack = self._stack()
         if not stack:  # the outermost module of the tree to run starts the call (Rule [ Scope ])
             graph = self._begin_graph(module)
-            begun = None if graph is not None else self._begin(module)
-            store, hooks = begun if begun is not None else (None, None)
-            stack.append(_Call(store, hooks, graph))
+            stack.append(_Call(None, graph=graph) if graph is not None else self._begin(module))
         call = stack[-1]
         call.depth += 1
         if call.forward is not None:
@@ -300,12 +298,12 @@ class Engine:
             return False
         return True
 
-    def _begin(self, module: nn.Module) -> tuple[ForwardStore, contextlib.ExitStack] | None:
-        """Start a call of the tree at ``module``: activate the hooks, or not (Rules [ Scope ] and
-        [ Other hooks ])."""
+    def _begin(self, module: nn.Module) -> _Call:
+        """Start an eager call of the tree at ``module``: a store with the hooks on, or none
+        when the call is not compressed (Rules [ Scope ] and [ Other hooks ])."""
         root = self._root()
         if root is None or not self._in_scope(module):
-            return None
+            return _Call(None)
         params = {storage_ptr(t) for t in chain(root.parameters(), root.buffers()) if t.numel() > 0}
         sharded = any(_sharded(p) for p in root.parameters())
         frozen: set[tuple[int, ...]] = set()
@@ -322,7 +320,7 @@ class Engine:
         # what score chains add, and where SDPA runs (rules [ Quantized ], [ Probabilities ])
         if not store.compiled:
             store.capture = hooks.enter_context(scores.Capture())
-        return store, hooks
+        return _Call(store, hooks)
 
     # -- pack / unpack -----------------------------------------------------------------
 
