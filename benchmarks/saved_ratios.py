@@ -22,18 +22,18 @@ import torchmesa
 from torchmesa.apps.benchmark import CONFIGS
 from torchmesa.apps.models import SPECS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import grad_cosines  # noqa: E402  (the suite's near-zero rule, docs/fidelity.md)
+
 DEFAULT_RUNS = [("deit-s", "fp32", 8), ("deit-s", "bf16", 8), ("hf-gpt2", "fp32", 1)]
 SETTINGS = ("exact", "torchmesa-dynamic", "torchmesa", "torchmesa-4bit")
 
 
-NEAR_ZERO = 0.02  # gradients below 2 % of the typical one per element (docs/fidelity.md)
-
-
 def saved(
     model_name: str, precision: str, batch_size: int, config: str, grads: bool
-) -> tuple[dict, dict[str, torch.Tensor]]:
+) -> tuple[dict, torch.nn.Module | None]:
     """One training-mode forward under ``track()`` (by kind of storage, in bytes) and, with
-    ``grads``, its backward's parameter gradients (weights, batch and dropout seeded alike)."""
+    ``grads``, the model after its backward (weights, batch and dropout seeded alike)."""
     spec = SPECS[model_name]
     torch.manual_seed(0)
     model = spec.build()
@@ -47,27 +47,11 @@ def saved(
         loss = spec.loss(model, batch)
     kept = {k: {"tensors": v.tensors, "exact_bytes": v.exact_bytes, "stored_bytes": v.stored_bytes}
             for k, v in t.kept().items()}  # fmt: skip
-    gradients = {}
     if grads:
         loss.backward()
-        gradients = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
     del loss
-    return {"exact_bytes": t.exact_bytes, "stored_bytes": t.stored_bytes, "kept": kept}, gradients
-
-
-def worst_cosine(exact: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> tuple:
-    """The lowest per-parameter gradient cosine and its parameter, gradients below
-    ``NEAR_ZERO`` of the model's typical gradient per element left out."""
-    numel = sum(g.numel() for g in exact.values())
-    typical = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in exact.values()])))
-    typical /= numel**0.5
-    worst = (1.0, "")
-    for name, g in exact.items():
-        if float(g.norm()) / g.numel() ** 0.5 < NEAR_ZERO * typical:
-            continue
-        cosine = float(torch.nn.functional.cosine_similarity(g.flatten(), other[name].flatten(), 0))
-        worst = min(worst, (cosine, name))
-    return worst
+    figures = {"exact_bytes": t.exact_bytes, "stored_bytes": t.stored_bytes, "kept": kept}
+    return figures, model if grads else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,17 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for model_name, precision, batch_size in runs:
-        exact_grads: dict[str, torch.Tensor] = {}
+        exact_model = None
         for config in SETTINGS:
             row = {"model": model_name, "precision": precision, "batch": batch_size}
-            figures, gradients = saved(model_name, precision, batch_size, config, args.grads)
+            figures, model = saved(model_name, precision, batch_size, config, args.grads)
             row.update(config=config, **figures)
             if config == "exact":
-                exact_grads = gradients
-            elif args.grads:
-                row["worst_grad_cosine"], row["worst_grad_parameter"] = worst_cosine(
-                    exact_grads, gradients
-                )
+                exact_model = model
+            elif model is not None and exact_model is not None:
+                cosines = grad_cosines(exact_model, model)
+                worst = min(cosines, key=lambda name: cosines[name][0])
+                row["worst_grad_cosine"], row["worst_grad_parameter"] = cosines[worst][0], worst
             rows.append(row)
         exact = rows[-len(SETTINGS)]["stored_bytes"]
         for row in rows[-len(SETTINGS) :]:
