@@ -29,7 +29,7 @@ class EMARange(RangeStore):
 def arithmetic(request, monkeypatch):
     """Every test runs twice: per-group arithmetic in the C kernels, then in torch ops."""
     if request.param == "torch":
-        monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)
+        monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "reference")
     elif not quant.cpu.available():
         pytest.skip("no C compiler for the kernels")
     return request.param

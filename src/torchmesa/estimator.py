@@ -195,7 +195,7 @@ class RangeEstimator(Protocol):
     ) -> Estimate: ...
 
 
-class OwnRanges:
+class DynamicRanges:
     """``"dynamic"``: each group's own range in this batch; nothing is ever clipped."""
 
     def quantize(
@@ -208,7 +208,7 @@ class OwnRanges:
         return Estimate(q, nonfinite, overflows, None)
 
 
-class MovingRanges:
+class EmaRanges:
     """``"ema"``: Mesa's running estimate, moved by the batch before it quantizes it; a
     new site (or one whose tensor changed shape) starts from the batch's own ranges."""
 
@@ -219,7 +219,7 @@ class MovingRanges:
         return _running(t, job, state, delayed=False)
 
 
-class DelayedRanges(MovingRanges):
+class DelayedRanges(EmaRanges):
     """``"delayed"``: quantize with the estimate from before the batch, measuring the
     batch in the same pass; until every group was seen finite, as ``"ema"``."""
 
@@ -248,7 +248,7 @@ def _running(t: torch.Tensor, job: Quantizing, state: quant.RangeState, delayed:
 
 
 ESTIMATORS: dict[Estimator, RangeEstimator] = {
-    "dynamic": OwnRanges(),
-    "ema": MovingRanges(),
+    "dynamic": DynamicRanges(),
+    "ema": EmaRanges(),
     "delayed": DelayedRanges(),
 }

@@ -54,14 +54,6 @@ def _ranges(x, layout, bits, zero_min=False):
     return lo, reference.scale_of(hi - lo, bits)
 
 
-class _TorchArithmetic(cpu.CpuBackend):
-    """The C kernels for statistics and codes, the reference's torch ops for the small
-    per-group arithmetic (span flags, the running estimate)."""
-
-    span_flags = staticmethod(reference.span_flags)
-    ema_step = staticmethod(reference.ema_step)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,granularity", CASES)
 def test_statistics_codes_and_values_are_bitwise_those_of_the_reference(shape, granularity, dtype):
@@ -303,7 +295,7 @@ def test_own_range_quantization_is_the_same_without_the_kernels(granularity, mon
     x[1, 2, 3, 4] = float("inf")
     layout = reference.GroupLayout.of(x.shape, granularity)
     fused, lo, hi = quant.quantize_dynamic(x, layout, bits=4)
-    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)  # a GPU without Triton
+    monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "reference")  # a GPU without Triton
     plain, lo_ref, hi_ref = quant.quantize_dynamic(x, layout, bits=4)
     assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
     torch.testing.assert_close(fused.scale, plain.scale, equal_nan=True, rtol=0, atol=0)
@@ -425,9 +417,12 @@ def test_a_running_step_in_one_call_is_the_step_made_of_parts(
         fused = quant.running_step(x, layout, state, 0.9, delayed=delayed, bits=bits)
         # the same step from its parts: statistics and codes in C, span flags and the
         # estimate in torch ops
-        parts = reference.Reference.running_step(
-            _TorchArithmetic(), x, layout, state, 0.9, delayed, bits, "nearest", None, True
-        )
+        with monkeypatch.context() as m:
+            m.delitem(quant.dispatch.SPAN_FLAGS.fused, "cpu")
+            m.delitem(quant.dispatch.EMA_STEP.fused, "cpu")
+            parts = quant.dispatch.running_step_from_parts(
+                x, layout, state, 0.9, delayed, bits, "nearest", None, True
+            )
         assert fused.q.prepared is not None and parts.q.prepared is not None
         assert torch.equal(fused.q.codes, parts.q.codes)
         for got, want in (
@@ -511,7 +506,7 @@ def test_masks_pack_to_the_references_bits_and_back(shape, dtype):
 def test_mask_packing_is_the_same_without_the_kernels(monkeypatch):
     x = (torch.rand(3, 4099) > 0.5).float() * 2.0
     fused = quant.pack_two_level(x, torch.tensor(2.0))
-    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)
+    monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "reference")
     plain = quant.pack_two_level(x, torch.tensor(2.0))
     assert torch.equal(fused.bits, plain.bits)
     assert torch.equal(quant.unpack_mask(plain), x)  # the reference's unpacking
@@ -527,7 +522,7 @@ def test_additive_attention_masks_come_back_exact_with_and_without_the_kernels(
     c = quant.two_level_value(x)
     assert c is not None and float(c) == value
     fused = quant.unpack_mask(quant.pack_two_level(x, c))
-    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)
+    monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "reference")
     plain = quant.unpack_mask(quant.pack_two_level(x, quant.two_level_value(x)))
     assert torch.equal(fused, x) and torch.equal(plain, x)  # 0 * -inf would be NaN
 

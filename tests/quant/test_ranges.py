@@ -84,7 +84,7 @@ def test_dispatch_uses_c_on_the_cpu_and_torch_elsewhere(monkeypatch):
     lo, hi = torch.tensor([0.0]), torch.tensor([1.0])
     state = quant.RangeState(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.bool))
     assert isinstance(quant.ema_step(lo, hi, state, 0.9).clipped, int)  # C: a host count
-    monkeypatch.setattr(quant, "backend_for", lambda t: quant.REFERENCE)
+    monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "reference")
     step = quant.ema_step(lo, hi, state, 0.9)
     assert isinstance(step.clipped, torch.Tensor) and step.all_seen is None
     assert quant.span_flags(lo, hi) == (False, False)

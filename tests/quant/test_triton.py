@@ -78,21 +78,26 @@ def test_dispatch_uses_kernels_only_for_cuda():
     layout = reference.GroupLayout.of(x.shape, PerChannelGroup(group_size=1))
     lo, hi = reference.group_minmax(x, layout)
     q = quant.quantize(x, layout, lo, hi - lo, bits=8)
-    assert q.codes.device.type == "cpu" and quant.backend_for(x) is not kernels.BACKEND
+    assert q.codes.device.type == "cpu" and quant.dispatch.backend_of(x) != "triton"
     if torch.cuda.is_available():
-        assert quant.backend_for(x.cuda()) is kernels.BACKEND
+        assert quant.dispatch.backend_of(x.cuda()) == "triton"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_dispatch_wires_every_call_to_the_kernels(monkeypatch, bits):
     # where CUDA is missing, route CPU tensors to the kernels (interpreted) as CUDA ones go
-    monkeypatch.setattr(quant, "backend_for", lambda t: kernels.BACKEND)
-    monkeypatch.setattr(kernels.TritonBackend, "serves", lambda self, t: t.numel() > 0)
+    monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "triton")
+    monkeypatch.setattr(kernels, "DEVICES", ("cuda", "cpu"))
     calls = []
-    for name in ("group_minmax", "quantize_codes", "quantize_codes_and_minmax"):
-        real = getattr(kernels, name)
+    stats = quant.dispatch.GROUP_MINMAX.fused["triton"]
+    for owner, attr, name in (
+        (stats, "run", "group_minmax"),
+        (kernels, "quantize_codes", "quantize_codes"),
+        (kernels, "quantize_codes_and_minmax", "quantize_codes_and_minmax"),
+    ):
+        real = getattr(owner, attr)
         monkeypatch.setattr(
-            kernels, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k)
+            owner, attr, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k)
         )
     x = torch.randn(3, 4, 33, device=DEVICE)
     layout = reference.GroupLayout.of(x.shape, PerHead())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import block_input
 
+from torchmesa import quant
 from torchmesa.quant import blocks
 from torchmesa.quant import triton as kernels
 from torchmesa.quant.layout import BlockLayout
@@ -53,12 +54,20 @@ def test_stochastic_codes_are_seeded_and_unbiased():
     assert (mean - x[0]).norm() < 0.5 * (nearest - x[0]).norm()
 
 
-def test_rows_not_a_multiple_of_8_use_the_reference():
-    backend = kernels.BACKEND
-    x = torch.randn(4, 45)
-    layout = BlockLayout.of(x.shape, 32, "fp16", False)
-    q, *_ = backend.quantize_blocks(x, layout, 4, "nearest", None)
-    assert torch.equal(q.codes, blocks.quantize_blocks(x, layout, 4)[0].codes)
+def test_rows_not_a_multiple_of_8_use_the_reference(monkeypatch):
+    # route tensors to Triton as CUDA ones go, and count the kernel's launches
+    monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "triton")
+    monkeypatch.setattr(kernels, "DEVICES", ("cuda", DEVICE))
+    launched = []
+    fused = quant.dispatch.QUANTIZE_BLOCKS.fused["triton"]
+    real = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a: launched.append(a[0].shape[-1]) or real(*a))
+    for channels in (45, 48):
+        x = torch.randn(4, channels, device=DEVICE)
+        layout = BlockLayout.of(x.shape, 32, "fp16", False)
+        q, *_ = quant.quantize_blocks(x, layout, bits=4)
+        assert torch.equal(q.codes, blocks.quantize_blocks(x, layout, 4)[0].codes)
+    assert launched == [48]
 
 
 def test_strided_inputs_are_read_in_logical_order():

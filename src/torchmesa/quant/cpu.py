@@ -37,13 +37,15 @@ from torchmesa.quant.geometry import geometry
 from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.records import (
     BlockCodes,
+    CodesAndStats,
     EmaStep,
     PackedMask,
     QuantizedTensor,
+    QuantizedWithStats,
     RangeState,
     RunningStep,
 )
-from torchmesa.quant.reference import Reference, kernel_seed
+from torchmesa.quant.reference import kernel_seed
 from torchmesa.tensors import is_dense
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -178,43 +180,27 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     return lo, hi
 
 
-def quantize_codes(
-    x: torch.Tensor,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    seed: int | None = None,
-) -> torch.Tensor:
+def quantize_codes(x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, scale: torch.Tensor,
+        bits: int, seed: int | None = None) -> torch.Tensor:  # fmt: skip
     """Codes as the reference computes them; 8-bit codes keep ``x``'s strides, narrower
     ones are packed flat in logical order. ``seed`` set: stochastic rounding."""
-    return _quantize(x, layout, shift, scale, bits, seed, stats=False)[0]
+    return codes_and_stats(x, layout, shift, scale, bits, seed, stats=False)[0]
 
 
-def quantize_codes_and_minmax(
-    x: torch.Tensor,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    seed: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_codes_and_minmax(x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor,
+        scale: torch.Tensor, bits: int,
+        seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Delayed scaling in one pass: the codes of :func:`quantize_codes` under ranges known
     before the batch, and the batch's own per-group min and max (as :func:`group_minmax`)."""
-    codes, lo, hi = _quantize(x, layout, shift, scale, bits, seed, stats=True)
+    codes, lo, hi = codes_and_stats(x, layout, shift, scale, bits, seed, stats=True)
     assert lo is not None and hi is not None
     return codes, lo, hi
 
 
-def _quantize(
-    x: torch.Tensor,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    seed: int | None,
-    stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def codes_and_stats(
+        x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, scale: torch.Tensor,
+        bits: int, seed: int | None, stats: bool) -> CodesAndStats:  # fmt: skip
+    """Codes with the given steps and, with ``stats``, the batch's per-group min and max."""
     access = _access(x, layout, bits)
     out = _codes_out(x, access, bits)
     shift, scale = _fp32(shift), _fp32(scale)
@@ -280,7 +266,7 @@ def quantize_running(
 
 
 def rows_per_block(layout: GroupLayout, bits: int) -> int:
-    """Rows :func:`quantize_own_ranges` reads per block in one pass: as many as fit, a
+    """Rows :func:`quantize_dynamic_codes` reads per block in one pass: as many as fit, a
     whole number of bytes of codes; 0 when rows are too long for a block (or the layout
     is not per token), and two passes serve them. Rows that fit a small block take one
     (a bf16 block converted to fp32 then stays in L1: 8-12% faster), longer ones a large."""
@@ -292,7 +278,7 @@ def rows_per_block(layout: GroupLayout, bits: int) -> int:
     return block // (unit * layout.channels) * unit
 
 
-def quantize_own_ranges(
+def quantize_dynamic_codes(
     x: torch.Tensor, layout: GroupLayout, bits: int, seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantization with each group's own range in this batch, in one C call: codes as
@@ -345,15 +331,8 @@ class DequantizeJob(NamedTuple):
     params: tuple[torch.Tensor, torch.Tensor]  # kept alive: ``call`` points into them
 
 
-def dequantize_job(
-    codes: torch.Tensor,
-    shape: torch.Size,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-) -> DequantizeJob:
+def dequantize_job(codes: torch.Tensor, shape: torch.Size, layout: GroupLayout, shift: torch.Tensor,
+        scale: torch.Tensor, bits: int, dtype: torch.dtype) -> DequantizeJob:  # fmt: skip
     """Prepare :func:`run_dequantize` for these codes (see :func:`dequantize_codes`)."""
     stride = codes.stride() if bits == 8 else _contiguous_stride(shape)
     access = _cached_access(shape, stride, layout, bits != 8)
@@ -373,15 +352,9 @@ def run_dequantize(job: DequantizeJob) -> torch.Tensor:
     return out
 
 
-def dequantize_codes(
-    codes: torch.Tensor,
-    shape: torch.Size,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def dequantize_codes(codes: torch.Tensor, shape: torch.Size, layout: GroupLayout,
+        shift: torch.Tensor, scale: torch.Tensor, bits: int,
+        dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """``code * scale + shift`` in fp32, returned in ``dtype`` with the codes' strides
     (8 bits) or contiguous (packed codes)."""
     return run_dequantize(dequantize_job(codes, shape, layout, shift, scale, bits, dtype))
@@ -416,11 +389,11 @@ def unpack_nonzero(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
     return out
 
 
-def two_level_value(x: torch.Tensor) -> float | None:
-    """:func:`quant.two_level_value` as a float, in one read that usually stops at once."""
+def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
+    """:func:`quant.two_level_value` in one read that usually stops at once."""
     access = _access(x, _ONE_GROUP, 8)
     c = library.load().tm_two_level(Call(**_input(x, access, DTYPES)))
-    return None if math.isnan(c) else c
+    return None if math.isnan(c) else torch.tensor(c, dtype=x.dtype)
 
 
 def scale_of(width: torch.Tensor, bits: int) -> torch.Tensor:
@@ -441,13 +414,8 @@ def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
     return bool(flags & 1), bool(flags & 2)
 
 
-def ema_step(
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    state: RangeState,
-    decay: float,
-    used: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> EmaStep:
+def ema_step(lo: torch.Tensor, hi: torch.Tensor, state: RangeState, decay: float,
+        used: tuple[torch.Tensor, torch.Tensor] | None = None) -> EmaStep:  # fmt: skip
     """:func:`reference.ema_step` for CPU tensors of shape ``(G,)``, bit for bit, in one
     call; the counts come back as Python ints (no device to wait for)."""
     lo, hi, shift, width = _fp32(lo), _fp32(hi), _fp32(state.shift), _fp32(state.range)
@@ -505,124 +473,71 @@ def dequantize_blocks(q: BlockCodes) -> torch.Tensor:
     return out
 
 
-class CpuBackend(Reference):
-    """The fused C kernels for CPU tensors; what they do not serve (fp64 is never asked,
-    but an empty tensor or more than ``MAX_DIMS`` long dims is) runs in the reference."""
-
-    name = "cpu"
-
-    def group_minmax(
-        self, x: torch.Tensor, layout: GroupLayout
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if supports(x):
-            return group_minmax(x, layout)
-        return super().group_minmax(x, layout)
-
-    # the per-group arithmetic: always C here (the selector picked this backend because
-    # the tensors are on the CPU)
-    scale_of = staticmethod(scale_of)
-    span_flags = staticmethod(span_flags)
-    ema_step = staticmethod(ema_step)
-
-    def quantize(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        shift: torch.Tensor,
-        width: torch.Tensor,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-        stats: bool,
-    ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
-        if not supports(x):
-            return super().quantize(x, layout, shift, width, bits, rounding, generator, stats)
-        scale = scale_of(width, bits)
-        seed = kernel_seed(rounding, generator, x.device)
-        codes, lo, hi = _quantize(x, layout, shift, scale, bits, seed, stats)
-        return _record(codes, shift, scale, layout, x, bits), lo, hi
-
-    def quantize_dynamic(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-    ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
-        if not supports(x):
-            return super().quantize_dynamic(x, layout, bits, rounding, generator)
-        seed = kernel_seed(rounding, generator, x.device)
-        codes, lo, hi, scale = quantize_own_ranges(x, layout, bits, seed)
-        return _record(codes, lo, scale, layout, x, bits), lo, hi
-
-    def running_step(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        state: RangeState,
-        decay: float,
-        delayed: bool,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-        flags: bool,
-    ) -> RunningStep:
-        """One C call (the span flags are always computed: they cost nothing here)."""
-        if not (supports(x) and state.shift.device.type == "cpu"):
-            return super().running_step(
-                x, layout, state, decay, delayed, bits, rounding, generator, flags
-            )
-        seed = kernel_seed(rounding, generator, x.device)
-        r = quantize_running(x, layout, state, decay, bits, seed, delayed)
-        shift = state.shift if delayed else r.step.shift
-        q = _record(r.codes, shift, r.scale, layout, x, bits)
-        return RunningStep(q, r.lo, r.hi, r.step, r.nonfinite, r.overflows)
-
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        if isinstance(q.prepared, DequantizeJob):
-            return run_dequantize(q.prepared)
-        if supports_codes(q.codes, q.bits):
-            return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
-        return super().dequantize(q)
-
-    def quantize_blocks(
-        self,
-        x: torch.Tensor,
-        layout: BlockLayout,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-    ) -> tuple[BlockCodes, bool, bool]:
-        if not supports(x):
-            return super().quantize_blocks(x, layout, bits, rounding, generator)
-        return quantize_blocks(x, layout, bits, kernel_seed(rounding, generator, x.device))
-
-    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor:
-        if q.codes.device.type == "cpu" and q.dtype in DTYPES and q.shape.numel() and available():
-            return dequantize_blocks(q)
-        return super().dequantize_blocks(q)
-
-    def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
-        if supports_mask(x):
-            return PackedMask(pack_nonzero(x), x.shape, value)
-        return super().pack_mask(x, value)
-
-    def unpack_mask(self, packed: PackedMask) -> torch.Tensor:
-        dtype = torch.bool if packed.value is None else packed.value.dtype
-        if dtype in MASK_DTYPES:
-            value = 1.0 if packed.value is None else float(packed.value)
-            return unpack_nonzero(packed.bits, packed.shape, dtype, value)
-        return super().unpack_mask(packed)
-
-    def two_level_value(self, x: torch.Tensor) -> torch.Tensor | None:
-        if supports(x):
-            c = two_level_value(x)
-            return None if c is None else torch.tensor(c, dtype=x.dtype)
-        return super().two_level_value(x)
+def serves_codes(q: QuantizedTensor) -> bool:
+    """Whether :func:`dequantize` serves ``q``: codes these kernels wrote (their call
+    prepared), or dense CPU codes."""
+    return isinstance(q.prepared, DequantizeJob) or supports_codes(q.codes, q.bits)
 
 
-def _record(
+def serves_blocks(q: BlockCodes) -> bool:
+    """Whether :func:`dequantize_blocks` serves ``q``: non-empty CPU codes of a float dtype."""
+    return q.codes.device.type == "cpu" and q.dtype in DTYPES and q.shape.numel() > 0
+
+
+def serves_running(x: torch.Tensor, layout: GroupLayout, state: RangeState, *_: object) -> bool:
+    """Whether :func:`running_step` serves: ``x`` and the running estimate on the CPU."""
+    return supports(x) and state.shift.device.type == "cpu"
+
+
+def serves_mask(x: torch.Tensor, *_: object) -> bool:
+    return supports_mask(x)
+
+
+def serves_packed(packed: PackedMask) -> bool:
+    """Whether :func:`unpack_mask` serves: a bool mask, or a float dtype's two levels."""
+    return packed.value is None or packed.value.dtype in MASK_DTYPES
+
+
+def quantize_dynamic(x: torch.Tensor, layout: GroupLayout, bits: int, rounding: Rounding,
+        generator: torch.Generator | None) -> QuantizedWithStats:  # fmt: skip
+    """:func:`torchmesa.quant.quantize_dynamic` in one call."""
+    seed = kernel_seed(rounding, generator, x.device)
+    codes, lo, hi, scale = quantize_dynamic_codes(x, layout, bits, seed)
+    return record(codes, lo, scale, layout, x, bits), lo, hi
+
+
+def running_step(x: torch.Tensor, layout: GroupLayout, state: RangeState, decay: float,
+        delayed: bool, bits: int, rounding: Rounding, generator: torch.Generator | None,
+        flags: bool) -> RunningStep:  # fmt: skip
+    """:func:`torchmesa.quant.running_step` in one call (the span flags are always
+    computed: they cost nothing here)."""
+    seed = kernel_seed(rounding, generator, x.device)
+    r = quantize_running(x, layout, state, decay, bits, seed, delayed)
+    shift = state.shift if delayed else r.step.shift
+    q = record(r.codes, shift, r.scale, layout, x, bits)
+    return RunningStep(q, r.lo, r.hi, r.step, r.nonfinite, r.overflows)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """:func:`torchmesa.quant.dequantize` in one call, prepared at pack time where it can be."""
+    if isinstance(q.prepared, DequantizeJob):
+        return run_dequantize(q.prepared)
+    return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
+
+
+def pack_mask(x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
+    """A bool ``x`` (``value`` None), or ``x != 0`` for zeros and ``value``, in 1 bit."""
+    return PackedMask(pack_nonzero(x), x.shape, value)
+
+
+def unpack_mask(packed: PackedMask) -> torch.Tensor:
+    """The tensor :func:`pack_mask` was given, contiguous."""
+    dtype = torch.bool if packed.value is None else packed.value.dtype
+    value = 1.0 if packed.value is None else float(packed.value)
+    return unpack_nonzero(packed.bits, packed.shape, dtype, value)
+
+
+def record(
     codes: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
@@ -637,6 +552,3 @@ def _record(
     q.prepared = job
     q.shift, q.scale = job.params  # the fp32 copies the job points to, if converted
     return q
-
-
-BACKEND = CpuBackend()

@@ -37,6 +37,13 @@
 #include <omp.h>
 #endif
 
+/* Declares this thread's index in its team and the team's size (0 and 1 without OpenMP). */
+#ifdef _OPENMP
+#define TEAM(t, nt) int t = omp_get_thread_num(), nt = omp_get_num_threads()
+#else
+#define TEAM(t, nt) int t = 0, nt = 1
+#endif
+
 enum { F32 = 0, BF16 = 1, F16 = 2, U8 = 3 }; /* U8: bool, each byte 0 or 1 */
 #define BLOCK 4096 /* elements per work unit; a multiple of every codes-per-byte */
 #define ROWS_BLOCK (4 * BLOCK) /* per-channel statistics: four whole rows up to BLOCK wide */
@@ -311,11 +318,7 @@ static void k_cols_minmax(const void *x, int dtype, int nd, const int64_t *sz, c
     float *lo = part + (int64_t)3 * nthreads * cols, *hi = lo + cols;
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        TEAM(t, nt);
         float *a = part + (int64_t)t * 3 * cols, *b = a + cols, *nan = b + cols;
         part_init(a, cols);
         int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
@@ -475,11 +478,7 @@ static void k_quantize(const void *x, int dtype, int nd, const int64_t *sz, cons
     int64_t blocks = (n + bsz - 1) / bsz;
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        TEAM(t, nt);
         float *lo = NULL, *hi = NULL, *nan = NULL;
         if (part) {
             lo = part + (int64_t)t * 3 * mid;

@@ -110,6 +110,16 @@ class RangeState(NamedTuple):
     seen: torch.Tensor
 
 
+CodesAndStats = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""What a kernel launch that quantizes returns: the codes and, when asked, the batch's
+per-group min and max."""
+Quantized = tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]
+QuantizedWithStats = tuple[QuantizedTensor, torch.Tensor, torch.Tensor]
+"""A record and the batch's per-group min and max beside it."""
+"""What quantizing under given ranges returns: the record and, when asked, the batch's
+per-group min and max."""
+
+
 class EmaStep(NamedTuple):
     """A running estimate moved by one batch (:func:`torchmesa.quant.reference.ema_step`)."""
 

@@ -35,15 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from torchmesa.config import Rounding
-from torchmesa.quant import blocks
-from torchmesa.quant.layout import BlockLayout, GroupLayout
+from torchmesa.quant.layout import GroupLayout
 from torchmesa.quant.records import (
-    BlockCodes,
     EmaStep,
     PackedMask,
+    Quantized,
     QuantizedTensor,
     RangeState,
-    RunningStep,
     pack_bits,
     unpack_bits,
 )
@@ -207,118 +205,39 @@ def kernel_seed(
     return int(torch.randint(0, 1 << 32, (), generator=generator, device=device))
 
 
-class Reference:
-    """The eager backend: every operation of the numeric core in plain PyTorch, on any
-    device. It is the oracle the fused backends are tested against, and they subclass it:
-    what a fused backend does not serve (a dtype, an empty tensor) runs here, and the
-    composite steps (:meth:`running_step`) call the backend's own parts."""
-
-    name = "reference"
-    group_minmax = staticmethod(group_minmax)
-    scale_of = staticmethod(scale_of)
-    span_flags = staticmethod(span_flags)
-    ema_step = staticmethod(ema_step)
-    two_level_value = staticmethod(two_level_value)
-
-    def quantize(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        shift: torch.Tensor,
-        width: torch.Tensor,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-        stats: bool,
-    ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
-        """Codes under the given ranges, and with ``stats`` the batch's min and max."""
-        scale = scale_of(width, bits)
-        lo = hi = None
-        if stats:
-            lo, hi = group_minmax(x, layout)
-        codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
-        if bits == 8:
-            return QuantizedTensor(codes, shift, scale, layout, x.dtype), lo, hi
-        packed = pack_bits(codes, bits)
-        return QuantizedTensor(packed, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
-
-    def quantize_dynamic(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-    ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
-        """Statistics, then codes with each group's own range (NaN where not finite)."""
-        lo, hi = self.group_minmax(x, layout)
-        width = hi - lo
-        width = width.masked_fill_(~torch.isfinite(width), torch.nan)
-        q = self.quantize(x, layout, lo, width, bits, rounding, generator, stats=False)[0]
-        return q, lo, hi
-
-    def running_step(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        state: RangeState,
-        decay: float,
-        delayed: bool,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-        flags: bool,
-    ) -> RunningStep:
-        """One step of a running estimate from its parts (see quant.running_step)."""
-        if delayed:
-            q, lo, hi = self.quantize(
-                x, layout, state.shift, state.range, bits, rounding, generator, stats=True
-            )
-            assert lo is not None and hi is not None
-        else:
-            lo, hi = self.group_minmax(x, layout)
-        nonfinite, overflows = self.span_flags(lo, hi) if flags else (None, None)
-        used = (state.shift, state.range) if delayed else None
-        step = self.ema_step(lo, hi, state, decay, used)
-        if not delayed:
-            q = self.quantize(x, layout, step.shift, step.marked, bits, rounding, generator, False)[
-                0
-            ]
-        elif nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
-            q.scale.masked_fill_(torch.isnan(step.marked), torch.nan)
-        return RunningStep(q, lo, hi, step, nonfinite, overflows)
-
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        return dequantize_codes(q.unpacked_codes(), q.layout, q.shift, q.scale, q.dtype)
-
-    def quantize_blocks(
-        self,
-        x: torch.Tensor,
-        layout: BlockLayout,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-    ) -> tuple[BlockCodes, bool, bool]:
-        """Block-scaled codes, whether a block held NaN/Inf, whether a step overflowed."""
-        return blocks.quantize_blocks(x, layout, bits, rounding, generator)
-
-    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor:
-        return blocks.dequantize_blocks(q)
-
-    def pack_mask(self, x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
-        """A bool ``x`` (``value`` None), or ``x != 0`` for zeros and ``value``, in 1 bit."""
-        bits = x.view(torch.uint8) if value is None else (x != 0).view(torch.uint8)
-        return PackedMask(pack_bits(bits, 1), x.shape, value)
-
-    def unpack_mask(self, packed: PackedMask) -> torch.Tensor:
-        numel = 1
-        for size in packed.shape:
-            numel *= size
-        mask = unpack_bits(packed.bits, 1, numel).view(packed.shape)
-        if packed.value is None:
-            return mask.bool()
-        out = torch.zeros(packed.shape, dtype=packed.value.dtype, device=mask.device)
-        return out.masked_fill_(mask.bool(), packed.value)  # ``0 * -inf`` would be NaN
+def quantize(x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, width: torch.Tensor,
+             bits: int, rounding: Rounding, generator: torch.Generator | None,
+             stats: bool) -> Quantized:  # fmt: skip
+    """Codes under the given ranges, and with ``stats`` the batch's min and max."""
+    scale = scale_of(width, bits)
+    lo = hi = None
+    if stats:
+        lo, hi = group_minmax(x, layout)
+    codes = quantize_codes(x, layout, shift, scale, bits, rounding, generator)
+    if bits == 8:
+        return QuantizedTensor(codes, shift, scale, layout, x.dtype), lo, hi
+    packed = pack_bits(codes, bits)
+    return QuantizedTensor(packed, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
 
 
-REFERENCE = Reference()
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """The stored activation, back in the dtype that was saved."""
+    return dequantize_codes(q.unpacked_codes(), q.layout, q.shift, q.scale, q.dtype)
+
+
+def pack_mask(x: torch.Tensor, value: torch.Tensor | None) -> PackedMask:
+    """A bool ``x`` (``value`` None), or ``x != 0`` for zeros and ``value``, in 1 bit."""
+    bits = x.view(torch.uint8) if value is None else (x != 0).view(torch.uint8)
+    return PackedMask(pack_bits(bits, 1), x.shape, value)
+
+
+def unpack_mask(packed: PackedMask) -> torch.Tensor:
+    """The tensor :func:`pack_mask` was given, contiguous."""
+    numel = 1
+    for size in packed.shape:
+        numel *= size
+    mask = unpack_bits(packed.bits, 1, numel).view(packed.shape)
+    if packed.value is None:
+        return mask.bool()
+    out = torch.zeros(packed.shape, dtype=packed.value.dtype, device=mask.device)
+    return out.masked_fill_(mask.bool(), packed.value)  # ``0 * -inf`` would be NaN

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import torch
 
-from torchmesa.config import Rounding
 from torchmesa.quant import blocks
 from torchmesa.quant.geometry import logical_geometry, per_param, to_groups
 from torchmesa.quant.layout import BlockLayout, GroupLayout
-from torchmesa.quant.records import BlockCodes, QuantizedTensor
-from torchmesa.quant.reference import FLOAT_DTYPES, Reference, kernel_seed, scale_of
+from torchmesa.quant.records import BlockCodes, CodesAndStats, QuantizedTensor
+from torchmesa.quant.reference import FLOAT_DTYPES
 
 try:
     import triton
@@ -367,14 +366,8 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     return lo, hi
 
 
-def quantize_codes(
-    x: torch.Tensor,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    seed: int | None = None,
-) -> torch.Tensor:
+def quantize_codes(x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, scale: torch.Tensor,
+        bits: int, seed: int | None = None) -> torch.Tensor:  # fmt: skip
     """Codes of ``x`` in one pass: 8-bit ones contiguous in ``x``'s shape, narrower ones
     packed flat in logical order. ``seed`` set: stochastic rounding."""
     if x.numel() == 0:
@@ -384,14 +377,9 @@ def quantize_codes(
     return codes
 
 
-def quantize_codes_and_minmax(
-    x: torch.Tensor,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    seed: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_codes_and_minmax(x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor,
+        scale: torch.Tensor, bits: int,
+        seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Delayed scaling: the codes of ``x`` under the given ranges and the batch's own
     per-group min and max, from the same read of ``x``."""
     if x.numel() == 0:
@@ -401,15 +389,9 @@ def quantize_codes_and_minmax(
     return codes, lo, hi
 
 
-def dequantize_codes(
-    codes: torch.Tensor,
-    shape: torch.Size,
-    layout: GroupLayout,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def dequantize_codes(codes: torch.Tensor, shape: torch.Size, layout: GroupLayout,
+        shift: torch.Tensor, scale: torch.Tensor, bits: int,
+        dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """``code * scale + shift`` in fp32, returned in ``dtype``, contiguous in ``shape``;
     packed codes are unpacked in the same pass."""
     out = torch.empty(shape, dtype=dtype, device=codes.device)
@@ -469,72 +451,30 @@ def dequantize_blocks(q: BlockCodes) -> torch.Tensor:
 
 
 _DTYPES = (*FLOAT_DTYPES, torch.uint8)  # what the kernels read, or the codes they wrote
+DEVICES = ("cuda",)  # where the kernels run (the tests add the interpreter's CPU)
 
 
-class TritonBackend(Reference):
-    """The fused Triton kernels for CUDA tensors (while Triton is installed): statistics,
-    quantize and dequantize; the small per-group arithmetic and masks run in the
-    reference's torch ops, on the device."""
-
-    name = "triton"
-
-    def serves(self, t: torch.Tensor) -> bool:
-        """A CUDA tensor of a float dtype the kernels read (or codes they wrote), with
-        elements."""
-        return t.is_cuda and AVAILABLE and t.numel() > 0 and t.dtype in _DTYPES
-
-    def group_minmax(
-        self, x: torch.Tensor, layout: GroupLayout
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.serves(x):
-            return group_minmax(x, layout)
-        return super().group_minmax(x, layout)
-
-    def quantize(
-        self,
-        x: torch.Tensor,
-        layout: GroupLayout,
-        shift: torch.Tensor,
-        width: torch.Tensor,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-        stats: bool,
-    ) -> tuple[QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
-        if not self.serves(x):
-            return super().quantize(x, layout, shift, width, bits, rounding, generator, stats)
-        scale = scale_of(width, bits)
-        seed = kernel_seed(rounding, generator, x.device)
-        lo = hi = None
-        if stats:
-            codes, lo, hi = quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
-        else:
-            codes = quantize_codes(x, layout, shift, scale, bits, seed)
-        return QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape), lo, hi
-
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        if self.serves(q.codes):
-            return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
-        return super().dequantize(q)
-
-    def quantize_blocks(
-        self,
-        x: torch.Tensor,
-        layout: BlockLayout,
-        bits: int,
-        rounding: Rounding,
-        generator: torch.Generator | None,
-    ) -> tuple[BlockCodes, bool, bool]:
-        """The kernel where rows are a multiple of 8 long (packed codes then never straddle
-        a block's bytes), else the reference."""
-        if not (self.serves(x) and layout.channels % 8 == 0):
-            return super().quantize_blocks(x, layout, bits, rounding, generator)
-        return quantize_blocks(x, layout, bits, kernel_seed(rounding, generator, x.device))
-
-    def dequantize_blocks(self, q: BlockCodes) -> torch.Tensor:
-        if self.serves(q.codes) and q.layout.channels % 8 == 0:
-            return dequantize_blocks(q)
-        return super().dequantize_blocks(q)
+def serves(t: torch.Tensor) -> bool:
+    """A CUDA tensor of a float dtype the kernels read (or codes they wrote), with
+    elements, while Triton is installed."""
+    return t.device.type in DEVICES and AVAILABLE and t.numel() > 0 and t.dtype in _DTYPES
 
 
-BACKEND = TritonBackend()
+def codes_and_stats(
+        x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, scale: torch.Tensor,
+        bits: int, seed: int | None, stats: bool) -> CodesAndStats:  # fmt: skip
+    """Codes with the given steps and, with ``stats``, the batch's per-group min and max."""
+    if stats:
+        return quantize_codes_and_minmax(x, layout, shift, scale, bits, seed)
+    return quantize_codes(x, layout, shift, scale, bits, seed), None, None
+
+
+def record(codes: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, layout: GroupLayout,
+           x: torch.Tensor, bits: int) -> QuantizedTensor:  # fmt: skip
+    """The record of codes the kernels wrote."""
+    return QuantizedTensor(codes, shift, scale, layout, x.dtype, bits, x.shape)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """:func:`torchmesa.quant.dequantize` in one pass."""
+    return dequantize_codes(q.codes, q.shape, q.layout, q.shift, q.scale, q.bits, q.dtype)
