@@ -1,4 +1,4 @@
-"""Engine rules (see NOTE [ Engine rules ] in torchmesa/engine.py), one test per rule."""
+"""Engine rules (see NOTE [ Engine rules ] in torchmesa/decide.py), one test per rule."""
 
 import copy
 import warnings

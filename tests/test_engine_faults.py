@@ -404,8 +404,8 @@ def test_a_pickled_model_loads_as_a_plain_model():
 
 
 def test_a_torch_that_hides_the_active_hooks_is_refused_by_name(monkeypatch):
-    from torchmesa import engine
+    from torchmesa import scope
 
     monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
     with pytest.raises(ImportError, match=r"torchmesa needs torch>=2\.8, found"):
-        engine._require_readable_hooks()
+        scope._require_readable_hooks()
