@@ -10,6 +10,7 @@ from torchmesa.decide import (
     EXACT,
     ROW_RANGES_FROM_TOKENS,
     BlockQuantize,
+    Derive,
     Exact,
     Half,
     LogQuantize,
@@ -20,7 +21,6 @@ from torchmesa.decide import (
     granularity,
     is_activation,
 )
-from torchmesa.derive import Derive
 from torchmesa.formats import FORMATS
 
 CFG = Config()

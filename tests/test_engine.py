@@ -612,7 +612,7 @@ def test_reports_how_each_tensor_is_kept():
 
 
 def test_retain_graph_rebuilds_again_and_nothing_outlives_backward(monkeypatch):
-    from torchmesa.formats import ModuleCall
+    from torchmesa.derive import ModuleCall
 
     calls = []
     rerun = ModuleCall._rerun

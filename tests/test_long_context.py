@@ -19,7 +19,7 @@ from helpers import compare
 from torch import nn
 
 import torchmesa
-from torchmesa import scores
+from torchmesa.derive import scores
 
 pytestmark = pytest.mark.slow
 MIN_COSINE = 0.999

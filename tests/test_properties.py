@@ -13,7 +13,7 @@ from torch import nn
 import torchmesa
 from torchmesa import quant
 from torchmesa.config import PerChannelGroup, PerHead, PerTensor, PerToken
-from torchmesa.formats import DerivedRecord, ModuleCall
+from torchmesa.derive import DerivedRecord, ModuleCall
 from torchmesa.quant import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

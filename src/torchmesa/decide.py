@@ -75,7 +75,7 @@ NOTE [ Engine rules ]
     model drops that cache, so that no model runs a frame compiled without (or with)
     torchmesa's hooks. Each compiled module then compiles once more on its next call.
   [ Derived ] Derive, don't store (``Config(derive=True)``, eager forwards). A norm or
-    activation module (:func:`torchmesa.derive.is_derivable`: a deterministic leaf) whose
+    activation module (:func:`torchmesa.derive.recognise.is_derivable`: a deterministic leaf) whose
     input it saves is the *anchor*: its other saves, and its output where later ops save it,
     are rebuilt in backward by running its ``forward`` again on the restored input, under
     the autocast state of the call, once for all of them, and matched by their order (a
@@ -112,7 +112,7 @@ NOTE [ Engine rules ]
     product, a cast), and drops the result after the last of them and at the end of the
     backward pass. What the chain adds that autograd does not keep is recorded during the
     compressed forward by a pass-through ``TorchFunctionMode``
-    (:class:`torchmesa.scores.Capture`; inside ``scaled_dot_product_attention``'s math path,
+    (:class:`torchmesa.derive.scores.Capture`; inside ``scaled_dot_product_attention``'s math path,
     from the call's arguments) and stored losslessly (a mask in 1 bit, a bias as it is, once
     per forward); if that costs more than storing the probabilities, or an operand changed
     in place before the softmax, or any other op is on the way, the probabilities are stored
@@ -123,7 +123,7 @@ NOTE [ Engine rules ]
 (:func:`is_activation`, :func:`decide`, :func:`decide_operand`); [ Scope ],
 [ Other hooks ], [ Stored once ], [ No grad ], [ Compiled frames ], [ Derived ] and
 [ Probabilities ] are the engine's (the last two with :mod:`torchmesa.derive` and
-:mod:`torchmesa.scores`); [ Non-finite ] is the quantizing format's (it needs the ranges);
+:mod:`torchmesa.derive.scores`); [ Non-finite ] is the quantizing format's (it needs the ranges);
 [ Strides ] is every record's (:class:`torchmesa.formats.Record`); [ Compiled graphs ] is
 the engine's with :mod:`torchmesa.compiled`.
 """
@@ -131,6 +131,7 @@ the engine's with :mod:`torchmesa.compiled`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -213,7 +214,31 @@ class BlockQuantize:
     rounding: Rounding
 
 
-Decision = Exact | Mask | Half | Quantize | LogQuantize | BlockQuantize
+class Source(Protocol):
+    """Something a derived tensor is rebuilt from: ``take()`` gives its values once per
+    use announced with ``add_use()``."""
+
+    def add_use(self) -> None: ...
+
+    def take(self) -> torch.Tensor: ...
+
+
+Step = tuple[Any, ...]
+"""One layout op replayed on the source: ``("transpose", d0, d1)``, ``("permute", dims)``,
+``("t",)``, or ``("view", shape)`` for any op that keeps the row-major order (views,
+reshapes, clones, squeezes: a reshape to the shape it gave)."""
+
+
+@dataclass(frozen=True)
+class Derive:
+    """Rebuild the tensor in backward: ``source``'s values, then ``steps``, then a cast
+    to the saved tensor's dtype and device and a reshape to its shape."""
+
+    source: Source
+    steps: tuple[Step, ...] = ()
+
+
+Decision = Exact | Mask | Half | Quantize | LogQuantize | BlockQuantize | Derive
 EXACT = Exact()
 HALF = Half()
 LOG = LogQuantize()

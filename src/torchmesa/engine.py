@@ -24,7 +24,7 @@ from torch import nn
 
 from torchmesa.config import Config, NormKind, norm_kind
 from torchmesa.derive import is_derivable
-from torchmesa.formats import ModuleCall
+from torchmesa.derive.rerun import module_call
 from torchmesa.policy import Policy
 from torchmesa.scope import Calls, TreeCall
 from torchmesa.store import Frame, Shared, dedup_key
@@ -165,13 +165,7 @@ class Engine:
         store = self.calls.current()
         if own_params and store is not None and store.sharded:
             return
-        inputs = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        inputs += [(k, a) for k, a in kwargs.items() if isinstance(a, torch.Tensor)]
-        if len(inputs) == 1 and type(inputs[0][1]) is torch.Tensor:
-            slot, x = inputs[0]
-            frame.rerun = ModuleCall(
-                module, args, kwargs, slot, dedup_key(x), x.requires_grad, path or "the model"
-            )
+        frame.rerun = module_call(module, args, kwargs, path or "the model", dedup_key)
 
     def _exit(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
         if _compiling():

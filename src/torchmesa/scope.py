@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmesa import compiled, scores
+from torchmesa import compiled
 from torchmesa.config import Config
-from torchmesa.formats.base import in_backward, restored
+from torchmesa.derive import scores
+from torchmesa.records import in_backward, restored
 from torchmesa.store import PROBED, ForwardStore, Shared, probing
 from torchmesa.tensors import storage_ptr
 from torchmesa.track import Tracker

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from torchmesa import quant, scores
+from torchmesa import quant
 from torchmesa.config import Config, NormKind
 from torchmesa.decide import (
     BlockQuantize,
+    Derive,
     Exact,
     Mask,
     Quantize,
@@ -31,19 +32,19 @@ from torchmesa.decide import (
     is_activation,
     unusual_layout,
 )
-from torchmesa.derive import OUTPUT, Derive, Known, trace
-from torchmesa.estimator import RangeStore, Site, Staged
-from torchmesa.formats import (
-    FORMATS,
+from torchmesa.derive import (
+    OUTPUT,
     AnchorRecord,
     DerivedRecord,
-    MaskRecord,
+    Known,
     ModuleCall,
-    QuantizedRecord,
     StoredSource,
-    ViewRecord,
+    scores,
+    trace,
 )
-from torchmesa.formats.base import saved_stride
+from torchmesa.estimator import RangeStore, Site, Staged
+from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord, ViewRecord
+from torchmesa.records import saved_stride
 from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import active_trackers
 
@@ -88,6 +89,80 @@ class Frame:
         self.norm, self.config = norm, config
         self.rerun: ModuleCall | None = None
 
+    def next_site(self) -> Site:
+        """The site of this module's next save."""
+        self.saves += 1
+        return (self.path, self.call, self.saves - 1)
+
+
+class Earlier:
+    """What this forward stored so far, for the saves after it: the records by tensor
+    (rule [ Stored once ]), the codes of dense tensors a later view may be cut from, the
+    producers derived tensors are rebuilt from (rule [ Derived ]) and the operands score
+    chains added (rule [ Probabilities ]). Forgotten when the forward ends."""
+
+    def __init__(self) -> None:
+        self.records: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        self.dense_bases: dict[
+            int, list[tuple[weakref.ref[torch.Tensor], quant.QuantizedTensor | quant.BlockCodes]]
+        ] = {}
+        self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
+        self.operands: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.dense_bases.clear()
+        self.known.clear()
+        self.operands.clear()
+
+    def record(self, key: Key) -> Any | None:
+        """The record of a tensor saved before under ``key``, while that tensor lives."""
+        hit = self.records.get(key)
+        return hit[1] if hit is not None and hit[0]() is not None else None
+
+    def remember(self, key: Key, t: torch.Tensor, stored: Any) -> None:
+        self.records[key] = (weakref.ref(t), stored)
+
+    def operand(self, key: Key) -> Any | None:
+        """A score chain's operand stored before under ``key``: one stored for a chain,
+        or a 1-bit mask a module saved."""
+        hit = self.operands.get(key)
+        if hit is not None and hit[0]() is not None:
+            return hit[1]
+        hit = self.records.get(key)
+        if hit is not None and hit[0]() is not None and isinstance(hit[1], MaskRecord):
+            return hit[1]
+        return None
+
+    def remember_operand(self, key: Key, t: torch.Tensor, stored: Any) -> None:
+        self.operands[key] = (weakref.ref(t), stored)
+
+    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
+        """A view of an earlier quantized dense tensor that holds all of ``t`` (rule
+        [ Stored once ])."""
+        first = int(t.storage_offset())
+        last = first + extent(t.shape, t.stride()) - 1
+        for ref, base in self.dense_bases.get(storage_ptr(t), ()):
+            src = ref()
+            if src is None or src.dtype != t.dtype or src._version != t._version:
+                continue
+            start = int(src.storage_offset())
+            if start <= first and last < start + src.numel():
+                return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
+        return None
+
+    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor | quant.BlockCodes) -> None:
+        """``t``'s codes, for the views inside it saved later (rule [ Stored once ])."""
+        self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
+
+    def add_known(self, t: torch.Tensor, source: Any) -> None:
+        """Record ``t`` as produced by its autograd node (a view's is its own), so that a
+        layout copy or product of it saved later is derived from ``source``."""
+        if t.grad_fn is not None:
+            self.known[(t.grad_fn, t.output_nr)] = Known(
+                weakref.ref(t), t._version, t.numel(), source
+            )
+
 
 class ForwardStore:
     """The pack state of one call of the compressed root, and the pack path itself."""
@@ -108,14 +183,8 @@ class ForwardStore:
         self.compiled = compiled  # a torch.compile-d call, its saves made by compiled graphs
         self.frames: list[Frame] = []
         self.calls: dict[str, int] = {}
-        self.dedup: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
-        self.dense_bases: dict[
-            int, list[tuple[weakref.ref[torch.Tensor], quant.QuantizedTensor | quant.BlockCodes]]
-        ] = {}
+        self.earlier = Earlier()
         self.staged: Staged = {}  # estimates this forward moved, kept if it returns
-        self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
-        # the operands score chains add (rule [ Probabilities ])
-        self.operands: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
 
     # -- the running modules ------------------------------------------------------------
@@ -133,15 +202,12 @@ class ForwardStore:
             return
         rerun = self.frames.pop().rerun
         if rerun is not None and rerun.anchor is not None and isinstance(output, torch.Tensor):
-            self.add_known(output, rerun.want(OUTPUT, output))
+            self.earlier.add_known(output, rerun.want(OUTPUT, output))
 
     def clear(self) -> None:
         """Forget what only this forward may use (rule [ Stored once ]'s table, rule
         [ Derived ]'s producers)."""
-        self.dedup.clear()
-        self.dense_bases.clear()
-        self.known.clear()
-        self.operands.clear()
+        self.earlier.clear()
         if self.capture is not None:
             self.capture.clear()
 
@@ -157,7 +223,7 @@ class ForwardStore:
         ordinal = frame.rerun.next_ordinal() if frame.rerun is not None else None
         if not is_activation(t, self.param_storages, self.frozen_shapes):
             return t
-        site = self.next_site(frame)
+        site = frame.next_site()
         if frame.config is None:  # a module a rule keeps exact
             stored: Any = t
         else:
@@ -183,6 +249,7 @@ class ForwardStore:
         rerun = frame.rerun
         # the input key of a derivable module still waiting for its anchor, else None
         wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
+        stored: Any
         if type(decision) is Exact:
             stored = FORMATS[Exact].pack(t, decision, config, site, self)
             # an unsupported tensor (nested, sparse) may not even have a shape to compare
@@ -190,9 +257,8 @@ class ForwardStore:
         else:
             key = dedup_key(t)
             anchor = key == wanted
-            hit = self.dedup.get(key)
-            if hit is not None and hit[0]() is not None:
-                stored = hit[1]
+            stored = self.earlier.record(key)
+            if stored is not None:
                 if isinstance(stored, DerivedRecord):
                     stored.add_use()
             else:
@@ -218,19 +284,20 @@ class ForwardStore:
         by its decision's format; remembered for the saves after it."""
         if config.derive and not anchor and type(decision) is not Mask:
             decision = self.derivation(t, frame, ordinal) or decision
-        view = self.covering_base(t) if type(decision) in _CODES else None
+        earlier = self.earlier
+        view = earlier.covering_base(t) if type(decision) in _CODES else None
         if view is not None:  # inside an earlier quantized tensor: free
             stored: Any = ViewRecord(view, saved_stride(t))
         else:
             stored = FORMATS[type(decision)].pack(t, decision, config, site, self)
             if isinstance(stored, QuantizedRecord) and is_dense(t):
-                self.add_base(t, stored.q)
-        self.dedup[key] = (weakref.ref(t), stored)
+                earlier.add_base(t, stored.q)
+        earlier.remember(key, t, stored)
         if config.derive and not isinstance(stored, DerivedRecord):
-            self.add_known(t, StoredSource(stored))
+            earlier.add_known(t, StoredSource(stored))
         elif isinstance(decision, Derive) and isinstance(decision.source, scores.ScoresSource):
             # a dropout product or cast of the probabilities is derived from them
-            self.add_known(t, decision.source)
+            earlier.add_known(t, decision.source)
             for tracker in active_trackers():
                 for operand in decision.source.operands:
                     tracker.record_operand(operand, site[0] or self.shared.root_label)
@@ -256,7 +323,8 @@ class ForwardStore:
                 StoredSource,
                 lambda x: is_activation(x, self.param_storages, self.frozen_shapes),
             )
-        return trace(t, self.known, probe_saved, StoredSource) if self.known else None
+        known = self.earlier.known
+        return trace(t, known, probe_saved, StoredSource) if known else None
 
     def store_operand(self, x: torch.Tensor, frame: Frame) -> tuple[Any, int] | None:
         """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
@@ -266,31 +334,20 @@ class ForwardStore:
         if type(x) is not torch.Tensor or unusual_layout(x):
             return None
         key = dedup_key(x)
-        for table in (self.operands, self.dedup):
-            hit = table.get(key)
-            if hit is None or hit[0]() is None:
-                continue
-            if table is self.operands or isinstance(hit[1], MaskRecord):
-                return hit[1], 0
+        earlier = self.earlier.operand(key)
+        if earlier is not None:
+            return earlier, 0
         decision = decide_operand(x)
         if isinstance(decision, Mask):
             assert frame.config is not None
-            site = self.next_site(frame)
+            site = frame.next_site()
             stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, self)
             nbytes = stored.nbytes
         else:
             stored = x.detach().clone()
             nbytes = storage_nbytes(stored)
-        self.operands[key] = (weakref.ref(x), stored)
+        self.earlier.remember_operand(key, x, stored)
         return stored, nbytes
-
-    def add_known(self, t: torch.Tensor, source: Any) -> None:
-        """Record ``t`` as produced by its autograd node (a view's is its own), so that a
-        layout copy or product of it saved later is derived from ``source``."""
-        if t.grad_fn is not None:
-            self.known[(t.grad_fn, t.output_nr)] = Known(
-                weakref.ref(t), t._version, t.numel(), source
-            )
 
     # -- what a storage format may use (formats.Session) --------------------------------
 
@@ -302,28 +359,6 @@ class ForwardStore:
 
     def module_name(self, site: Site) -> str:
         return site[0] or self.shared.root_label
-
-    def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
-        """A view of an earlier quantized dense tensor that holds all of ``t`` (rule
-        [ Stored once ])."""
-        first = int(t.storage_offset())
-        last = first + extent(t.shape, t.stride()) - 1
-        for ref, base in self.dense_bases.get(storage_ptr(t), ()):
-            src = ref()
-            if src is None or src.dtype != t.dtype or src._version != t._version:
-                continue
-            start = int(src.storage_offset())
-            if start <= first and last < start + src.numel():
-                return quant.QuantizedView(base, t.shape, t.stride(), first - start, src.stride())
-        return None
-
-    def add_base(self, t: torch.Tensor, stored: quant.QuantizedTensor | quant.BlockCodes) -> None:
-        """``t``'s codes, for the views inside it saved later (rule [ Stored once ])."""
-        self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
-
-    def next_site(self, frame: Frame) -> Site:
-        frame.saves += 1
-        return (frame.path, frame.call, frame.saves - 1)
 
 
 def dedup_key(t: torch.Tensor) -> Key:

@@ -145,7 +145,7 @@ def test_an_activation_beyond_e8m0_steps_is_kept_exact_with_a_warning():
 
 
 def test_block_record_restores_with_saved_strides_for_a_compiled_backward():
-    from torchmesa.formats.base import laid_out, same_strides
+    from torchmesa.records import laid_out, same_strides
 
     x = torch.randn(8, 64, 96).transpose(1, 2)
     q, _, _ = torchmesa.quant.quantize_blocks(

@@ -6,9 +6,9 @@ from helpers import FormatSession
 
 from torchmesa import Config, quant
 from torchmesa.decide import Quantize, decide
-from torchmesa.engine import Engine
 from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord
-from torchmesa.formats.base import laid_out, same_strides
+from torchmesa.records import laid_out, same_strides
+from torchmesa.scope import Calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -51,5 +51,5 @@ def test_eager_backward_restores_strided_saves_densely():
 
     q = (torch.randn(2, 8, 3, 4, 16) > 0).permute(2, 0, 3, 1, 4)[0]  # (2, 4, 8, 16), strided
     record = MaskRecord(quant.pack_mask(q), q.stride())
-    restored = Engine._unpack(record)
+    restored = Calls.unpack(record)
     assert restored.is_contiguous() and torch.equal(restored, q)

@@ -10,27 +10,20 @@ format class registered here, and its tests (16-bit copies of BatchNorm inputs a
 from __future__ import annotations
 
 from torchmesa.formats.affine import AffineFormat, QuantizedRecord, ViewRecord
-from torchmesa.formats.base import Format, Record, Session
+from torchmesa.formats.base import Format, Session
 from torchmesa.formats.block import BlockFormat
-from torchmesa.formats.derived import (
-    AnchorRecord,
-    DerivedFormat,
-    DerivedRecord,
-    ModuleCall,
-    StoredSource,
-)
+from torchmesa.formats.derived import DerivedFormat
 from torchmesa.formats.exact import ExactFormat
 from torchmesa.formats.half import HalfFormat, HalfRecord
 from torchmesa.formats.logcodes import LogFormat, LogRecord
 from torchmesa.formats.mask import MaskFormat, MaskRecord
+from torchmesa.records import Record
 
 __all__ = [
     "FORMATS",
     "AffineFormat",
-    "AnchorRecord",
     "BlockFormat",
     "DerivedFormat",
-    "DerivedRecord",
     "ExactFormat",
     "Format",
     "HalfFormat",
@@ -39,11 +32,9 @@ __all__ = [
     "LogRecord",
     "MaskFormat",
     "MaskRecord",
-    "ModuleCall",
     "QuantizedRecord",
     "Record",
     "Session",
-    "StoredSource",
     "ViewRecord",
 ]
 

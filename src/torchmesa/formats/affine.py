@@ -11,8 +11,9 @@ from torchmesa import quant
 from torchmesa.config import Config
 from torchmesa.decide import Quantize
 from torchmesa.estimator import ESTIMATORS, Quantizing, Site
-from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.base import Session
 from torchmesa.formats.exact import compact
+from torchmesa.records import Record, saved_stride
 
 
 class QuantizedRecord(Record):

@@ -19,8 +19,9 @@ from torchmesa.config import Config
 from torchmesa.decide import BlockQuantize
 from torchmesa.estimator import Site
 from torchmesa.formats.affine import QuantizedRecord, kept_nonfinite
-from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.base import Session
 from torchmesa.formats.exact import compact
+from torchmesa.records import Record, saved_stride
 
 
 class BlockFormat:

@@ -11,7 +11,8 @@ from torchmesa.config import Config
 from torchmesa.decide import Half
 from torchmesa.estimator import Site
 from torchmesa.formats.affine import nonfinite_error
-from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.base import Session
+from torchmesa.records import Record, saved_stride
 
 
 class HalfRecord(Record):

@@ -11,8 +11,9 @@ from torchmesa.config import Config
 from torchmesa.decide import LogQuantize
 from torchmesa.estimator import Site
 from torchmesa.formats.affine import kept_nonfinite
-from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.base import Session
 from torchmesa.formats.exact import compact
+from torchmesa.records import Record, saved_stride
 
 
 class LogRecord(Record):

@@ -10,7 +10,8 @@ from torchmesa import quant
 from torchmesa.config import Config
 from torchmesa.decide import Mask
 from torchmesa.estimator import Site
-from torchmesa.formats.base import Record, Session, saved_stride
+from torchmesa.formats.base import Session
+from torchmesa.records import Record, saved_stride
 
 
 class MaskRecord(Record):

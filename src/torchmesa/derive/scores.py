@@ -17,7 +17,7 @@ whose ops Python never sees, the call's own arguments give the mask.
 Recognition walks ``P``'s autograd history from the softmax node to the product node and
 gives up (the engine then stores ``P``) at anything it does not know. Products of a
 dropout mask (``P · mask``), casts and views of ``P`` are then derived from it by
-:func:`torchmesa.derive.trace`.
+:func:`torchmesa.derive.recognise.trace`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchmesa.derive import LAYOUT_NODES, Derive, Like, Source, _signed, apply_step, layout_step
+from torchmesa.decide import Derive, Source
+from torchmesa.derive.recognise import LAYOUT_NODES, _signed, layout_step
+from torchmesa.derive.replay import Like, apply_step
+from torchmesa.records import in_backward
 from torchmesa.tensors import is_softmax_output
 
 MAX_CHAIN = 12
@@ -281,8 +284,6 @@ class ScoresSource:
         self.uses += 1
 
     def take(self) -> torch.Tensor:
-        from torchmesa.formats.base import in_backward
-
         if self._ready is None:
             self._ready, self._left = self.rebuild(), self.uses
             if in_backward():

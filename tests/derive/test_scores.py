@@ -1,4 +1,4 @@
-"""Attention probabilities rebuilt from their score product (torchmesa.scores, rule
+"""Attention probabilities rebuilt from their score product (torchmesa.derive.scores, rule
 [ Probabilities ]).
 
 The recipe is tested against the forward's own probabilities with exact operands (it
@@ -18,8 +18,7 @@ from helpers import Lambda, compare
 from torch import nn
 
 import torchmesa
-from torchmesa import scores
-from torchmesa.formats import StoredSource
+from torchmesa.derive import StoredSource, scores
 
 B, H, N, D = 2, 3, 37, 16  # awkward sizes: a prime length, an odd head count
 

@@ -1,11 +1,10 @@
-"""Derived records (torchmesa.formats.derived): running a module again, once per use."""
+"""Module calls run again in backward (torchmesa.derive.rerun), once per use."""
 
 import pytest
 import torch
 from torch import nn
 
-from torchmesa.derive import OUTPUT
-from torchmesa.formats import ModuleCall
+from torchmesa.derive import OUTPUT, ModuleCall
 
 
 def _call(module: nn.Module, x: torch.Tensor) -> ModuleCall:

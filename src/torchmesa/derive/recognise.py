@@ -1,17 +1,9 @@
-"""Derive, don't store: which saved tensors are cheap functions of tensors stored anyway.
+"""Recognition: which saved tensors are cheap functions of tensors stored anyway.
 
-Two kinds of saved tensor are rebuilt in backward instead of stored (engine rule [ Derived ]):
-
-- the saves a *derivable module* (a norm or an activation: a leaf whose forward is a
-  deterministic function of its one input) makes, beyond its input, and its output when
-  later ops save it: the module is run again on its restored input in backward;
-- a *layout copy* of a tensor that is stored or derived: a view, transpose, permute,
-  reshape, clone or cast of it, found by walking the saved tensor's autograd history
-  (``grad_fn``) through such nodes to the node that produced a known tensor;
-- a *product* of two such tensors (a dropout output: its input times its stored mask;
-  SwiGLU's ``silu(gate) * up``), or a layout copy of one.
-
-This module recognises them; :mod:`torchmesa.formats.derived` rebuilds them.
+:func:`is_derivable` says which modules may run again; :func:`trace` walks a saved
+tensor's autograd history (``grad_fn``) through layout ops, casts and products to a
+tensor this forward stored or derives (a :class:`Known` producer), and returns how to
+rebuild it (a :class:`~torchmesa.decide.Derive` decision), or None.
 """
 
 from __future__ import annotations
@@ -19,10 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
+
+from torchmesa.decide import Derive, Source, Step
+from torchmesa.derive.replay import ProductSource
 
 _DERIVABLE_TYPES: tuple[type, ...] = (
     nn.LayerNorm,
@@ -53,11 +48,6 @@ DERIVABLE_SUFFIXES = (
 """Class names of third-party norms and activations treated as derivable (Hugging Face's
 ``NewGELUActivation``, ``LlamaRMSNorm``; timm's ``LayerNorm2d``, ``GELUTanh``)."""
 
-OUTPUT = -1
-"""The ordinal that names a derivable module call's output among its saves."""
-INPUT = -2
-"""The ordinal that names its input, as the module's run in backward restored it."""
-
 
 def is_derivable(module: nn.Module) -> bool:
     """Whether ``module`` computes a deterministic function of its input that is cheap to
@@ -69,30 +59,6 @@ def is_derivable(module: nn.Module) -> bool:
     has_children = next(module.children(), None) is not None
     has_buffers = next(module.buffers(recurse=False), None) is not None
     return not has_children and not has_buffers
-
-
-class Source(Protocol):
-    """Something a derived tensor is rebuilt from: ``take()`` gives its values once per
-    use announced with ``add_use()``."""
-
-    def add_use(self) -> None: ...
-
-    def take(self) -> torch.Tensor: ...
-
-
-Step = tuple[Any, ...]
-"""One layout op replayed on the source: ``("transpose", d0, d1)``, ``("permute", dims)``,
-``("t",)``, or ``("view", shape)`` for any op that keeps the row-major order (views,
-reshapes, clones, squeezes: a reshape to the shape it gave)."""
-
-
-@dataclass(frozen=True)
-class Derive:
-    """Rebuild the tensor in backward: ``source``'s values, then ``steps``, then a cast
-    to the saved tensor's dtype and device and a reshape to its shape."""
-
-    source: Source
-    steps: tuple[Step, ...] = ()
 
 
 _ORDER_KEEPING = frozenset(
@@ -132,24 +98,6 @@ class Known:
 Probe = Callable[[Any, str], Any]
 """``probe(node, "_saved_other")``: the stored object (record or kept tensor) behind one of
 a node's saved tensors, without restoring it; None when it is not the engine's."""
-
-
-class ProductSource:
-    """The elementwise product of two sources (broadcast as the forward broadcast them),
-    times ``scale`` for a fused dropout (``native_dropout``: input × mask / (1 - p))."""
-
-    __slots__ = ("left", "right", "scale")
-
-    def __init__(self, left: Source, right: Source, scale: float | None = None) -> None:
-        self.left, self.right, self.scale = left, right, scale
-
-    def add_use(self) -> None:
-        self.left.add_use()
-        self.right.add_use()
-
-    def take(self) -> torch.Tensor:
-        product = self.left.take() * self.right.take()
-        return product if self.scale is None else product * self.scale
 
 
 def trace(
@@ -262,29 +210,3 @@ def layout_step(node: Any, name: str) -> Step | None:
         return ("t",)
     shape = _shape(node)
     return None if shape is None else ("view", shape)
-
-
-def apply_step(base: torch.Tensor, step: Step) -> torch.Tensor:
-    """``base`` laid out by one step of :func:`layout_step`."""
-    if step[0] == "transpose":
-        return base.transpose(step[1], step[2])
-    if step[0] == "permute":
-        return base.permute(step[1])
-    if step[0] == "view":
-        return base.reshape(step[1])
-    return base.t()
-
-
-Like = tuple[torch.Size, torch.dtype, torch.device]
-"""What a rebuilt tensor must look like: the saved tensor's shape, dtype and device."""
-
-
-def replay(base: torch.Tensor, steps: tuple[Step, ...], like: Like) -> torch.Tensor:
-    """``base`` with ``steps`` applied, cast and reshaped to ``like = (shape, dtype,
-    device)``: the saved tensor's values."""
-    shape, dtype, device = like
-    for step in steps:
-        base = apply_step(base, step)
-    if base.dtype != dtype or base.device != device:
-        base = base.to(device=device, dtype=dtype)
-    return base.reshape(shape)

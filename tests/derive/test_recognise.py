@@ -1,4 +1,5 @@
-"""Recognising derivable tensors (torchmesa.derive): modules, layout copies, products."""
+"""Recognising derivable tensors (torchmesa.derive.recognise): modules, layout copies,
+products."""
 
 import weakref
 
