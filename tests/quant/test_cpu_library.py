@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not cpu_library.available(), reason="no C compil
 
 def test_the_call_struct_matches_the_c_source():
     lib = cpu_library.load()
-    assert lib.tm_call_size() == ctypes.sizeof(cpu_library.Call)
+    assert lib.tm_call_size() == ctypes.sizeof(cpu_library.KernelCall)
     exported = {name for name in cpu_library.RETURNS}
     source = cpu_library.SOURCE.read_text()
     for name in exported:
@@ -29,7 +29,7 @@ def test_every_field_reaches_c_in_its_place():
     # tm_scale reads range, groups and bits and writes scale: nothing else is set
     rng = torch.tensor([255.0, 0.0, 510.0])
     scale = torch.empty(3)
-    call = cpu_library.Call(range=rng.data_ptr(), groups=3, bits=8, scale=scale.data_ptr())
+    call = cpu_library.KernelCall(range=rng.data_ptr(), groups=3, bits=8, scale=scale.data_ptr())
     cpu_library.load().tm_scale(call)
     assert torch.equal(scale, quant.reference.scale_of(rng, 8))
 

@@ -98,7 +98,7 @@ class Operand:
 
 
 @dataclass(frozen=True)
-class Call:
+class WatchedCall:
     """One call of a watched op: its function and its tensor and number arguments, in order."""
 
     func: Any
@@ -127,7 +127,7 @@ class Capture(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: dict[tuple[Any, int], Call] = {}
+        self.calls: dict[tuple[Any, int], WatchedCall] = {}
         self.sdpa: list[SdpaCall] = []
 
     def __torch_function__(
@@ -151,7 +151,7 @@ class Capture(TorchFunctionMode):
         operands = tuple(Operand.of(v) for v in values if isinstance(v, (torch.Tensor, int, float)))
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            self.calls[(out.grad_fn, out.output_nr)] = Call(func, operands)
+            self.calls[(out.grad_fn, out.output_nr)] = WatchedCall(func, operands)
         return out
 
     def clear(self) -> None:
@@ -630,7 +630,7 @@ def _is_bool(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.bool
 
 
-def _others(call: Call | None, scores: Edge) -> list[Any] | None:
+def _others(call: WatchedCall | None, scores: Edge) -> list[Any] | None:
     """The operands of a recorded call other than the scores (the one whose autograd node
     is ``scores``); None if any is gone or changed in place since."""
     if call is None:

@@ -32,7 +32,7 @@ import torch
 from torchmesa.config import Rounding
 from torchmesa.quant import cpu_library as library
 from torchmesa.quant.blocks import hadamard_signs
-from torchmesa.quant.cpu_library import Call
+from torchmesa.quant.cpu_library import KernelCall
 from torchmesa.quant.geometry import geometry
 from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.records import (
@@ -174,7 +174,7 @@ def group_minmax(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, to
     access = _access(x, layout, 8)
     lo = torch.empty(layout.num_groups)
     hi = torch.empty(layout.num_groups)
-    call = Call(**_input(x, access, DTYPES), **_geometry(access), lo=lo.data_ptr(),
+    call = KernelCall(**_input(x, access, DTYPES), **_geometry(access), lo=lo.data_ptr(),
                 hi=hi.data_ptr(), threads=_threads(x.numel()))  # fmt: skip
     library.load().tm_minmax(call)
     return lo, hi
@@ -207,7 +207,7 @@ def codes_and_stats(
     lo = hi = None
     if stats:
         lo, hi = torch.empty(layout.num_groups), torch.empty(layout.num_groups)
-    call = Call(**_input(x, access, DTYPES), **_geometry(access), **_noise(bits, seed, out),
+    call = KernelCall(**_input(x, access, DTYPES), **_geometry(access), **_noise(bits, seed, out),
                 shift=shift.data_ptr(), scale_in=scale.data_ptr(), lo=_ptr(lo), hi=_ptr(hi),
                 threads=_threads(x.numel()))  # fmt: skip
     library.load().tm_quantize(call)
@@ -251,7 +251,7 @@ def quantize_running(
     lo, hi, marked = torch.empty(3, groups).unbind()
     new_seen = torch.empty(groups, dtype=torch.bool)
     info = (ctypes.c_int64 * 2)()
-    call = Call(
+    call = KernelCall(
         **_input(x, access, DTYPES), **_geometry(access), groups=groups, **_noise(bits, seed, out),
         shift=shift.data_ptr(), range=width.data_ptr(), seen=seen.data_ptr(), decay=decay,
         scale=scale.data_ptr(), lo=lo.data_ptr(), hi=hi.data_ptr(),
@@ -290,7 +290,7 @@ def quantize_dynamic_codes(
     out = _codes_out(x, access, bits)
     lo, hi, scale = torch.empty(groups), torch.empty(groups), torch.empty(groups)
     k = rows_per_block(layout, bits)
-    call = Call(**_input(x, access, DTYPES), **_geometry(access), groups=groups,
+    call = KernelCall(**_input(x, access, DTYPES), **_geometry(access), groups=groups,
                 channels=layout.channels, rows_per_block=k, **_noise(bits, seed, out),
                 lo=lo.data_ptr(), hi=hi.data_ptr(), scale=scale.data_ptr(),
                 threads=_threads(x.numel()))  # fmt: skip
@@ -327,7 +327,7 @@ class DequantizeJob(NamedTuple):
     shape: torch.Size
     stride: tuple[int, ...]
     dtype: torch.dtype
-    call: Call  # tm_dequantize's call, all but ``out``
+    call: KernelCall  # tm_dequantize's call, all but ``out``
     params: tuple[torch.Tensor, torch.Tensor]  # kept alive: ``call`` points into them
 
 
@@ -338,7 +338,7 @@ def dequantize_job(codes: torch.Tensor, shape: torch.Size, layout: GroupLayout, 
     access = _cached_access(shape, stride, layout, bits != 8)
     shift, scale = _fp32(shift), _fp32(scale)
     n = math.prod(shape)
-    call = Call(codes=codes.data_ptr(), bits=bits, n=n, **_geometry(access),
+    call = KernelCall(codes=codes.data_ptr(), bits=bits, n=n, **_geometry(access),
                 shift=shift.data_ptr(), scale_in=scale.data_ptr(), dtype=DTYPES[dtype],
                 threads=_threads(n))  # fmt: skip
     return DequantizeJob(shape, stride, dtype, call, (shift, scale))
@@ -372,7 +372,7 @@ def pack_nonzero(x: torch.Tensor) -> torch.Tensor:
     access = _access(x, _ONE_GROUP, 1)
     n = x.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    call = Call(**_input(x, access, MASK_DTYPES), codes=out.data_ptr(), threads=_threads(n))
+    call = KernelCall(**_input(x, access, MASK_DTYPES), codes=out.data_ptr(), threads=_threads(n))
     library.load().tm_pack_nonzero(call)
     return out
 
@@ -383,7 +383,7 @@ def unpack_nonzero(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
     elsewhere (True and False for bool)."""
     out = torch.empty(shape, dtype=dtype)
     n = out.numel()
-    call = Call(codes=bits.data_ptr(), n=n, dtype=MASK_DTYPES[dtype], value=value,
+    call = KernelCall(codes=bits.data_ptr(), n=n, dtype=MASK_DTYPES[dtype], value=value,
                 out=out.data_ptr(), threads=_threads(n))  # fmt: skip
     library.load().tm_unpack_nonzero(call)
     return out
@@ -392,7 +392,7 @@ def unpack_nonzero(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
 def two_level_value(x: torch.Tensor) -> torch.Tensor | None:
     """:func:`quant.two_level_value` in one read that usually stops at once."""
     access = _access(x, _ONE_GROUP, 8)
-    c = library.load().tm_two_level(Call(**_input(x, access, DTYPES)))
+    c = library.load().tm_two_level(KernelCall(**_input(x, access, DTYPES)))
     return None if math.isnan(c) else torch.tensor(c, dtype=x.dtype)
 
 
@@ -400,7 +400,9 @@ def scale_of(width: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`reference.scale_of` for a CPU ``width`` of shape ``(G,)``, bit for bit."""
     width = _fp32(width)
     scale = torch.empty(width.shape)
-    call = Call(range=width.data_ptr(), groups=width.numel(), bits=bits, scale=scale.data_ptr())
+    call = KernelCall(
+        range=width.data_ptr(), groups=width.numel(), bits=bits, scale=scale.data_ptr()
+    )
     library.load().tm_scale(call)
     return scale
 
@@ -409,7 +411,7 @@ def span_flags(lo: torch.Tensor, hi: torch.Tensor) -> tuple[bool, bool]:
     """:func:`reference.span_flags` for CPU ``lo`` and ``hi`` of shape ``(G,)``."""
     lo, hi = _fp32(lo), _fp32(hi)
     flags = library.load().tm_span_flags(
-        Call(lo=lo.data_ptr(), hi=hi.data_ptr(), groups=lo.numel())
+        KernelCall(lo=lo.data_ptr(), hi=hi.data_ptr(), groups=lo.numel())
     )
     return bool(flags & 1), bool(flags & 2)
 
@@ -425,7 +427,7 @@ def ema_step(lo: torch.Tensor, hi: torch.Tensor, state: RangeState, decay: float
     new_seen = torch.empty(groups, dtype=torch.bool)
     used_shift, used_range = (None, None) if used is None else (_fp32(used[0]), _fp32(used[1]))
     count = ctypes.c_int64()
-    call = Call(
+    call = KernelCall(
         lo=lo.data_ptr(), hi=hi.data_ptr(), shift=shift.data_ptr(), range=width.data_ptr(),
         seen=seen.data_ptr(), groups=groups, decay=decay, used_shift=_ptr(used_shift),
         used_range=_ptr(used_range), shift_out=new_shift.data_ptr(),
@@ -449,7 +451,7 @@ def quantize_blocks(
     ref = None if e8m0 else torch.empty(1, dtype=torch.float32)
     info = torch.zeros(2, dtype=torch.int64)
     signs = hadamard_signs(layout.block, x.device)
-    call = Call(**_input(x, access, DTYPES), rows=layout.rows, channels=layout.channels,
+    call = KernelCall(**_input(x, access, DTYPES), rows=layout.rows, channels=layout.channels,
                 block=layout.block, rotate=layout.rotate, e8m0=e8m0, signs=signs.data_ptr(),
                 **_noise(bits, seed, codes), block_scales=scales.data_ptr(), ref=_ptr(ref),
                 info=info.data_ptr(), threads=_threads(n))  # fmt: skip
@@ -464,7 +466,7 @@ def dequantize_blocks(q: BlockCodes) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype)
     signs = hadamard_signs(layout.block, out.device)
     ref = 0.0 if q.ref is None else float(q.ref)
-    call = Call(codes=q.codes.data_ptr(), bits=q.bits, rows=layout.rows,
+    call = KernelCall(codes=q.codes.data_ptr(), bits=q.bits, rows=layout.rows,
                 channels=layout.channels, block=layout.block, rotate=layout.rotate,
                 e8m0=layout.scale == "e8m0", signs=signs.data_ptr(),
                 block_scales=q.scales.data_ptr(), ref_in=ref, dtype=DTYPES[q.dtype],

@@ -2,7 +2,7 @@
 
 ``cc`` builds the kernels in about a second into a cache keyed by source, flags and CPU
 (see :mod:`torchmesa.quant.cpu` for why C through ``ctypes``). Every exported function
-takes one :class:`Call` by pointer: a struct that mirrors ``tm_call`` in the C source
+takes one :class:`KernelCall` by pointer: a struct that mirrors ``tm_call`` in the C source
 field for field, filled by name, so that no argument can land in another's place; the
 library reports the struct's size when it loads and a mismatch refuses to load.
 """
@@ -34,7 +34,7 @@ if platform.machine() in ("x86_64", "AMD64"):
 _i64, _f32, _u32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
 
 
-class Call(ctypes.Structure):
+class KernelCall(ctypes.Structure):
     """One kernel call's arguments (``tm_call``); fields not given are 0 or NULL."""
 
     _fields_ = [
@@ -53,7 +53,7 @@ class Call(ctypes.Structure):
     ]  # fmt: skip
 
 
-# what each exported function returns (each takes one ``Call *``)
+# what each exported function returns (each takes one ``KernelCall *``)
 RETURNS: dict[str, Any] = {
     "tm_minmax": None,
     "tm_quantize": None,
@@ -117,14 +117,14 @@ def _build() -> ctypes.CDLL:
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
     lib.tm_call_size.argtypes, lib.tm_call_size.restype = [], _i64
-    if lib.tm_call_size() != ctypes.sizeof(Call):
+    if lib.tm_call_size() != ctypes.sizeof(KernelCall):
         raise RuntimeError(
             f"{target} was built with a tm_call of {lib.tm_call_size()} bytes; this "
-            f"torchmesa's Call has {ctypes.sizeof(Call)}"
+            f"torchmesa's KernelCall has {ctypes.sizeof(KernelCall)}"
         )
     for name, restype in RETURNS.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [ctypes.POINTER(Call)], restype
+        fn.argtypes, fn.restype = [ctypes.POINTER(KernelCall)], restype
     return lib
 
 
