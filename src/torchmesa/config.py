@@ -139,79 +139,60 @@ def norm_kind(class_name: str) -> NormKind:
 
 @dataclass(frozen=True)
 class Config:
-    """How saved activations are stored.
+    """How saved activations are stored. Every field is checked when the config is built.
 
     Args:
-        bits: bits per stored value: 8 (Mesa's setting), 4, 3 or 2, packed densely (two
-            4-bit, eight 3-bit in three bytes, four 2-bit codes per byte). 3 bits needs
-            ``groups=PerBlock(..)``. Below 8 bits, use block scales (``PerBlock``) or
-            ``rounding="stochastic"`` (`docs/convergence.md`).
-        estimator: ``"dynamic"`` (the default): each batch's own per-group range, so
-            nothing is ever clipped. ``"ema"``: Mesa's running range per site and group,
-            an exponential moving average of the batch min and range with decay
-            ``ema_decay``, initialised from the first batch; values outside it are clipped.
-            The default is not Mesa's because the EMA's clipping measurably hurt training
-            (`docs/convergence.md`): a run whose activation scales shrank fast diverged
-            from exact training (dynamic tracked it), and a character GPT's validation
-            loss moved up to 1 % on one seed (0.24 % on average; dynamic: within 0.1 %).
-            ``"delayed"``: delayed scaling. The same running range, but each batch is
-            quantized with the estimate from before it, so the batch's statistics and its
-            quantization are one pass over the activation (the fused kernels do both at
-            once). Values outside the previous estimate are clipped and counted.
-        ema_decay: the EMA's λ in ``[0, 1)``; Mesa uses 0.9.
-        groups: granularity for tensors with fewer than 4 dims ``(..., C)`` and, when
-            ``head_wise`` is off, for all of them. The default, one range per channel, costs
-            8 bytes per channel: noise beside ``B·N`` values per channel. ``PerBlock(n)``
-            applies to every tensor (attention and normalization ones too: a block is finer
-            than a head or a token), with each block's own scale (the estimator is unused).
+        bits: bits per stored value: 8 (Mesa's setting), 4, 3 or 2, packed densely. 3 bits
+            needs ``groups=PerBlock(..)``; below 8 bits use block scales or stochastic
+            rounding (`docs/convergence.md`).
+        estimator: where ranges come from. ``"dynamic"`` (the default): each batch's own
+            per-group range, so nothing is clipped. ``"ema"``: Mesa's running range per
+            site and group (an exponential moving average with decay ``ema_decay``,
+            started from the first batch); values outside it are clipped. ``"delayed"``:
+            the same running range, but each batch is quantized with the estimate from
+            before it, so measuring and quantizing are one pass. Why the default is not
+            Mesa's: `docs/convergence.md`.
+        ema_decay: the running range's λ in ``[0, 1)``; Mesa uses 0.9.
+        groups: granularity for tensors of fewer than 4 dims ``(..., C)`` and, with
+            ``head_wise`` off, for all of them; by default one range per channel.
+            ``PerBlock(n)`` applies to every tensor, each block with its own scale.
         head_wise: tensors of 4 or more dims ``(B, H, N, ·)`` get one range per head (per
             channel on ``(B, C, H, W)`` feature maps).
-        norm_groups: granularity for tensors saved inside normalization layers (classes
-            named ``*LayerNorm`` or ``*RMSNorm``): ``PerToken()`` by default, see there.
-        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased, drawn from a generator of
-            our own so the model's random stream, and so dropout, is untouched).
-        min_numel: tensors with fewer elements stay exact; they cost more to quantize
+        norm_groups: granularity inside normalization layers (``*LayerNorm``,
+            ``*RMSNorm``): ``PerToken()`` by default.
+        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased, from a generator of our
+            own, so the model's random stream and its dropout are untouched).
+        min_numel: tensors with fewer elements stay exact: they cost more to quantize
             than they save.
         seed: seed of the stochastic-rounding generator.
-        check_finite: raise ``FloatingPointError``, naming the module, when an activation
-            torchmesa quantizes holds NaN or Inf (one device sync per saved tensor). Off,
-            such values reach backward as NaN, as exact training's would.
+        check_finite: raise ``FloatingPointError``, naming the module, when a tensor to
+            quantize holds NaN or Inf (a device sync per tensor). Off, such values reach
+            backward as NaN, as exact training's would.
         derive: rebuild in backward, instead of storing, what norms and activations save
-            beyond their stored input (and their outputs, which the next layer saves), and
-            layout copies (transpose, reshape, cast) and products (dropout) of stored
-            tensors (engine rule [ Derived ]): DeiT-S stores 0.16x of exact instead of Mesa's 0.25x
-            (`docs/derive.md`). ``False`` is Mesa: every saved tensor is stored.
+            beyond their stored input, and layout copies and products of stored tensors
+            (engine rule [ Derived ], `docs/derive.md`). ``False`` is Mesa: every saved
+            tensor is stored.
         attention_bits: bits for tensors of 4 or more dims while ``head_wise`` is on
-            (Mesa's attention tensors: q, k, v, probabilities and outputs ``(B, H, N, ·)``;
-            a CNN's feature maps), ``None``: ``bits``. A fused attention's backward
-            exponentiates scores rebuilt from the stored q and k against its exact
-            log-sum-exp, so their error is amplified: at 4 bits the character GPT's
-            gradient error was 0.16 with them at 4 bits and 0.05 at 8
-            (`docs/convergence.md`, "Four bits"). ``Config(bits=4, groups=PerBlock(32),
-            attention_bits=8)`` keeps them.
-        rotation: ``"hadamard"`` (with ``groups=PerBlock(..)``): each whole block of mixed
-            signs is multiplied by a randomized Hadamard matrix (orthonormal: exact in
-            exact arithmetic) before it is quantized, and by its inverse after, which
-            spreads an outlier over its block. ``"none"`` (the default) quantizes as is.
-        batch_norm: how activations saved inside BatchNorm and InstanceNorm layers are
-            kept. ``"half"`` (the default): a 16-bit float copy (fp16, scaled by a power of
-            two when values exceed fp16's range), 2 bytes a value. The weight gradient
-            of such a layer, ``sum(dy * x_hat)`` over batch and image, is a small sum of
-            large terms of both signs where a depthwise convolution and another
-            BatchNorm follow (EfficientNet, MobileNet, hybrids): with 8-bit codes of its
-            input EfficientNet-B0's worst BatchNorm weight gradient was 7 % off (cosine
-            0.9975), with fp16 2.3 % (0.9997), at 2 bytes a value instead of 1
-            (`docs/fidelity.md`, "BatchNorm"). ``"quantize"`` stores them like the rest
-            (Mesa), ``"exact"`` keeps them.
-        probabilities: how attention probabilities (a softmax's output, its dropped and
-            cast copies) are kept. ``"rebuild"`` (the default, with ``derive=True``): not
-            stored; backward runs the score product again on the stored q and k (engine
-            rule [ Probabilities ]), and those it cannot rebuild are stored as ``"log"`` says.
-            ``"log"``: 8-bit codes of each probability's logarithm relative to its row's maximum,
-            about a byte each, to 3 % of its value. ``"linear"``: 8-bit codes like every
-            other tensor, one range per head (Mesa's storage): at 1,024 tokens most
-            probabilities round to zero, and GPT-2's worst gradient cosine was 0.74
-            (docs/attention.md); kept for comparison.
+            (attention's q, k, v and outputs; a CNN's feature maps); ``None``: ``bits``.
+            ``Config(bits=4, groups=PerBlock(32), attention_bits=8)`` keeps attention at
+            8 bits, where a fused attention's backward amplifies errors
+            (`docs/convergence.md`).
+        rotation: ``"hadamard"`` (with ``groups=PerBlock(..)``) multiplies each whole
+            block of mixed signs by a randomized Hadamard matrix before quantizing it, and
+            by its inverse after, spreading an outlier over its block; ``"none"`` (the
+            default) quantizes as is.
+        batch_norm: how BatchNorm and InstanceNorm inputs are kept. ``"half"`` (the
+            default): a 16-bit copy (fp16 scaled by a power of two where values exceed
+            its range), because their weight gradient is a small sum of large terms that
+            8-bit codes skew (`docs/fidelity.md`, "BatchNorm"). ``"quantize"`` stores them
+            like the rest (Mesa), ``"exact"`` keeps them.
+        probabilities: how attention probabilities are kept. ``"rebuild"`` (the default,
+            with ``derive=True``): not stored; backward runs the score product again on
+            the stored q and k (engine rule [ Probabilities ]), and what it cannot rebuild
+            is stored as ``"log"`` says. ``"log"``: 8-bit codes of each probability's
+            logarithm relative to its row's maximum. ``"linear"``: Mesa's storage, one
+            range per head, which fails at long context (`docs/attention.md`); kept for
+            comparison.
     """
 
     bits: int = 8
@@ -231,80 +212,24 @@ class Config:
     probabilities: ProbabilityStore = "rebuild"
 
     def __post_init__(self) -> None:
-        _check_int("bits", self.bits)
-        if self.bits == 1:
-            raise ValueError(
-                "Config.bits=1 is not a setting: masks (bool tensors, dropout masks) are "
-                f"always stored in 1 bit; values take one of {SUPPORTED_BITS}"
-            )
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"Config.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(
-                f"Config.estimator must be one of {ESTIMATORS}, got {self.estimator!r}"
-            )
+        _check_bits(self)
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"Config.{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
+        for name in ("head_wise", "check_finite", "derive"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("min_numel", "seed"):
+            _check_int(name, getattr(self, name))
+        if self.min_numel < 0:
+            raise ValueError(f"Config.min_numel must be >= 0, got {self.min_numel!r}")
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)):
             raise ValueError(f"Config.ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"Config.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not isinstance(self.groups, GRANULARITIES):
-            raise ValueError(
-                "Config.groups must be PerChannelGroup(num_groups=.. or group_size=..), "
-                f"PerBlock(size), PerToken() or PerTensor(), got {self.groups!r}"
-            )
-        if isinstance(self.groups, PerHead):
-            raise ValueError(
-                "Config.groups applies to (..., C) tensors; PerHead() is set by head_wise=True"
-            )
-        if not isinstance(self.norm_groups, GRANULARITIES) or isinstance(
-            self.norm_groups, PerBlock
-        ):
-            raise ValueError(
-                "Config.norm_groups must be PerToken(), PerChannelGroup(..), PerHead() or "
-                f"PerTensor() (PerBlock goes in Config.groups), got {self.norm_groups!r}"
-            )
-        if not isinstance(self.head_wise, bool):
-            raise ValueError(f"Config.head_wise must be a bool, got {self.head_wise!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"Config.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        _check_int("min_numel", self.min_numel)
-        if self.min_numel < 0:
-            raise ValueError(f"Config.min_numel must be >= 0, got {self.min_numel!r}")
-        _check_int("seed", self.seed)
-        if not isinstance(self.check_finite, bool):
-            raise ValueError(f"Config.check_finite must be a bool, got {self.check_finite!r}")
-        if not isinstance(self.derive, bool):
-            raise ValueError(f"Config.derive must be a bool, got {self.derive!r}")
-        if self.attention_bits is not None:
-            _check_int("attention_bits", self.attention_bits)
-            if self.attention_bits not in SUPPORTED_BITS:
-                raise ValueError(
-                    f"Config.attention_bits must be None or one of {SUPPORTED_BITS}, got "
-                    f"{self.attention_bits!r}"
-                )
-        if self.rotation not in ROTATIONS:
-            raise ValueError(f"Config.rotation must be one of {ROTATIONS}, got {self.rotation!r}")
-        if self.batch_norm not in BATCH_NORM_STORES:
-            raise ValueError(
-                f"Config.batch_norm must be one of {BATCH_NORM_STORES}, got {self.batch_norm!r}"
-            )
-        if self.probabilities not in PROBABILITY_STORES:
-            raise ValueError(
-                f"Config.probabilities must be one of {PROBABILITY_STORES}, got "
-                f"{self.probabilities!r}"
-            )
-        blocks = isinstance(self.groups, PerBlock)
-        if self.rotation != "none" and not blocks:
-            raise ValueError(
-                f"Config.rotation={self.rotation!r} rotates blocks: it needs "
-                f"groups=PerBlock(..), got groups={self.groups!r}"
-            )
-        for name in ("bits", "attention_bits"):
-            if getattr(self, name) == 3 and not blocks:
-                raise ValueError(
-                    f"Config.{name}=3 is served by block scales only: give "
-                    f"groups=PerBlock(..), got groups={self.groups!r}"
-                )
+        _check_groups(self)
 
     @property
     def levels(self) -> int:
@@ -315,3 +240,63 @@ class Config:
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Config.{name} must be an int, got {value!r}")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "estimator": ESTIMATORS,
+    "rounding": ROUNDINGS,
+    "rotation": ROTATIONS,
+    "batch_norm": BATCH_NORM_STORES,
+    "probabilities": PROBABILITY_STORES,
+}
+"""The fields that take one of a few names, and the names."""
+
+
+def _check_bits(config: Config) -> None:
+    _check_int("bits", config.bits)
+    if config.bits == 1:
+        raise ValueError(
+            "Config.bits=1 is not a setting: masks (bool tensors, dropout masks) are "
+            f"always stored in 1 bit; values take one of {SUPPORTED_BITS}"
+        )
+    if config.bits not in SUPPORTED_BITS:
+        raise ValueError(f"Config.bits must be one of {SUPPORTED_BITS}, got {config.bits!r}")
+    if config.attention_bits is not None:
+        _check_int("attention_bits", config.attention_bits)
+        if config.attention_bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"Config.attention_bits must be None or one of {SUPPORTED_BITS}, got "
+                f"{config.attention_bits!r}"
+            )
+
+
+def _check_groups(config: Config) -> None:
+    """The granularities, and what needs block scales (rotation, 3 bits)."""
+    if not isinstance(config.groups, GRANULARITIES):
+        raise ValueError(
+            "Config.groups must be PerChannelGroup(num_groups=.. or group_size=..), "
+            f"PerBlock(size), PerToken() or PerTensor(), got {config.groups!r}"
+        )
+    if isinstance(config.groups, PerHead):
+        raise ValueError(
+            "Config.groups applies to (..., C) tensors; PerHead() is set by head_wise=True"
+        )
+    if not isinstance(config.norm_groups, GRANULARITIES) or isinstance(
+        config.norm_groups, PerBlock
+    ):
+        raise ValueError(
+            "Config.norm_groups must be PerToken(), PerChannelGroup(..), PerHead() or "
+            f"PerTensor() (PerBlock goes in Config.groups), got {config.norm_groups!r}"
+        )
+    blocks = isinstance(config.groups, PerBlock)
+    if config.rotation != "none" and not blocks:
+        raise ValueError(
+            f"Config.rotation={config.rotation!r} rotates blocks: it needs "
+            f"groups=PerBlock(..), got groups={config.groups!r}"
+        )
+    for name in ("bits", "attention_bits"):
+        if getattr(config, name) == 3 and not blocks:
+            raise ValueError(
+                f"Config.{name}=3 is served by block scales only: give "
+                f"groups=PerBlock(..), got groups={config.groups!r}"
+            )
