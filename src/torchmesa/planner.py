@@ -37,6 +37,13 @@ from torchmesa.policy import Policy, Rule
 from torchmesa.report import call_with
 from torchmesa.track import track
 
+Bytes = dict[str, int]
+"""Saved bytes per module path."""
+Errors = dict[tuple[str, str], float]
+"""Gradient error per (module path, option name), the rest of the model exact."""
+Grads = list[torch.Tensor | None]
+Runner = Callable[[Policy], tuple[Bytes, Grads]]
+
 
 @dataclass(frozen=True)
 class Option:
@@ -181,29 +188,17 @@ def plan(
             the narrowest options reach.
         TypeError: no loss can be read from the output; pass ``loss_fn``.
     """
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-        raise ValueError(f"plan: budget_bytes must be an int >= 0, got {budget_bytes!r}")
-    if is_compressed(model):
-        raise ValueError("plan needs an uncompressed model: call torchmesa.decompress first")
-    options = tuple(options)
-    if not options or not all(isinstance(o, Option) for o in options):
-        raise ValueError(f"plan: options must be one or more torchmesa.Option, got {options!r}")
+    options = _checked(model, budget_bytes, options)
     base = Config() if base is None else base
     with _preserved(model):
         run = _runner(model, sample_batch, loss_fn)
         exact_bytes, reference = run(Policy(default=None))
         if not exact_bytes:
             raise ValueError("plan: the model saved no activations on the sample batch")
-        stored: dict[str, dict] = {EXACT: exact_bytes}
+        stored: dict[str, Bytes] = {EXACT: exact_bytes}
         for o in options:
             stored[o.name], _ = run(Policy(default=o.config(base)))
-        errors: dict[tuple[str, str], float] = {}
-        for path in exact_bytes:
-            for o in options:
-                alone = [Rule(_exact_glob(p), None) for p in _children(path, exact_bytes)]
-                alone.append(Rule(_exact_glob(path), o.config(base)))
-                _, grads = run(Policy(tuple(alone), default=None))
-                errors[path, o.name] = _relative_error(grads, reference)
+        errors = _errors(run, exact_bytes, reference, base, options)
         target = budget_bytes
         for _ in range(CHECKS):
             choice, why = _choose(exact_bytes, stored, errors, target, options)
@@ -225,16 +220,46 @@ def plan(
                  measured, sum(flat.values()))  # fmt: skip
 
 
+def _checked(model: nn.Module, budget_bytes: int, options: Sequence[Option]) -> tuple[Option, ...]:
+    """The options, once the model, the budget and they are fit to plan with."""
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ValueError(f"plan: budget_bytes must be an int >= 0, got {budget_bytes!r}")
+    if is_compressed(model):
+        raise ValueError("plan needs an uncompressed model: call torchmesa.decompress first")
+    options = tuple(options)
+    if not options or not all(isinstance(o, Option) for o in options):
+        raise ValueError(f"plan: options must be one or more torchmesa.Option, got {options!r}")
+    return options
+
+
+def _errors(
+    run: Runner,
+    exact_bytes: Bytes,
+    reference: Grads,
+    base: Config,
+    options: Sequence[Option],
+) -> Errors:
+    """Each module's gradient error with each option, the rest of the model kept exact."""
+    errors: Errors = {}
+    for path in exact_bytes:
+        for o in options:
+            alone = [Rule(_exact_glob(p), None) for p in _children(path, exact_bytes)]
+            alone.append(Rule(_exact_glob(path), o.config(base)))
+            _, grads = run(Policy(tuple(alone), default=None))
+            errors[path, o.name] = _relative_error(grads, reference)
+    return errors
+
+
 def _plan(
-    exact: dict,
-    stored: dict,
-    errors: dict,
+    exact: Bytes,
+    stored: dict[str, Bytes],
+    errors: Errors,
     choice: dict[str, str],
     why: dict[str, str],
     budget: int,
     base: Config,
     options: tuple[Option, ...],
-    measured: dict | None = None,
+    measured: Bytes | None = None,
     flat: int = 0,
 ) -> Plan:
     """The plan of ``choice``; each module's bytes as ``measured`` under the plan itself
@@ -263,7 +288,7 @@ def _plan(
 
 
 def _choose(
-    exact: dict, stored: dict, errors: dict, budget: int, options: tuple[Option, ...]
+    exact: Bytes, stored: dict[str, Bytes], errors: Errors, budget: int, options: tuple[Option, ...]
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Greedy: from all exact, take the move with the most bytes freed per added error;
     then spend what is left of the budget. Returns each module's option and why."""
@@ -324,7 +349,13 @@ def _choose(
 
 
 def _spend_slack(
-    choice: dict, total: int, budget: int, cost: Callable, err: Callable, names: list, why: dict
+    choice: dict[str, str],
+    total: int,
+    budget: int,
+    cost: Callable[[str, str], int],
+    err: Callable[[str, str], float],
+    names: list[str],
+    why: dict[str, str],
 ) -> int:
     """Greedy narrowing can overshoot: spend the bytes the budget still has on the moves
     that remove the most error per byte (a move that costs nothing first); each move
@@ -348,7 +379,7 @@ def _spend_slack(
         total += extra
 
 
-def _runner(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Callable:
+def _runner(model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> Runner:
     """A function: policy -> (saved bytes per module path, gradients), same RNG each time."""
     root_label = type(model).__name__
     params = [p for p in model.parameters() if p.requires_grad]
@@ -373,7 +404,7 @@ def _runner(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Callable:
     return run
 
 
-def _loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:
+def _loss(out: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
     if loss_fn is not None:
         return loss_fn(out)
     if isinstance(out, torch.Tensor) and out.numel() == 1:
@@ -387,7 +418,7 @@ def _loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:
     )
 
 
-def _relative_error(grads: list, reference: list) -> float:
+def _relative_error(grads: Grads, reference: Grads) -> float:
     num = den = 0.0
     for g, r in zip(grads, reference, strict=True):
         if r is None:
@@ -398,7 +429,7 @@ def _relative_error(grads: list, reference: list) -> float:
     return num / den if den else 0.0
 
 
-def _children(path: str, paths: dict) -> list[str]:
+def _children(path: str, paths: Bytes) -> list[str]:
     prefix = f"{path}." if path else ""
     return [p for p in paths if p != path and p.startswith(prefix)]
 
