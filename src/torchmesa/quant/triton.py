@@ -76,6 +76,14 @@ if AVAILABLE:
         return tl.maximum(r, lift)
 
     @triton.jit
+    def _store_partials(out, stride, lo, hi, bad, ok, AXIS: tl.constexpr):
+        """One tile's partial min, max and NaN flag, reduced along ``AXIS``, at ``out``,
+        ``out + stride`` and ``out + 2 * stride``."""
+        tl.store(out, tl.min(lo, axis=AXIS), mask=ok)
+        tl.store(out + stride, tl.max(hi, axis=AXIS), mask=ok)
+        tl.store(out + 2 * stride, tl.max(bad, axis=AXIS).to(tl.float32), mask=ok)
+
+    @triton.jit
     def _quantize_kernel(
         x_ptr, out_ptr, shift_ptr, inv_ptr, part_ptr,
         R, C, mid, inner, n_pc, part_stride, seed_bits,
@@ -117,12 +125,8 @@ if AVAILABLE:
                 hi_x = tl.where(finite, x, float("-inf"))
                 bad_x = (mask & (x != x)).to(tl.int32)
                 if STATS == 2:
-                    out = part_ptr + pr * C + cols
-                    col_ok = cols < C
-                    tl.store(out, tl.min(lo_x, axis=0), mask=col_ok)
-                    tl.store(out + part_stride, tl.max(hi_x, axis=0), mask=col_ok)
-                    bad = tl.max(bad_x, axis=0).to(tl.float32)
-                    tl.store(out + 2 * part_stride, bad, mask=col_ok)
+                    _store_partials(part_ptr + pr * C + cols, part_stride, lo_x, hi_x, bad_x,
+                                    cols < C, 0)  # fmt: skip
                 else:
                     lo_acc = tl.minimum(lo_acc, lo_x)
                     hi_acc = tl.maximum(hi_acc, hi_x)
@@ -133,11 +137,8 @@ if AVAILABLE:
             out = out_ptr + (rows * bytes_per_row)[:, None] + cb[None, :]
             tl.store(out, byte.to(tl.uint8), mask=ok)
         if STATS == 1:
-            out = part_ptr + rows * n_pc + pc
-            tl.store(out, tl.min(lo_acc, axis=1), mask=row_ok)
-            tl.store(out + part_stride, tl.max(hi_acc, axis=1), mask=row_ok)
-            bad = tl.max(bad_acc, axis=1).to(tl.float32)
-            tl.store(out + 2 * part_stride, bad, mask=row_ok)
+            _store_partials(part_ptr + rows * n_pc + pc, part_stride, lo_acc, hi_acc, bad_acc,
+                            row_ok, 1)  # fmt: skip
 
     @triton.jit
     def _dequantize_kernel(
@@ -195,6 +196,30 @@ if AVAILABLE:
         return tl.where(odd_tie, r - 1.0, r)
 
     @triton.jit
+    def _e8m0_step(step, finite, over):
+        """Steps rounded up to powers of two 2^k, k in [-63, 62]; a finite block whose
+        step needs more is marked as overflowing."""
+        sbits = step.to(tl.int32, bitcast=True)
+        k = ((sbits >> 23) & 255) - 127 + tl.where((sbits & 0x7FFFFF) != 0, 1, 0)
+        over = over | (finite & (step > 0.0) & (k > 62))
+        k = tl.minimum(tl.maximum(k, -63), 62)
+        pow2 = ((k + 127) << 23).to(tl.float32, bitcast=True)
+        return tl.where(step > 0.0, pow2, 0.0), over
+
+    @triton.jit
+    def _store_packed(codes_ptr, code, flat, valid, NBLK: tl.constexpr, B: tl.constexpr,
+                      BITS: tl.constexpr):  # fmt: skip
+        """Packed codes: 8 codes make BITS bytes (little endian), as reference.pack_bits
+        lays them."""
+        eight = tl.reshape(code, (NBLK, B // 8, 8))
+        word = tl.sum(eight << (BITS * tl.arange(0, 8)).to(tl.int64)[None, None, :], axis=2)
+        grp = tl.reshape(flat, (NBLK, B // 8, 8))
+        grp_ok = tl.max(tl.reshape(valid.to(tl.int32), (NBLK, B // 8, 8)), axis=2) > 0
+        first = tl.min(tl.where(grp_ok[:, :, None], grp, 0), axis=2) // 8 * BITS
+        for j in tl.static_range(BITS):
+            tl.store(codes_ptr + first + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=grp_ok)
+
+    @triton.jit
     def _quantize_blocks_kernel(
         x_ptr, codes_ptr, step_ptr, flag_ptr, signs_ptr, nblocks, C, per_row, norm, seed_bits,
         B: tl.constexpr, LOG2B: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr,
@@ -226,12 +251,7 @@ if AVAILABLE:
         step = tl.where(a > 0.0, tl.maximum(step, 1.1754943508222875e-38), 0.0)
         over = finite & (step == float("inf"))
         if E8M0:
-            sbits = step.to(tl.int32, bitcast=True)
-            k = ((sbits >> 23) & 255) - 127 + tl.where((sbits & 0x7FFFFF) != 0, 1, 0)
-            over = over | (finite & (step > 0.0) & (k > 62))
-            k = tl.minimum(tl.maximum(k, -63), 62)
-            pow2 = ((k + 127) << 23).to(tl.float32, bitcast=True)
-            step = tl.where(step > 0.0, pow2, 0.0)
+            step, over = _e8m0_step(step, finite, over)
         step = tl.where(finite & (~over), step, 0.0)
         inv = tl.where(step > 0.0, tl.math.div_rn(1.0, tl.where(step > 0.0, step, 1.0)), 0.0)
         z = y * inv[:, None]
@@ -246,14 +266,7 @@ if AVAILABLE:
         r = tl.where(y > 0.0, tl.maximum(r, lift), r)
         r = r + tl.where(unsigned, 0.0, float(stop))[:, None]
         code = tl.where(valid & finite[:, None], r, 0.0).to(tl.int64)
-        # 8 codes make BITS bytes (little endian), as reference.pack_bits lays them
-        eight = tl.reshape(code, (NBLK, B // 8, 8))
-        word = tl.sum(eight << (BITS * tl.arange(0, 8)).to(tl.int64)[None, None, :], axis=2)
-        grp = tl.reshape(flat, (NBLK, B // 8, 8))
-        grp_ok = tl.max(tl.reshape(valid.to(tl.int32), (NBLK, B // 8, 8)), axis=2) > 0
-        first = tl.min(tl.where(grp_ok[:, :, None], grp, 0), axis=2) // 8 * BITS
-        for j in tl.static_range(BITS):
-            tl.store(codes_ptr + first + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=grp_ok)
+        _store_packed(codes_ptr, code, flat, valid, NBLK, B, BITS)
         flags = tl.where(unsigned, 1, 0) | tl.where(finite, 2, 0) | tl.where(over, 4, 0)
         tl.store(step_ptr + g, step, mask=g_ok)
         tl.store(flag_ptr + g, flags.to(tl.int8), mask=g_ok)
