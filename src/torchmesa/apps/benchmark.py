@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import torchmesa
 from torchmesa.apps.sources import (
@@ -238,15 +239,7 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
         first[config] = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
         saved[config] = t.stored_bytes
-    times: dict[str, list[float]] = {c: [] for c in models}
-    for i in range(warmup + steps):
-        for config, model in models.items():
-            setup.sync()
-            start = time.perf_counter()
-            step(spec, model, opts[config], batch, setup)
-            setup.sync()
-            if i >= warmup:
-                times[config].append(time.perf_counter() - start)
+    times = _interleaved_steps(spec, models, opts, batch, setup, warmup, steps)
     del models, opts, batch
     release_memory(setup)  # before the workers: their peaks share this machine's memory
     rows = []
@@ -281,6 +274,22 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
                            ("step_seconds_median", "step_time_vs_exact")):  # fmt: skip
             row[ratio] = row[key] / exact[key] if exact and exact[key] > 0 else None
     return rows
+
+
+def _interleaved_steps(spec: Any, models: dict[str, nn.Module],
+                       opts: Mapping[str, torch.optim.Optimizer], batch: Any, setup: Setup,
+                       warmup: int, steps: int) -> dict[str, list[float]]:  # fmt: skip
+    """Each model's step seconds after ``warmup``, the models stepping in turn."""
+    times: dict[str, list[float]] = {c: [] for c in models}
+    for i in range(warmup + steps):
+        for config, model in models.items():
+            setup.sync()
+            start = time.perf_counter()
+            step(spec, model, opts[config], batch, setup)
+            setup.sync()
+            if i >= warmup:
+                times[config].append(time.perf_counter() - start)
+    return times
 
 
 def default_batch(model: str, preset: str) -> int:
@@ -425,7 +434,7 @@ def _report(args: argparse.Namespace, setup: Setup, budget_gib: float, rows: lis
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="models and batch sizes (default: quick)")  # fmt: skip
@@ -450,6 +459,11 @@ def main(argv: list[str] | None = None) -> None:
         "--worker", nargs=3, metavar=("MODEL", "CONFIG", "BATCH"), help=argparse.SUPPRESS
     )
     parser.add_argument("--sizes", help=argparse.SUPPRESS)  # the worker's, as JSON
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         sizes = Sizes.from_json(json.loads(args.sizes)) if args.sizes else sizes_from_args(args)

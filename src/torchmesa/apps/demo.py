@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,30 +116,7 @@ def run_task(task: Task, warmup: int = 5, progress: bool = False) -> dict:
         k: torch.optim.AdamW(m.parameters(), lr=task.lr, weight_decay=0.05)
         for k, m in models.items()
     }
-    times: dict[str, list[float]] = {k: [] for k in models}
-    losses: dict[str, list[float]] = {k: [] for k in models}
-    bar = (
-        _progress(len(task.batches), f"{task.name}, seed {task.settings['seed']}")
-        if progress
-        else None
-    )
-    for step, batch in enumerate(task.batches):
-        for name, model in models.items():
-            torch.manual_seed(task.settings["seed"] * 100_003 + step)  # same dropout masks
-            start = time.perf_counter()
-            loss = task.loss(model, batch)
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-            losses[name].append(float(loss.detach()))
-        if bar is not None:
-            bar.set_postfix(exact=f"{losses['exact'][-1]:.3f}",
-                            torchmesa=f"{losses['torchmesa'][-1]:.3f}", refresh=False)  # fmt: skip
-            bar.update()
-    if bar is not None:
-        bar.close()
+    times, losses = _train_side_by_side(task, models, opts, warmup, progress)
     every = task.curve_every
     results = {}
     for name, model in models.items():
@@ -169,6 +146,39 @@ def run_task(task: Task, warmup: int = 5, progress: bool = False) -> dict:
         / results["exact"]["step_seconds_median"],
         "torch": torch.__version__,
     }
+
+
+def _train_side_by_side(
+    task: Task, models: dict[str, nn.Module], opts: Mapping[str, torch.optim.Optimizer],
+    warmup: int, progress: bool,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:  # fmt: skip
+    """Step every model on each batch in turn, with the same dropout masks: each one's
+    step seconds after ``warmup`` and its training losses."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    losses: dict[str, list[float]] = {k: [] for k in models}
+    bar = (
+        _progress(len(task.batches), f"{task.name}, seed {task.settings['seed']}")
+        if progress
+        else None
+    )
+    for step, batch in enumerate(task.batches):
+        for name, model in models.items():
+            torch.manual_seed(task.settings["seed"] * 100_003 + step)  # same dropout masks
+            start = time.perf_counter()
+            loss = task.loss(model, batch)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+            losses[name].append(float(loss.detach()))
+        if bar is not None:
+            bar.set_postfix(exact=f"{losses['exact'][-1]:.3f}",
+                            torchmesa=f"{losses['torchmesa'][-1]:.3f}", refresh=False)  # fmt: skip
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return times, losses
 
 
 def run_seeds(make: Callable[[int], Task], seeds: Sequence[int], progress: bool = False) -> dict:
