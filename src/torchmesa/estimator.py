@@ -201,11 +201,15 @@ class DynamicRanges:
     def quantize(
         self, t: torch.Tensor, job: Quantizing, store: RangeStore, staged: Staged
     ) -> Estimate:
-        q, lo, hi = quant.quantize_dynamic(
-            t, job.layout, bits=job.bits, rounding=job.rounding, generator=job.generator
+        r = quant.quantize_dynamic(
+            t,
+            job.layout,
+            bits=job.bits,
+            rounding=job.rounding,
+            generator=job.generator,
+            flags=job.flags,
         )
-        nonfinite, overflows = quant.span_flags(lo, hi) if job.flags else (None, None)
-        return Estimate(q, nonfinite, overflows, None)
+        return Estimate(r.q, r.nonfinite, r.overflows, None)
 
 
 class EmaRanges:

@@ -23,9 +23,9 @@ from torch import nn
 
 from torchmesa import compiled
 from torchmesa.config import Config
-from torchmesa.derive import scores
+from torchmesa.derive import PROBED, probing, scores
 from torchmesa.records import in_backward, restored
-from torchmesa.store import PROBED, ForwardStore, Shared, probing
+from torchmesa.store import ForwardStore, Shared
 from torchmesa.tensors import storage_ptr
 from torchmesa.track import Tracker
 

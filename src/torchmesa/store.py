@@ -12,7 +12,6 @@ forward (running ranges, random generators, warnings given) is the model's
 
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
 from typing import Any
@@ -39,11 +38,11 @@ from torchmesa.derive import (
     Known,
     ModuleCall,
     StoredSource,
+    derivation,
     scores,
-    trace,
 )
 from torchmesa.estimator import RangeStore, Site, Staged
-from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord, ViewRecord
+from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord, Session, ViewRecord
 from torchmesa.records import saved_stride
 from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import active_trackers
@@ -93,6 +92,31 @@ class Frame:
         """The site of this module's next save."""
         self.saves += 1
         return (self.path, self.call, self.saves - 1)
+
+
+class Frames:
+    """The running modules of the compressed tree, innermost last, and how many times each
+    module ran so far in this forward (which call of it a frame is)."""
+
+    def __init__(self) -> None:
+        self._stack: list[Frame] = []
+        self._calls: dict[str, int] = {}
+
+    def push(self, path: str, norm: NormKind, config: Config | None) -> Frame:
+        index = self._calls.get(path, 0)
+        self._calls[path] = index + 1
+        frame = Frame(path, index, norm, config)
+        self._stack.append(frame)
+        return frame
+
+    def pop(self, path: str) -> Frame | None:
+        """Leave module ``path``: its frame, or None if it is not the innermost."""
+        if not self._stack or self._stack[-1].path != path:
+            return None
+        return self._stack.pop()
+
+    def top(self) -> Frame | None:
+        return self._stack[-1] if self._stack else None
 
 
 class Earlier:
@@ -167,22 +191,15 @@ class Earlier:
 class ForwardStore:
     """The pack state of one call of the compressed root, and the pack path itself."""
 
-    def __init__(
-        self,
-        shared: Shared,
-        params: set[int],
-        frozen_shapes: set[tuple[int, ...]],
-        sharded: bool,
-        compiled: bool,
-    ) -> None:
+    def __init__(self, shared: Shared, params: set[int], frozen_shapes: set[tuple[int, ...]],
+                 sharded: bool, compiled: bool) -> None:  # fmt: skip
         self.shared = shared
         self.ranges = shared.ranges
         self.param_storages = params
         self.frozen_shapes = frozen_shapes
         self.sharded = sharded  # parameters sharded between uses (FSDP, ZeRO-3): [ Derived ]
         self.compiled = compiled  # a torch.compile-d call, its saves made by compiled graphs
-        self.frames: list[Frame] = []
-        self.calls: dict[str, int] = {}
+        self.frames = Frames()
         self.earlier = Earlier()
         self.staged: Staged = {}  # estimates this forward moved, kept if it returns
         self.capture: scores.Capture | None = None  # score chains' operands, SDPA calls
@@ -190,17 +207,12 @@ class ForwardStore:
     # -- the running modules ------------------------------------------------------------
 
     def push(self, path: str, norm: NormKind, config: Config | None) -> Frame:
-        index = self.calls.get(path, 0)
-        self.calls[path] = index + 1
-        frame = Frame(path, index, norm, config)
-        self.frames.append(frame)
-        return frame
+        return self.frames.push(path, norm, config)
 
     def pop(self, path: str, output: Any) -> None:
         """Leave module ``path``; a derivable module's output becomes a known producer."""
-        if not self.frames or self.frames[-1].path != path:
-            return
-        rerun = self.frames.pop().rerun
+        frame = self.frames.pop(path)
+        rerun = frame.rerun if frame is not None else None
         if rerun is not None and rerun.anchor is not None and isinstance(output, torch.Tensor):
             self.earlier.add_known(output, rerun.want(OUTPUT, output))
 
@@ -215,9 +227,9 @@ class ForwardStore:
 
     def pack(self, t: torch.Tensor) -> Any:
         """What autograd keeps for ``t``, saved by the innermost running module."""
-        if not self.frames:
+        frame = self.frames.top()
+        if frame is None:
             return t
-        frame = self.frames[-1]
         # a derivable module's saves are matched by their order when it runs again, so
         # every one is counted, parameters too (rule [ Derived ])
         ordinal = frame.rerun.next_ordinal() if frame.rerun is not None else None
@@ -269,17 +281,8 @@ class ForwardStore:
             return AnchorRecord(stored, rerun)
         return stored
 
-    def _pack_new(
-        self,
-        t: torch.Tensor,
-        key: Key,
-        decision: Any,
-        config: Config,
-        site: Site,
-        frame: Frame,
-        ordinal: int | None,
-        anchor: bool,
-    ) -> Any:
+    def _pack_new(self, t: torch.Tensor, key: Key, decision: Any, config: Config, site: Site,
+                  frame: Frame, ordinal: int | None, anchor: bool) -> Any:  # fmt: skip
         """A tensor not saved before in this forward: derived where it can be, else packed
         by its decision's format; remembered for the saves after it."""
         if config.derive and not anchor and type(decision) is not Mask:
@@ -306,48 +309,14 @@ class ForwardStore:
     # -- derived tensors (rules [ Derived ] and [ Probabilities ]) ----------------------
 
     def derivation(self, t: torch.Tensor, frame: Frame, ordinal: int | None) -> Derive | None:
-        """How ``t`` is rebuilt in backward, or None to store it: a save of a derivable
-        module beyond its stored input, attention probabilities, or a layout copy of a
-        known tensor."""
-        rerun = frame.rerun
-        if rerun is not None and rerun.anchor is not None and ordinal is not None:
-            return Derive(rerun.want(ordinal, t))
+        """How ``t`` is rebuilt in backward, or None to store it (:func:`derive.derivation`)."""
         config = frame.config
         rebuild = config is not None and config.probabilities == "rebuild"
-        if self.capture is not None and rebuild and scores.is_head(t):
-            return scores.recognise(
-                t,
-                self.capture,
-                probe_saved,
-                lambda x: self.store_operand(x, frame),
-                StoredSource,
-                lambda x: is_activation(x, self.param_storages, self.frozen_shapes),
-            )
-        known = self.earlier.known
-        return trace(t, known, probe_saved, StoredSource) if known else None
-
-    def store_operand(self, x: torch.Tensor, frame: Frame) -> tuple[Any, int] | None:
-        """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
-        bias), losslessly (rule [ Probabilities ]), once per forward (rule [ Stored once ]):
-        the stored form and the bytes it newly cost. A copy of an exact one is the chain's
-        own, so that nothing done to ``x`` later reaches the scores rebuilt from it."""
-        if type(x) is not torch.Tensor or unusual_layout(x):
-            return None
-        key = dedup_key(x)
-        earlier = self.earlier.operand(key)
-        if earlier is not None:
-            return earlier, 0
-        decision = decide_operand(x)
-        if isinstance(decision, Mask):
-            assert frame.config is not None
-            site = frame.next_site()
-            stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, self)
-            nbytes = stored.nbytes
-        else:
-            stored = x.detach().clone()
-            nbytes = storage_nbytes(stored)
-        self.earlier.remember_operand(key, x, stored)
-        return stored, nbytes
+        return derivation(
+            t, frame.rerun, ordinal, self.capture if rebuild else None, self.earlier.known,
+            lambda x: store_operand(x, frame, self.earlier, self),
+            lambda x: is_activation(x, self.param_storages, self.frozen_shapes),
+        )  # fmt: skip
 
     # -- what a storage format may use (formats.Session) --------------------------------
 
@@ -361,30 +330,32 @@ class ForwardStore:
         return site[0] or self.shared.root_label
 
 
+def store_operand(
+    x: torch.Tensor, frame: Frame, earlier: Earlier, session: Session
+) -> tuple[Any, int] | None:
+    """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
+    bias), losslessly (rule [ Probabilities ]), once per forward (rule [ Stored once ]):
+    the stored form and the bytes it newly cost. A copy of an exact one is the chain's
+    own, so that nothing done to ``x`` later reaches the scores rebuilt from it."""
+    if type(x) is not torch.Tensor or unusual_layout(x):
+        return None
+    key = dedup_key(x)
+    hit = earlier.operand(key)
+    if hit is not None:
+        return hit, 0
+    decision = decide_operand(x)
+    if isinstance(decision, Mask):
+        assert frame.config is not None
+        site = frame.next_site()
+        stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, session)
+        nbytes = stored.nbytes
+    else:
+        stored = x.detach().clone()
+        nbytes = storage_nbytes(stored)
+    earlier.remember_operand(key, x, stored)
+    return stored, nbytes
+
+
 def dedup_key(t: torch.Tensor) -> Key:
     """What makes two saves one tensor: storage, view, dtype and version."""
     return (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-
-
-class _Probing(threading.local):
-    on = False
-    hit: Any = None
-
-
-probing = _Probing()
-PROBED = torch.empty(0)
-
-
-def probe_saved(node: Any, attr: str) -> Any:
-    """What the engine stored for ``node``'s saved tensor ``attr``, without restoring it:
-    reading the attribute calls the unpack hook, which hands the stored object over
-    instead (rule [ Derived ]'s dropout masks). None if it was not stored by the engine."""
-    probing.on, probing.hit = True, None
-    try:
-        getattr(node, attr, None)
-    except RuntimeError:  # freed, or not a saved tensor
-        return None
-    finally:
-        probing.on = False
-    hit, probing.hit = probing.hit, None
-    return hit

@@ -257,7 +257,7 @@ def test_per_token_quantization_with_own_ranges_is_the_references(shape, dtype):
                 )
         layout = reference.GroupLayout.of(x.shape, PerToken())
         for bits in (8, 4, 2):
-            q, lo, hi = quant.quantize_dynamic(x, layout, bits=bits)
+            q, lo, hi, *_ = quant.quantize_dynamic(x, layout, bits=bits)
             lo_ref, hi_ref, scale_ref, codes_ref = _own_ranges(x, layout, bits)
             for got, want in ((lo, lo_ref), (hi, hi_ref), (q.scale, scale_ref)):
                 torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
@@ -278,7 +278,7 @@ def test_quantization_with_own_ranges_is_the_references_in_every_layout(shape, g
             x[(0,) * x.dim()] = float("inf")  # and one with an Inf: its range is not finite
         layout = reference.GroupLayout.of(x.shape, granularity)
         for bits in (8, 4, 2):
-            q, lo, hi = quant.quantize_dynamic(x, layout, bits=bits)
+            q, lo, hi, *_ = quant.quantize_dynamic(x, layout, bits=bits)
             lo_ref, hi_ref, scale_ref, codes_ref = _own_ranges(x, layout, bits)
             for got, want in ((lo, lo_ref), (hi, hi_ref), (q.scale, scale_ref)):
                 torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
@@ -294,10 +294,13 @@ def test_own_range_quantization_is_the_same_without_the_kernels(granularity, mon
     x = torch.randn(3, 4, 5, 33)
     x[1, 2, 3, 4] = float("inf")
     layout = reference.GroupLayout.of(x.shape, granularity)
-    fused, lo, hi = quant.quantize_dynamic(x, layout, bits=4)
+    fused, lo, hi, _, nonfinite, overflows = quant.quantize_dynamic(x, layout, bits=4)
     monkeypatch.setattr(quant.dispatch, "backend_of", lambda t: "reference")  # a GPU without Triton
-    plain, lo_ref, hi_ref = quant.quantize_dynamic(x, layout, bits=4)
+    plain, lo_ref, hi_ref, _, nonfinite_ref, overflows_ref = quant.quantize_dynamic(
+        x, layout, bits=4
+    )
     assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
+    assert (nonfinite, overflows) == (nonfinite_ref, overflows_ref) == (True, False)
     torch.testing.assert_close(fused.scale, plain.scale, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(
         quant.dequantize(fused), quant.dequantize(plain), equal_nan=True, rtol=0, atol=0
@@ -318,12 +321,12 @@ def test_per_token_stochastic_rounding_in_one_pass_is_unbiased(bits):
     x = torch.rand(64, 4096)
     layout = reference.GroupLayout.of(x.shape, PerToken())
     gen = torch.Generator().manual_seed(0)
-    q, _, _ = quant.quantize_dynamic(x, layout, bits=bits, rounding="stochastic", generator=gen)
+    q, *_ = quant.quantize_dynamic(x, layout, bits=bits, rounding="stochastic", generator=gen)
     err = quant.dequantize(q) - x
     step = layout.broadcast(q.scale, 2)
     assert bool((err.abs() < step).all())
     assert abs(float(err.mean() / step.mean())) < 0.01
-    again, _, _ = quant.quantize_dynamic(x, layout, bits=bits, rounding="stochastic", generator=gen)
+    again, *_ = quant.quantize_dynamic(x, layout, bits=bits, rounding="stochastic", generator=gen)
     assert not torch.equal(q.codes, again.codes)  # the generator moved on
 
 

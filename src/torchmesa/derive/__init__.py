@@ -18,14 +18,23 @@ Each recognition returns a :class:`~torchmesa.decide.Derive` decision, kept by t
 derived format as a record that :mod:`~torchmesa.derive.replay` rebuilds.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchmesa.decide import Derive
 from torchmesa.derive import scores
-from torchmesa.derive.recognise import Known, is_derivable, trace
+from torchmesa.derive.recognise import PROBED, Known, is_derivable, probe_saved, probing, trace
 from torchmesa.derive.replay import DerivedRecord, ProductSource, StoredSource, replay
 from torchmesa.derive.rerun import INPUT, OUTPUT, AnchorRecord, ModuleCall, RerunSource
 
 __all__ = [
     "INPUT",
     "OUTPUT",
+    "PROBED",
     "AnchorRecord",
     "DerivedRecord",
     "Known",
@@ -33,8 +42,32 @@ __all__ = [
     "ProductSource",
     "RerunSource",
     "StoredSource",
+    "derivation",
     "is_derivable",
+    "probe_saved",
+    "probing",
     "replay",
     "scores",
     "trace",
 ]
+
+
+def derivation(
+    t: torch.Tensor,
+    rerun: ModuleCall | None,
+    ordinal: int | None,
+    capture: scores.Capture | None,
+    known: dict[tuple[Any, int], Known],
+    store_operand: scores.Store,
+    is_activation: Callable[[torch.Tensor], bool],
+) -> Derive | None:
+    """How ``t`` is rebuilt in backward, or None to store it: a save of the derivable
+    module ``rerun`` beyond its stored input (``ordinal``: which of its saves), attention
+    probabilities (when ``capture`` watched the forward: rebuilding them is on), or a
+    layout copy or product of a ``known`` tensor. ``store_operand`` stores what a score
+    chain adds; ``is_activation`` tells a tensor kept as it is from a parameter."""
+    if rerun is not None and rerun.anchor is not None and ordinal is not None:
+        return Derive(rerun.want(ordinal, t))
+    if capture is not None and scores.is_head(t):
+        return scores.recognise(t, capture, probe_saved, store_operand, StoredSource, is_activation)
+    return trace(t, known, probe_saved, StoredSource) if known else None

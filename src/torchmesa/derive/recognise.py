@@ -9,6 +9,7 @@ rebuild it (a :class:`~torchmesa.decide.Derive` decision), or None.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -210,3 +211,27 @@ def layout_step(node: Any, name: str) -> Step | None:
         return ("t",)
     shape = _shape(node)
     return None if shape is None else ("view", shape)
+
+
+class _Probing(threading.local):
+    on = False
+    hit: Any = None
+
+
+probing = _Probing()
+PROBED = torch.empty(0)
+
+
+def probe_saved(node: Any, attr: str) -> Any:
+    """What the engine stored for ``node``'s saved tensor ``attr``, without restoring it:
+    reading the attribute calls the unpack hook, which hands the stored object over
+    instead (rule [ Derived ]'s dropout masks). None if it was not stored by the engine."""
+    probing.on, probing.hit = True, None
+    try:
+        getattr(node, attr, None)
+    except RuntimeError:  # freed, or not a saved tensor
+        return None
+    finally:
+        probing.on = False
+    hit, probing.hit = probing.hit, None
+    return hit

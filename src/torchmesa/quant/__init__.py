@@ -33,12 +33,12 @@ from torchmesa.quant.records import (
     BLOCK_BITS,
     BlockCodes,
     EmaStep,
+    Measured,
     PackedMask,
     QuantizedTensor,
     QuantizedView,
     QuantizedWithStats,
     RangeState,
-    RunningStep,
 )
 from torchmesa.quant.reference import FLOAT_DTYPES
 
@@ -51,11 +51,11 @@ __all__ = [
     "BlockLayout",
     "EmaStep",
     "GroupLayout",
+    "Measured",
     "PackedMask",
     "QuantizedTensor",
     "QuantizedView",
     "RangeState",
-    "RunningStep",
     "cpu",
     "dequantize",
     "dequantize_view",
@@ -106,7 +106,7 @@ def quantize_delayed(x: torch.Tensor, layout: GroupLayout, shift: torch.Tensor, 
 
 def running_step(x: torch.Tensor, layout: GroupLayout, state: RangeState, decay: float, *,
         delayed: bool = False, bits: int, rounding: Rounding = "nearest",
-        generator: torch.Generator | None = None, flags: bool = True) -> RunningStep:  # fmt: skip
+        generator: torch.Generator | None = None, flags: bool = True) -> Measured:  # fmt: skip
     """Quantize ``x`` with a running range estimate and move the estimate by the batch
     (:func:`ema_step`). Mesa's EMA quantizes with the estimate the batch moved, clipping
     counted against it. ``delayed=True`` quantizes with ``state`` itself (every group
@@ -118,14 +118,16 @@ def running_step(x: torch.Tensor, layout: GroupLayout, state: RangeState, decay:
 
 
 def quantize_dynamic(x: torch.Tensor, layout: GroupLayout, *, bits: int,
-        rounding: Rounding = "nearest",
-        generator: torch.Generator | None = None) -> QuantizedWithStats:  # fmt: skip
+        rounding: Rounding = "nearest", generator: torch.Generator | None = None,
+        flags: bool = True) -> Measured:  # fmt: skip
     """Quantize ``x`` with each group's own range in this batch (shift = min, range =
-    max - min, NaN where that is not finite) and return the per-group min and max beside
-    it. On the CPU it is one C call: per-token rows that fit a block are read once,
-    other layouts twice; elsewhere statistics, then codes."""
+    max - min, NaN where that is not finite): the record, the per-group min and max, and
+    whether some range is not finite or overflows (:func:`span_flags`; ``flags=False``
+    skips them off the CPU, where they cost a device sync). On the CPU it is one C call:
+    per-token rows that fit a block are read once, other layouts twice; elsewhere
+    statistics, then codes."""
     _check_bits(bits)
-    return QUANTIZE_DYNAMIC(x, layout, bits, rounding, generator)
+    return QUANTIZE_DYNAMIC(x, layout, bits, rounding, generator, flags)
 
 
 def quantize_blocks(x: torch.Tensor, layout: BlockLayout, *, bits: int,

@@ -39,11 +39,10 @@ from torchmesa.quant.records import (
     BlockCodes,
     CodesAndStats,
     EmaStep,
+    Measured,
     PackedMask,
     QuantizedTensor,
-    QuantizedWithStats,
     RangeState,
-    RunningStep,
 )
 from torchmesa.quant.reference import kernel_seed
 from torchmesa.tensors import is_dense
@@ -280,11 +279,12 @@ def rows_per_block(layout: GroupLayout, bits: int) -> int:
 
 def quantize_dynamic_codes(
     x: torch.Tensor, layout: GroupLayout, bits: int, seed: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Quantization with each group's own range in this batch, in one C call: codes as
-    :func:`quantize_codes` writes them, and per group its min, max and step (the step
-    NaN where max - min is not finite). Per-token rows that fit a block are read once
-    (:func:`rows_per_block`); other layouts are read twice, statistics then codes."""
+    :func:`quantize_codes` writes them, per group its min, max and step (the step NaN
+    where max - min is not finite), and the ranges' :func:`span_flags` as bits 1 and 2.
+    Per-token rows that fit a block are read once (:func:`rows_per_block`); other
+    layouts are read twice, statistics then codes."""
     access = _access(x, layout, bits)
     groups = layout.num_groups
     out = _codes_out(x, access, bits)
@@ -295,8 +295,8 @@ def quantize_dynamic_codes(
                 lo=lo.data_ptr(), hi=hi.data_ptr(), scale=scale.data_ptr(),
                 threads=_threads(x.numel()))  # fmt: skip
     lib = library.load()
-    (lib.tm_quantize_rows if k > 0 else lib.tm_quantize_own)(call)
-    return out, lo, hi, scale
+    flags = (lib.tm_quantize_rows if k > 0 else lib.tm_quantize_own)(call)
+    return out, lo, hi, scale, flags
 
 
 def _codes_out(x: torch.Tensor, access: _Access, bits: int) -> torch.Tensor:
@@ -501,23 +501,25 @@ def serves_packed(packed: PackedMask) -> bool:
 
 
 def quantize_dynamic(x: torch.Tensor, layout: GroupLayout, bits: int, rounding: Rounding,
-        generator: torch.Generator | None) -> QuantizedWithStats:  # fmt: skip
-    """:func:`torchmesa.quant.quantize_dynamic` in one call."""
+        generator: torch.Generator | None, flags: bool) -> Measured:  # fmt: skip
+    """:func:`torchmesa.quant.quantize_dynamic` in one call (the span flags are always
+    computed: they cost nothing here)."""
     seed = kernel_seed(rounding, generator, x.device)
-    codes, lo, hi, scale = quantize_dynamic_codes(x, layout, bits, seed)
-    return record(codes, lo, scale, layout, x, bits), lo, hi
+    codes, lo, hi, scale, span = quantize_dynamic_codes(x, layout, bits, seed)
+    q = record(codes, lo, scale, layout, x, bits)
+    return Measured(q, lo, hi, None, bool(span & 1), bool(span & 2))
 
 
 def running_step(x: torch.Tensor, layout: GroupLayout, state: RangeState, decay: float,
         delayed: bool, bits: int, rounding: Rounding, generator: torch.Generator | None,
-        flags: bool) -> RunningStep:  # fmt: skip
+        flags: bool) -> Measured:  # fmt: skip
     """:func:`torchmesa.quant.running_step` in one call (the span flags are always
     computed: they cost nothing here)."""
     seed = kernel_seed(rounding, generator, x.device)
     r = quantize_running(x, layout, state, decay, bits, seed, delayed)
     shift = state.shift if delayed else r.step.shift
     q = record(r.codes, shift, r.scale, layout, x, bits)
-    return RunningStep(q, r.lo, r.hi, r.step, r.nonfinite, r.overflows)
+    return Measured(q, r.lo, r.hi, r.step, r.nonfinite, r.overflows)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:

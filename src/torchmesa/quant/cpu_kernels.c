@@ -1485,16 +1485,19 @@ void tm_quantize(const tm_call *c) {
                c->codes, c->lo, c->hi, (int)c->threads);
 }
 
-void tm_quantize_own(const tm_call *c) {
+/* Dynamic ranges return the span flags of the ranges they measured (tm_span_flags). */
+int64_t tm_quantize_own(const tm_call *c) {
     k_quantize_own(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->n, c->mid,
                    c->inner, c->gs, c->groups, (int)c->bits, (int)c->stochastic, c->seed,
                    c->codes, c->lo, c->hi, c->scale, (int)c->threads);
+    return k_span_flags(c->lo, c->hi, c->groups);
 }
 
-void tm_quantize_rows(const tm_call *c) {
+int64_t tm_quantize_rows(const tm_call *c) {
     k_quantize_rows(c->x, (int)c->dtype, (int)c->nd, c->sizes, c->strides, c->groups,
                     c->channels, c->rows_per_block, (int)c->bits, (int)c->stochastic, c->seed,
                     c->codes, c->lo, c->hi, c->scale, (int)c->threads);
+    return k_span_flags(c->lo, c->hi, c->groups);
 }
 
 int64_t tm_quantize_delayed(const tm_call *c) {

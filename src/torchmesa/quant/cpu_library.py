@@ -57,8 +57,8 @@ class KernelCall(ctypes.Structure):
 RETURNS: dict[str, Any] = {
     "tm_minmax": None,
     "tm_quantize": None,
-    "tm_quantize_own": None,
-    "tm_quantize_rows": None,
+    "tm_quantize_own": _i64,
+    "tm_quantize_rows": _i64,
     "tm_quantize_delayed": _i64,
     "tm_quantize_ema": _i64,
     "tm_dequantize": None,

@@ -21,11 +21,10 @@ from torchmesa.quant import blocks, cpu, reference, triton
 from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.records import (
     BlockCodes,
+    Measured,
     Quantized,
     QuantizedTensor,
-    QuantizedWithStats,
     RangeState,
-    RunningStep,
 )
 
 P = ParamSpec("P")
@@ -189,18 +188,20 @@ UNPACK_MASK = Op(
 
 
 def dynamic_from_parts(x: torch.Tensor, layout: GroupLayout, bits: int, rounding: Rounding,
-        generator: torch.Generator | None) -> QuantizedWithStats:  # fmt: skip
-    """Statistics, then codes with each group's own range (NaN where not finite)."""
+        generator: torch.Generator | None, flags: bool) -> Measured:  # fmt: skip
+    """Statistics, then codes with each group's own range (NaN where not finite), and
+    with ``flags`` the ranges' span flags."""
     lo, hi = GROUP_MINMAX(x, layout)
     width = hi - lo
     width = width.masked_fill_(~torch.isfinite(width), torch.nan)
     q = QUANTIZE(x, layout, lo, width, bits, rounding, generator, False)[0]
-    return q, lo, hi
+    nonfinite, overflows = SPAN_FLAGS(lo, hi) if flags else (None, None)
+    return Measured(q, lo, hi, None, nonfinite, overflows)
 
 
 def running_step_from_parts(x: torch.Tensor, layout: GroupLayout, state: RangeState, decay: float,
         delayed: bool, bits: int, rounding: Rounding, generator: torch.Generator | None,
-        flags: bool) -> RunningStep:  # fmt: skip
+        flags: bool) -> Measured:  # fmt: skip
     """One step of a running estimate from its parts (see :func:`quant.running_step`)."""
     if delayed:
         q, lo, hi = QUANTIZE(x, layout, state.shift, state.range, bits, rounding, generator, True)
@@ -214,7 +215,7 @@ def running_step_from_parts(x: torch.Tensor, layout: GroupLayout, state: RangeSt
         q = QUANTIZE(x, layout, step.shift, step.marked, bits, rounding, generator, False)[0]
     elif nonfinite is not False:  # a group this batch filled with NaN/Inf dequantizes to NaN
         q.scale.masked_fill_(torch.isnan(step.marked), torch.nan)
-    return RunningStep(q, lo, hi, step, nonfinite, overflows)
+    return Measured(q, lo, hi, step, nonfinite, overflows)
 
 
 QUANTIZE_DYNAMIC = Op(

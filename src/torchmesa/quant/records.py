@@ -131,13 +131,14 @@ class EmaStep(NamedTuple):
     all_seen: bool | None  # every group seen finite; None: unknown without a device sync
 
 
-class RunningStep(NamedTuple):
-    """One step of a running range estimate (:func:`torchmesa.quant.running_step`)."""
+class Measured(NamedTuple):
+    """A batch quantized and what its ranges showed (:func:`torchmesa.quant.quantize_dynamic`,
+    :func:`torchmesa.quant.running_step`)."""
 
     q: QuantizedTensor
     lo: torch.Tensor  # the batch's own per-group min and max
     hi: torch.Tensor
-    step: EmaStep  # the estimate moved by the batch
+    step: EmaStep | None  # a running estimate moved by the batch; None for dynamic ranges
     nonfinite: bool | None  # some group's range is not finite; None: not looked at
     overflows: bool | None  # some range overflows fp32 with finite ends; None: not looked at
 
