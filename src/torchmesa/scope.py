@@ -48,7 +48,7 @@ class TreeCall:
 
 
 def _owner_is_ours(pack_hook: Any) -> bool:
-    return isinstance(getattr(pack_hook, "__self__", None), (Calls, Tracker))
+    return isinstance(getattr(pack_hook, "__self__", None), (Calls, ForwardStore, Tracker))
 
 
 def _require_readable_hooks() -> None:
@@ -162,8 +162,8 @@ class Calls:
             frozen |= {shape[::-1] for shape in frozen}
         store = ForwardStore(self.shared, params, frozen, sharded, _in_compiled_module())
         hooks = contextlib.ExitStack()
-        if self._spent is None:
-            pair = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        if self._spent is None:  # the store's own pack: the call's store, without a lookup
+            pair = torch.autograd.graph.saved_tensors_hooks(store.pack, self.unpack)
         else:
             pair = torch.autograd.graph.saved_tensors_hooks(self._timed_pack, self._timed_unpack)
         hooks.enter_context(pair)

@@ -238,9 +238,13 @@ class ForwardStore:
         site = frame.next_site()
         if frame.config is None:  # a module a rule keeps exact
             stored: Any = t
-        else:
-            with torch.no_grad():
+        else:  # torch.no_grad() without its context object: this runs per saved tensor
+            grad = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
                 stored = self.store(t, site, frame, ordinal)
+            finally:
+                torch._C._set_grad_enabled(grad)
         counted = stored.stored if isinstance(stored, AnchorRecord) else stored
         for tracker in active_trackers():
             tracker.record(t, counted, site[0] or self.shared.root_label)

@@ -26,7 +26,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -57,8 +57,7 @@ _SDPA = torch._C._nn.scaled_dot_product_attention
 # -- forward: what autograd does not keep ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Operand:
+class Operand(NamedTuple):
     """A tensor or number an op was called with. A tensor without autograd history (a
     mask, a constant) is held until the forward ends, since the graph does not keep it;
     one with history only weakly (it may be the scores themselves), and for a view also
@@ -97,16 +96,14 @@ class Operand:
         return value
 
 
-@dataclass(frozen=True)
-class WatchedCall:
+class WatchedCall(NamedTuple):
     """One call of a watched op: its function and its tensor and number arguments, in order."""
 
     func: Any
     operands: tuple[Operand, ...]
 
 
-@dataclass(frozen=True)
-class SdpaCall:
+class SdpaCall(NamedTuple):
     """The arguments of a running ``scaled_dot_product_attention`` that decide its mask."""
 
     mask: torch.Tensor | None

@@ -136,7 +136,9 @@ def _serves(x: torch.Tensor, dtypes: dict[torch.dtype, int]) -> bool:
     than 1 (any strides), and the kernels loaded."""
     if x.device.type != "cpu" or x.dtype not in dtypes or x.numel() == 0:
         return False
-    return sum(n != 1 for n in x.shape) <= MAX_DIMS and available()
+    if x.dim() > MAX_DIMS and sum(n != 1 for n in x.shape) > MAX_DIMS:
+        return False
+    return available()
 
 
 def supports(x: torch.Tensor) -> bool:
