@@ -44,6 +44,7 @@ from torch import nn
 from torchmesa import quant
 from torchmesa.config import Config, NormKind, PerBlock, norm_kind
 from torchmesa.decide import Half, Mask, Quantize, decide
+from torchmesa.quant.records import pack_bits, unpack_bits
 
 PackedSave = tuple[torch.Tensor, ...]
 TOKEN_NORM_OPS = ("layer_norm", "rms_norm", "group_norm")
@@ -326,37 +327,54 @@ def _keep_signs(
     return kept.clamp(0, 255).to(torch.uint8)
 
 
-def _pack_bits(mask: torch.Tensor) -> PackedSave:
-    """A bool tensor as 1 bit per element (engine rule [ Masks ]), lowest bit first, in shifts
-    and ors that Inductor fuses into one pass (a sum over each byte's 8 bits was 200x
-    slower on the CPU): ``(bits, shape)``, ``shape`` an empty tensor of shape
-    ``(0, *mask.shape)``. A mask that is not contiguous or whose size is not a multiple
-    of 8 stays as it is."""
+MASK, HALF, LOG, CODES = range(1, 5)
+"""The encodings a compiled graph saves, each named by its tag (:func:`_tagged`). A save
+kept as it is packs to ``(x,)``, untagged: AOTAutograd passes a graph input saved as
+itself through only alone."""
+
+
+def _tagged(kind: int, x: torch.Tensor, *parts: torch.Tensor) -> PackedSave:
+    """``parts`` and the tag that says how to restore them: an empty tensor of ``x``'s
+    dtype shaped ``(kind, 0, *x.shape)``, whose shape the unpack graph reads when it is
+    traced."""
+    return (*parts, x.new_empty((kind, 0, *x.shape)))
+
+
+def _mask(mask: torch.Tensor) -> PackedSave:
+    """A bool tensor in 1 bit per element (engine rule [ Masks ]), packed as the eager
+    reference packs it: shifts and ors that Inductor fuses into one pass. A mask that is
+    not contiguous or whose size is not a multiple of 8 stays as it is."""
     if not mask.is_contiguous() or mask.numel() % 8:
         return (mask,)
-    each = mask.reshape(-1, 8).to(torch.uint8)
-    bits = each[:, 0]
-    for i in range(1, 8):
-        bits = bits | (each[:, i] << i)
-    return bits, bits.new_empty((0, *mask.shape))
+    return _tagged(MASK, mask, pack_bits(mask.view(torch.uint8), 1))
 
 
-def _unpack_bits(bits: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """The bool tensor that :func:`_pack_bits` packed."""
-    each = torch.stack([(bits >> i) & 1 for i in range(8)], -1)
-    return each.bool().reshape(shape.shape[1:])
+def _unmask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    numel = 1
+    for n in shape:
+        numel = numel * n
+    return unpack_bits(bits, 1, numel).view(shape).bool()
+
+
+RESTORE: dict[int, Callable[[tuple[torch.Tensor, ...], torch.dtype, torch.Size], torch.Tensor]] = {
+    MASK: lambda parts, dtype, shape: _unmask(parts[0], shape),
+    HALF: lambda parts, dtype, shape: quant.from_half(parts[0], parts[1], dtype),
+    LOG: lambda parts, dtype, shape: quant.from_log_codes(parts[0], parts[1], dtype),
+    CODES: lambda parts, dtype, shape: quant.reference.affine(parts[0], parts[1], parts[2], dtype),
+}
+"""How each encoding restores its tensor, from its parts, the dtype and the shape saved."""
 
 
 class GraphHooks:
     """The pack / unpack pair for one config, as graph modules (see the module docstring).
 
-    A save that stays exact packs to ``(x,)``; a bool mask to 1 bit per element,
-    ``(bits, shape)``; a 16-bit copy (inside BatchNorm) to
-    ``(values, scale, tag)``; probabilities to log codes ``(codes, row maxima, tag)``
-    (uint8 codes: told from a 16-bit copy by their dtype); a quantized one to
-    ``(codes, shift, scale, tag)``: uint8
-    codes in ``x``'s shape and layout, its groups' shift and scale already shaped to
-    broadcast against them. ``tag`` is an empty tensor of ``x``'s dtype.
+    A save kept as it is packs to ``(x,)``; every other to its parts and a tag
+    (:func:`_tagged`): a bool mask in 1 bit per element (``MASK``), a 16-bit copy inside BatchNorm
+    (``HALF``: values, scale), probabilities as log codes (``LOG``: codes, row maxima),
+    or 8-bit codes (``CODES``: uint8 codes in ``x``'s shape and layout, and its groups'
+    shift and step shaped to broadcast against them). The numbers come from the same
+    functions as the eager formats', through the same dispatch table, which gives a
+    traced (fake) tensor to the reference's torch ops.
     """
 
     def __init__(self, config: Config) -> None:
@@ -377,7 +395,7 @@ class GraphHooks:
         if probabilities and x.numel() >= self.config.min_numel:
             with torch.no_grad():
                 codes, rows = quant.to_log_codes(x)
-            return codes, rows, x.new_empty(0)
+            return _tagged(LOG, x, codes, rows)
         if kind == "logits":  # rows of their own offsets: a range each
             norm: NormKind = "token"
         elif kind == "attention":  # a range per row at long context, as eagerly
@@ -387,33 +405,24 @@ class GraphHooks:
         decision = decide(x, self.config, norm, compiled=state is not None)
         if isinstance(decision, Half):
             scale = quant.half_scale(x)
-            return quant.to_half(x, scale), scale, x.new_empty(0)
+            return _tagged(HALF, x, quant.to_half(x, scale), scale)
         if isinstance(decision, Mask) and decision.value is None:
-            return _pack_bits(x)
+            return _mask(x)
         if not isinstance(decision, Quantize):
             return (x,)
         layout, ndim = _even_groups(decision.layout), x.dim()
         with torch.no_grad():
-            lo, hi = quant.reference.group_minmax(x, layout)
-            scale = quant.reference.scale_of(hi - lo, 8)
-            codes = quant.reference.quantize_codes(x, layout, lo, scale, 8, traced=True)
-            shift, step = layout.broadcast(lo, ndim), layout.broadcast(scale, ndim)
+            lo, hi = quant.group_minmax(x, layout)
+            q = quant.quantize(x, layout, lo, hi - lo, bits=8)
+            shift, step = layout.broadcast(lo, ndim), layout.broadcast(q.scale, ndim)
+            codes = q.codes
             if state is None or _signs_read(state):
                 codes = _keep_signs(codes, x, shift, step)
-        return codes, shift, step, x.new_empty(0)
+        return _tagged(CODES, x, codes, shift, step)
 
     @staticmethod
     def _unpack(packed: PackedSave) -> torch.Tensor:
         if len(packed) == 1:
             return packed[0]
-        if len(packed) == 2:
-            return _unpack_bits(*packed)
-        if len(packed) == 3 and packed[0].dtype == torch.uint8:
-            codes, rows, tag = packed
-            return quant.from_log_codes(codes, rows, tag.dtype)
-        if len(packed) == 3:
-            values, scale, tag = packed
-            return quant.from_half(values, scale, tag.dtype)
-        codes, shift, step, tag = packed
-        out = torch.addcmul(shift, codes.float(), step)  # as quant.reference.dequantize_codes
-        return out if tag.dtype == torch.float32 else out.to(tag.dtype)
+        *parts, tag = packed
+        return RESTORE[tag.shape[0]](tuple(parts), tag.dtype, tag.shape[2:])

@@ -34,7 +34,11 @@ BackendName = Literal["reference", "cpu", "triton"]
 
 def backend_of(t: torch.Tensor) -> BackendName:
     """The backend for tensors on ``t``'s device: the C kernels on the CPU (when they
-    built), Triton on CUDA (when installed), else the reference."""
+    built), Triton on CUDA (when installed), else the reference. A tensor subclass (a
+    fake tensor while a compiled graph is traced, a DTensor) runs the reference, whose
+    torch ops every subclass implements and a graph can hold."""
+    if type(t) is not torch.Tensor:
+        return "reference"
     if t.device.type == "cpu":
         return "cpu" if cpu.available() else "reference"
     if t.is_cuda and triton.AVAILABLE:

@@ -142,10 +142,12 @@ def quantize_codes(
     """Codes ``clamp(round((x - shift) * (1 / scale)), 0, 2^bits - 1)`` as uint8, shape of ``x``.
 
     Elementwise ops keep ``x``'s memory layout when it is dense (a transposed q/k/v stays
-    transposed), so dequantizing restores the same strides without a copy. ``traced``:
-    inside a compiled graph, where nothing may depend on values, the floor for zero-minimum
+    transposed), so dequantizing restores the same strides without a copy. ``traced``
+    (and for any tensor subclass: a fake tensor while a graph is traced): inside a
+    compiled graph, where nothing may depend on values, the floor for zero-minimum
     groups is always computed (the same codes, without the two checks that skip it).
     """
+    traced = traced or type(x) is not torch.Tensor
     ndim = x.dim()
     y = x.float() - layout.broadcast(shift, ndim)
     y = y.mul_(layout.broadcast(scale.reciprocal(), ndim))
@@ -176,7 +178,15 @@ def dequantize_codes(
 ) -> torch.Tensor:
     """``codes * scale + shift`` in fp32, returned in ``dtype``."""
     ndim = codes.dim()
-    out = torch.addcmul(layout.broadcast(shift, ndim), codes.float(), layout.broadcast(scale, ndim))
+    return affine(codes, layout.broadcast(shift, ndim), layout.broadcast(scale, ndim), dtype)
+
+
+def affine(
+    codes: torch.Tensor, shift: torch.Tensor, step: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``codes * step + shift`` in fp32 (``shift`` and ``step`` shaped to broadcast against
+    the codes), returned in ``dtype``: every dequantization's formula."""
+    out = torch.addcmul(shift, codes.float(), step)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
