@@ -16,21 +16,63 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import torchmesa
 from torchmesa import Policy
+from torchmesa import store as store_module
 from torchmesa.api import engine_of
 from torchmesa.apps.benchmark import CONFIGS, Setup, batch_on, build, step
 from torchmesa.apps.sources import resolve
+from torchmesa.derive import rerun, scores
 from torchmesa.quant import cpu, cpu_library
+
+# the parts of a pack or unpack hook timed on their own: (owner, attribute, label)
+PARTS = (
+    (store_module, "decide", "decide"),
+    (store_module.ForwardStore, "derivation", "recognise a derived tensor"),
+    (rerun.ModuleCall, "_rerun", "rerun a norm or activation"),
+    (scores.ScoresSource, "rebuild", "rebuild probabilities"),
+)
+RERUNS = ("rerun a norm or activation", "rebuild probabilities")
+
+
+@contextlib.contextmanager
+def parts_timed(spent: dict[str, float]) -> Iterator[None]:
+    """Add each part's seconds to ``spent[label]``, less the kernels' seconds inside it
+    (``cpu_library.timed`` counts those), so that the reruns' compute is told apart from
+    the kernels and from the Python around both."""
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in PARTS]
+
+    def timed(fn: Any, label: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            kernels = sum(v for k, v in spent.items() if k.startswith("tm_"))
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside = sum(v for k, v in spent.items() if k.startswith("tm_")) - kernels
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start - inside
+
+        return run
+
+    for (owner, attr, fn), (_, _, label) in zip(saved, PARTS, strict=True):
+        setattr(owner, attr, timed(fn, label))
+    try:
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
 
 
 def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: int) -> dict:
@@ -47,7 +89,7 @@ def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: i
     spent: dict[str, float] = collections.defaultdict(float)
     engine_of(compressed).time_hooks(spent)  # the pack and unpack hooks, each call
     times: dict[str, list[float]] = {name: [] for name in models}
-    with cpu_library.timed(spent):  # every kernel call
+    with cpu_library.timed(spent), parts_timed(spent):  # every kernel call, and the parts
         for i in range(warmup + steps):
             if i == warmup:
                 spent.clear()
@@ -62,6 +104,8 @@ def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: i
     compressed_s = statistics.median(times["torchmesa"][warmup:])
     hooks_s = statistics.median(times["hooks only"][warmup:])
     hooks = per_step.get("pack", 0.0) + per_step.get("unpack", 0.0)
+    parts = {label: per_step.get(label, 0.0) for _, _, label in PARTS}
+    reruns = sum(parts[label] for label in RERUNS)
     return {
         "model": model_name,
         "batch": batch_size,
@@ -77,6 +121,8 @@ def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: i
             "unpack": per_step.get("unpack", 0.0),
         },
         "outside_kernels_seconds_per_step": hooks - sum(kernels.values()),
+        "part_seconds_per_step": parts,
+        "outside_kernels_and_reruns_seconds_per_step": hooks - sum(kernels.values()) - reruns,
     }
 
 
@@ -87,15 +133,19 @@ def table(r: dict) -> str:
         f"{r['exact_step_seconds'] * ms:.0f} ms, torchmesa {r['torchmesa_step_seconds'] * ms:.0f}"
         f" ms ({r['step_time_vs_exact']:.3f}x, with timers); hooks only (nothing stored) "
         f"{r['hooks_only_step_seconds'] * ms:.0f} ms ({r['hooks_only_vs_exact']:.3f}x)",
-        f"{'per step':34} {'ms':>7}",
+        f"{'per step':40} {'ms':>7}",
     ]
     for name, seconds in sorted(r["kernel_seconds_per_step"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"{'kernel ' + name:34} {seconds * ms:7.1f}")
+        lines.append(f"{'kernel ' + name:40} {seconds * ms:7.1f}")
     for name, seconds in r["hook_seconds_per_step"].items():
-        lines.append(f"{name + ' hooks, all':34} {seconds * ms:7.1f}")
+        lines.append(f"{name + ' hooks, all':40} {seconds * ms:7.1f}")
     lines.append(
-        f"{'hooks outside the kernels':34} {r['outside_kernels_seconds_per_step'] * ms:7.1f}"
+        f"{'hooks outside the kernels':40} {r['outside_kernels_seconds_per_step'] * ms:7.1f}"
     )
+    for name, seconds in r["part_seconds_per_step"].items():
+        lines.append(f"{'  of which ' + name:40} {seconds * ms:7.1f}")
+    outside = r["outside_kernels_and_reruns_seconds_per_step"]
+    lines.append(f"{'hooks outside kernels and reruns':40} {outside * ms:7.1f}")
     return "\n".join(lines)
 
 
@@ -126,7 +176,10 @@ def main() -> None:
         "command": " ".join(["benchmarks/step_costs.py", *sys.argv[1:]]),
         "definitions": "seconds per compressed step (mean over the timed steps): each fused "
         "CPU kernel's calls; the pack (forward) and unpack (backward) hooks in all; the hooks "
-        "outside the kernels (Python and small torch ops). Step times: medians, exact, "
+        "outside the kernels (Python, small torch ops and the reruns); the parts of the hooks "
+        "timed on their own, less the kernels inside them (the reruns of norms, activations "
+        "and probabilities are compute); the hooks outside the kernels and the reruns (the "
+        "Python around them). Step times: medians, exact, "
         "compressed and hooks only (the engine keeping every saved tensor as it is) "
         "interleaved, timers on in the compressed steps",
         **result,

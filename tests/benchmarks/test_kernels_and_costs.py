@@ -90,3 +90,11 @@ def test_step_costs_of_the_default_setting_on_the_demo_model(tmp_path):
     assert report["model"] == "vit-digits" and report["config"] == "torchmesa"
     assert report["kernel_seconds_per_step"]["tm_dequantize"] > 0  # each batch's own ranges
     assert "tm_quantize_delayed" not in report["kernel_seconds_per_step"]
+    # the default rebuilds norms, GELUs and probabilities in backward: timed apart, and
+    # the Python around the kernels and the reruns is what is left of the hooks
+    parts = report["part_seconds_per_step"]
+    assert parts["rerun a norm or activation"] > 0 and parts["rebuild probabilities"] > 0
+    assert parts["decide"] > 0 and parts["recognise a derived tensor"] > 0
+    rest = report["outside_kernels_and_reruns_seconds_per_step"]
+    assert 0 < rest < report["outside_kernels_seconds_per_step"]
+    assert "hooks outside kernels and reruns" in done.stdout
