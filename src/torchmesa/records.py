@@ -4,8 +4,6 @@ share this base."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from torchmesa.tensors import extent
@@ -39,7 +37,11 @@ class Record:
         return t
 
 
-def restored(stored: Any) -> torch.Tensor:
+Stored = torch.Tensor | Record
+"""What a pack hook returns and autograd holds: the tensor kept as it is, or a record."""
+
+
+def restored(stored: Stored) -> torch.Tensor:
     """What backward gets for what pack returned: a record unpacked, a tensor as it is."""
     return stored.unpack() if isinstance(stored, Record) else stored
 

@@ -24,7 +24,7 @@ from torch import nn
 from torchmesa import compiled
 from torchmesa.config import Config
 from torchmesa.derive import PROBED, probing, scores
-from torchmesa.records import in_backward, restored
+from torchmesa.records import Stored, in_backward, restored
 from torchmesa.store import ForwardStore, Shared
 from torchmesa.tensors import storage_ptr
 from torchmesa.track import Tracker
@@ -172,13 +172,13 @@ class Calls:
             store.capture = hooks.enter_context(scores.Capture())
         return TreeCall(store, hooks)
 
-    def pack(self, t: torch.Tensor) -> Any:
+    def pack(self, t: torch.Tensor) -> Stored:
         """The pack hook: the running call's store keeps ``t`` as it decides."""
         store = self.current()
         return t if store is None else store.pack(t)
 
     @staticmethod
-    def unpack(stored: Any) -> torch.Tensor:
+    def unpack(stored: Stored) -> torch.Tensor:
         """The unpack hook: what was stored, restored (or the probe's marker)."""
         if probing.on:
             probing.hit = stored
@@ -191,14 +191,14 @@ class Calls:
         ``benchmarks/step_costs.py``: untimed forwards run the plain hooks."""
         self._spent = spent
 
-    def _timed_pack(self, t: torch.Tensor) -> Any:
+    def _timed_pack(self, t: torch.Tensor) -> Stored:
         start = time.perf_counter()
         try:
             return self.pack(t)
         finally:
             self._add_spent("pack", start)
 
-    def _timed_unpack(self, stored: Any) -> torch.Tensor:
+    def _timed_unpack(self, stored: Stored) -> torch.Tensor:
         start = time.perf_counter()
         try:
             return self.unpack(stored)

@@ -22,10 +22,12 @@ from torchmesa import quant
 from torchmesa.config import Config, NormKind
 from torchmesa.decide import (
     BlockQuantize,
+    Decision,
     Derive,
     Exact,
     Mask,
     Quantize,
+    Source,
     decide,
     decide_operand,
     is_activation,
@@ -43,7 +45,7 @@ from torchmesa.derive import (
 )
 from torchmesa.estimator import RangeStore, Site, Staged
 from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord, Session, ViewRecord
-from torchmesa.records import saved_stride
+from torchmesa.records import Stored, saved_stride
 from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import active_trackers
 
@@ -126,12 +128,12 @@ class Earlier:
     chains added (rule [ Probabilities ]). Forgotten when the forward ends."""
 
     def __init__(self) -> None:
-        self.records: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        self.records: dict[Key, tuple[weakref.ref[torch.Tensor], Stored]] = {}
         self.dense_bases: dict[
             int, list[tuple[weakref.ref[torch.Tensor], quant.QuantizedTensor | quant.BlockCodes]]
         ] = {}
         self.known: dict[tuple[Any, int], Known] = {}  # producer node -> stored tensor
-        self.operands: dict[Key, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        self.operands: dict[Key, tuple[weakref.ref[torch.Tensor], Stored]] = {}
 
     def clear(self) -> None:
         self.records.clear()
@@ -139,15 +141,15 @@ class Earlier:
         self.known.clear()
         self.operands.clear()
 
-    def record(self, key: Key) -> Any | None:
+    def record(self, key: Key) -> Stored | None:
         """The record of a tensor saved before under ``key``, while that tensor lives."""
         hit = self.records.get(key)
         return hit[1] if hit is not None and hit[0]() is not None else None
 
-    def remember(self, key: Key, t: torch.Tensor, stored: Any) -> None:
+    def remember(self, key: Key, t: torch.Tensor, stored: Stored) -> None:
         self.records[key] = (weakref.ref(t), stored)
 
-    def operand(self, key: Key) -> Any | None:
+    def operand(self, key: Key) -> Stored | None:
         """A score chain's operand stored before under ``key``: one stored for a chain,
         or a 1-bit mask a module saved."""
         hit = self.operands.get(key)
@@ -158,7 +160,7 @@ class Earlier:
             return hit[1]
         return None
 
-    def remember_operand(self, key: Key, t: torch.Tensor, stored: Any) -> None:
+    def remember_operand(self, key: Key, t: torch.Tensor, stored: Stored) -> None:
         self.operands[key] = (weakref.ref(t), stored)
 
     def covering_base(self, t: torch.Tensor) -> quant.QuantizedView | None:
@@ -179,7 +181,7 @@ class Earlier:
         """``t``'s codes, for the views inside it saved later (rule [ Stored once ])."""
         self.dense_bases.setdefault(storage_ptr(t), []).append((weakref.ref(t), stored))
 
-    def add_known(self, t: torch.Tensor, source: Any) -> None:
+    def add_known(self, t: torch.Tensor, source: Source) -> None:
         """Record ``t`` as produced by its autograd node (a view's is its own), so that a
         layout copy or product of it saved later is derived from ``source``."""
         if t.grad_fn is not None:
@@ -225,7 +227,7 @@ class ForwardStore:
 
     # -- the pack path ------------------------------------------------------------------
 
-    def pack(self, t: torch.Tensor) -> Any:
+    def pack(self, t: torch.Tensor) -> Stored:
         """What autograd keeps for ``t``, saved by the innermost running module."""
         frame = self.frames.top()
         if frame is None:
@@ -237,7 +239,7 @@ class ForwardStore:
             return t
         site = frame.next_site()
         if frame.config is None:  # a module a rule keeps exact
-            stored: Any = t
+            stored: Stored = t
         else:  # torch.no_grad() without its context object: this runs per saved tensor
             grad = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)
@@ -250,7 +252,7 @@ class ForwardStore:
             tracker.record(t, counted, site[0] or self.shared.root_label)
         return stored
 
-    def store(self, t: torch.Tensor, site: Site, frame: Frame, ordinal: int | None) -> Any:
+    def store(self, t: torch.Tensor, site: Site, frame: Frame, ordinal: int | None) -> Stored:
         """What the format for ``t``'s decision packs, or, for a tensor not kept exact, the
         record of an earlier save of it (rule [ Stored once ]); a derivable module's input
         is its anchor, and what can be rebuilt from stored tensors is derived (rule
@@ -261,11 +263,11 @@ class ForwardStore:
         # sizes differ by position: long ones get a range each (rule [ Quantized ])
         in_attention = self.capture is not None and self.capture.sdpa
         norm: NormKind = "attention" if in_attention else frame.norm
-        decision: Any = decide(t, config, norm, self.compiled)
+        decision: Decision = decide(t, config, norm, self.compiled)
         rerun = frame.rerun
         # the input key of a derivable module still waiting for its anchor, else None
         wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None
-        stored: Any
+        stored: Stored | None
         if type(decision) is Exact:
             stored = FORMATS[Exact].pack(t, decision, config, site, self)
             # an unsupported tensor (nested, sparse) may not even have a shape to compare
@@ -285,8 +287,9 @@ class ForwardStore:
             return AnchorRecord(stored, rerun)
         return stored
 
-    def _pack_new(self, t: torch.Tensor, key: Key, decision: Any, config: Config, site: Site,
-                  frame: Frame, ordinal: int | None, anchor: bool) -> Any:  # fmt: skip
+    def _pack_new(self, t: torch.Tensor, key: Key, decision: Decision, config: Config,
+                  site: Site, frame: Frame, ordinal: int | None,
+                  anchor: bool) -> Stored:  # fmt: skip
         """A tensor not saved before in this forward: derived where it can be, else packed
         by its decision's format; remembered for the saves after it."""
         if config.derive and not anchor and type(decision) is not Mask:
@@ -294,7 +297,7 @@ class ForwardStore:
         earlier = self.earlier
         view = earlier.covering_base(t) if type(decision) in _CODES else None
         if view is not None:  # inside an earlier quantized tensor: free
-            stored: Any = ViewRecord(view, saved_stride(t))
+            stored: Stored = ViewRecord(view, saved_stride(t))
         else:
             stored = FORMATS[type(decision)].pack(t, decision, config, site, self)
             if isinstance(stored, QuantizedRecord) and is_dense(t):
@@ -336,7 +339,7 @@ class ForwardStore:
 
 def store_operand(
     x: torch.Tensor, frame: Frame, earlier: Earlier, session: Session
-) -> tuple[Any, int] | None:
+) -> tuple[Stored, int] | None:
     """Store ``x``, an operand of a score chain that autograd does not keep (a mask, a
     bias), losslessly (rule [ Probabilities ]), once per forward (rule [ Stored once ]):
     the stored form and the bytes it newly cost. A copy of an exact one is the chain's
@@ -351,7 +354,7 @@ def store_operand(
     if isinstance(decision, Mask):
         assert frame.config is not None
         site = frame.next_site()
-        stored: Any = FORMATS[Mask].pack(x, decision, frame.config, site, session)
+        stored: Stored = FORMATS[Mask].pack(x, decision, frame.config, site, session)
         nbytes = stored.nbytes
     else:
         stored = x.detach().clone()
