@@ -367,3 +367,21 @@ def test_probabilities_can_be_stored_instead(probabilities, kind, monkeypatch):
     # the probabilities (2 x 4 x 256 x 256 fp32): about a byte each either way
     assert t.kept()[kind].exact_bytes >= 2 * 4 * 256 * 256 * 4
     assert t.held_bytes == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("minus_inf_row", [False, True])
+def test_a_safe_softmax_is_rebuilt_bitwise_with_and_without_rows_of_minus_inf(dtype, minus_inf_row):
+    # the CPU rebuild runs the plain softmax, and the safe one only when a row of the
+    # scores is all -inf (the plain one gives it NaN): both must give the forward's values
+    a = torch.randn(6, 17, 8).to(dtype)
+    b = (-torch.rand(6, 8, 17) - 0.1).to(dtype)
+    if minus_inf_row:
+        a[:, 0, :] = float("inf")  # times negative keys: a row of -inf scores
+    want = torch.ops.aten._safe_softmax(torch.bmm(a, b), -1)
+    product = scores.Product("bmm", StoredSource(a), StoredSource(b))
+    source = scores.ScoresSource(product, (), "SafeSoftmaxBackward0", (want.shape, dtype, a.device))
+    source.add_use()
+    got = source.take()
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert bool((got[:, 0] == 0).all()) == minus_inf_row

@@ -303,7 +303,13 @@ class ScoresSource:
             for step in self.steps:
                 x = step.apply(x)
             cast = dtype if x.dtype != dtype else None
-            if self.head == "SafeSoftmaxBackward0":
+            if self.head == "SafeSoftmaxBackward0" and x.device.type == "cpu":
+                # the safe softmax is the softmax with every row of -inf scores zeroed (the
+                # softmax gives them NaN); on the CPU it takes about three times as long,
+                # so it runs only for scores that hold such a row
+                p = torch.softmax(x, -1, dtype=cast)
+                x = torch.ops.aten._safe_softmax(x, -1, cast) if bool(p.isnan().any()) else p
+            elif self.head == "SafeSoftmaxBackward0":
                 x = torch.ops.aten._safe_softmax(x, -1, cast)
             elif self.head == "SoftmaxBackward0":
                 x = torch.softmax(x, -1, dtype=cast)
