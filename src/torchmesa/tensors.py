@@ -86,7 +86,9 @@ def derives_from_parameter(t: torch.Tensor) -> bool:
 
 def is_parameter_like(t: torch.Tensor, param_storages: frozenset[int] | set[int]) -> bool:
     """True for parameters and buffers (by storage), their views and their AMP copies."""
-    if isinstance(t, nn.Parameter):
+    # a plain tensor is never a parameter: skip Parameter's isinstance check, which runs in
+    # Python (its metaclass also accepts tensor subclasses marked as parameters)
+    if type(t) is not torch.Tensor and isinstance(t, nn.Parameter):
         return True
     if t.is_leaf and t.requires_grad:
         return True
