@@ -35,9 +35,9 @@ _MAX_CHAIN = 4
 def is_dense(t: torch.Tensor) -> bool:
     """True if ``t``'s elements fill one contiguous stretch of storage (any dim order)."""
     expected = 1
-    for stride, size in sorted(
-        (st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1
-    ):
+    for stride, size in sorted(zip(t.stride(), t.shape, strict=True)):
+        if size == 1:
+            continue
         if stride != expected:
             return False
         expected *= size
@@ -47,7 +47,10 @@ def is_dense(t: torch.Tensor) -> bool:
 def extent(shape: torch.Size, stride: tuple[int, ...]) -> int:
     """Storage elements from a view's first element to its last, both included (a view
     with elements: its numel is at least 1)."""
-    return 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    last = 0
+    for n, st in zip(shape, stride, strict=True):
+        last += (n - 1) * st
+    return 1 + last
 
 
 def storage_ptr(t: torch.Tensor) -> int:

@@ -131,14 +131,18 @@ def _noise(bits: int, seed: int | None, codes: torch.Tensor) -> dict[str, Any]:
             "codes": codes.data_ptr()}  # fmt: skip
 
 
+def serves_tensor(x: torch.Tensor, dtypes: dict[torch.dtype, int] = DTYPES) -> bool:
+    """A non-empty CPU tensor of one of ``dtypes`` with at most ``MAX_DIMS`` dims longer
+    than 1 (any strides): what the loaded kernels read."""
+    if x.device.type != "cpu" or x.dtype not in dtypes or x.numel() == 0:
+        return False
+    return x.dim() <= MAX_DIMS or sum(n != 1 for n in x.shape) <= MAX_DIMS
+
+
 def _serves(x: torch.Tensor, dtypes: dict[torch.dtype, int]) -> bool:
     """A non-empty CPU tensor of one of ``dtypes`` with at most ``MAX_DIMS`` dims longer
     than 1 (any strides), and the kernels loaded."""
-    if x.device.type != "cpu" or x.dtype not in dtypes or x.numel() == 0:
-        return False
-    if x.dim() > MAX_DIMS and sum(n != 1 for n in x.shape) > MAX_DIMS:
-        return False
-    return available()
+    return serves_tensor(x, dtypes) and available()
 
 
 def supports(x: torch.Tensor) -> bool:

@@ -80,14 +80,17 @@ class Op(Generic[P, R]):
         self.name, self.reference, self.anchor, self.fused = name, ref, anchor, fused
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        impl = self.fused.get(backend_of(self.anchor(args[0])))
+        first: Any = args[0]
+        anchor = first if self.anchor is _first else self.anchor(first)
+        impl = self.fused.get(backend_of(anchor))
         if impl is not None and impl.serves(*args, **kwargs):
             return impl.run(*args, **kwargs)
         return self.reference(*args, **kwargs)
 
 
 def _cpu_x(x: torch.Tensor, *_: object) -> bool:
-    return cpu.supports(x)
+    """What the C kernels read (the CPU backend was picked, so they are loaded)."""
+    return cpu.serves_tensor(x)
 
 
 def _triton_x(x: torch.Tensor, *_: object) -> bool:
