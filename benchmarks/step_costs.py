@@ -75,6 +75,25 @@ def parts_timed(spent: dict[str, float]) -> Iterator[None]:
             setattr(owner, attr, fn)
 
 
+def calls_in_step(spec: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any,
+                  setup: Setup) -> int:  # fmt: skip
+    """The Python function calls and the calls into C from Python in one training step:
+    unlike seconds, a count this machine's load does not move."""
+    count = 0
+
+    def counted(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(counted)
+    try:
+        step(spec, model, opt, batch, setup)
+    finally:
+        sys.setprofile(None)
+    return count
+
+
 def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: int) -> dict:
     if not cpu.available():
         raise SystemExit("step_costs.py times the fused CPU kernels; they are not available")
@@ -98,6 +117,8 @@ def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: i
                 step(spec, model, opts[model], batch, setup)
                 times[name].append(time.perf_counter() - start)
     engine_of(compressed).time_hooks(None)
+    calls = {name: calls_in_step(spec, models[name], opts[models[name]], batch, setup)
+             for name in ("exact", "torchmesa")}  # fmt: skip
     per_step = {k: v / steps for k, v in spent.items()}
     kernels = {k: v for k, v in per_step.items() if k.startswith("tm_")}
     exact_s = statistics.median(times["exact"][warmup:])
@@ -122,6 +143,7 @@ def measure(model_name: str, batch_size: int, config: str, warmup: int, steps: i
         },
         "outside_kernels_seconds_per_step": hooks - sum(kernels.values()),
         "part_seconds_per_step": parts,
+        "calls_per_step": calls,
         "outside_kernels_and_reruns_seconds_per_step": hooks - sum(kernels.values()) - reruns,
     }
 
@@ -146,6 +168,10 @@ def table(r: dict) -> str:
         lines.append(f"{'  of which ' + name:40} {seconds * ms:7.1f}")
     outside = r["outside_kernels_and_reruns_seconds_per_step"]
     lines.append(f"{'hooks outside kernels and reruns':40} {outside * ms:7.1f}")
+    calls = r["calls_per_step"]
+    lines.append(
+        f"calls from Python in a step: exact {calls['exact']}, torchmesa {calls['torchmesa']}"
+    )
     return "\n".join(lines)
 
 
@@ -179,7 +205,8 @@ def main() -> None:
         "outside the kernels (Python, small torch ops and the reruns); the parts of the hooks "
         "timed on their own, less the kernels inside them (the reruns of norms, activations "
         "and probabilities are compute); the hooks outside the kernels and the reruns (the "
-        "Python around them). Step times: medians, exact, "
+        "Python around them); the calls from Python (to Python functions and into C) in one "
+        "step of each, counted with sys.setprofile. Step times: medians, exact, "
         "compressed and hooks only (the engine keeping every saved tensor as it is) "
         "interleaved, timers on in the compressed steps",
         **result,

@@ -98,3 +98,5 @@ def test_step_costs_of_the_default_setting_on_the_demo_model(tmp_path):
     rest = report["outside_kernels_and_reruns_seconds_per_step"]
     assert 0 < rest < report["outside_kernels_seconds_per_step"]
     assert "hooks outside kernels and reruns" in done.stdout
+    calls = report["calls_per_step"]
+    assert 0 < calls["exact"] < calls["torchmesa"]  # the hooks' Python, counted
