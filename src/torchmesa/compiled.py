@@ -44,7 +44,6 @@ from torch import nn
 from torchmesa import quant
 from torchmesa.config import Config, NormKind, PerBlock, norm_kind
 from torchmesa.decide import Half, Mask, Quantize, decide
-from torchmesa.quant.records import pack_bits, unpack_bits
 
 PackedSave = tuple[torch.Tensor, ...]
 TOKEN_NORM_OPS = ("layer_norm", "rms_norm", "group_norm")
@@ -346,18 +345,13 @@ def _mask(mask: torch.Tensor) -> PackedSave:
     not contiguous or whose size is not a multiple of 8 stays as it is."""
     if not mask.is_contiguous() or mask.numel() % 8:
         return (mask,)
-    return _tagged(MASK, mask, pack_bits(mask.view(torch.uint8), 1))
-
-
-def _unmask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    numel = 1
-    for n in shape:
-        numel = numel * n
-    return unpack_bits(bits, 1, numel).view(shape).bool()
+    return _tagged(MASK, mask, quant.reference.pack_mask(mask, None).bits)
 
 
 RESTORE: dict[int, Callable[[tuple[torch.Tensor, ...], torch.dtype, torch.Size], torch.Tensor]] = {
-    MASK: lambda parts, dtype, shape: _unmask(parts[0], shape),
+    MASK: lambda parts, dtype, shape: quant.reference.unpack_mask(
+        quant.PackedMask(parts[0], shape, None)
+    ),
     HALF: lambda parts, dtype, shape: quant.from_half(parts[0], parts[1], dtype),
     LOG: lambda parts, dtype, shape: quant.from_log_codes(parts[0], parts[1], dtype),
     CODES: lambda parts, dtype, shape: quant.reference.affine(parts[0], parts[1], parts[2], dtype),

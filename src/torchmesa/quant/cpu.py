@@ -139,15 +139,10 @@ def serves_tensor(x: torch.Tensor, dtypes: dict[torch.dtype, int] = DTYPES) -> b
     return x.dim() <= MAX_DIMS or sum(n != 1 for n in x.shape) <= MAX_DIMS
 
 
-def _serves(x: torch.Tensor, dtypes: dict[torch.dtype, int]) -> bool:
-    """A non-empty CPU tensor of one of ``dtypes`` with at most ``MAX_DIMS`` dims longer
-    than 1 (any strides), and the kernels loaded."""
-    return serves_tensor(x, dtypes) and available()
-
-
 def supports(x: torch.Tensor) -> bool:
-    """Whether the fused path quantizes ``x``: fp32/bf16/fp16 (see :func:`_serves`)."""
-    return _serves(x, DTYPES)
+    """Whether the fused path quantizes ``x``: fp32/bf16/fp16 (see :func:`serves_tensor`),
+    and the kernels loaded."""
+    return serves_tensor(x) and available()
 
 
 def _access(x: torch.Tensor, layout: GroupLayout, bits: int) -> _Access:
@@ -366,12 +361,6 @@ def dequantize_codes(codes: torch.Tensor, shape: torch.Size, layout: GroupLayout
     return run_dequantize(dequantize_job(codes, shape, layout, shift, scale, bits, dtype))
 
 
-def supports_mask(x: torch.Tensor) -> bool:
-    """Whether the fused path packs ``x`` to bits: a float dtype or bool (see
-    :func:`_serves`)."""
-    return _serves(x, MASK_DTYPES)
-
-
 def pack_nonzero(x: torch.Tensor) -> torch.Tensor:
     """``reference.pack_bits((x != 0).view(torch.uint8), 1)`` in one read of ``x``: one
     bit per element in ``x``'s logical order, first element lowest."""
@@ -494,11 +483,13 @@ def serves_blocks(q: BlockCodes) -> bool:
 
 def serves_running(x: torch.Tensor, layout: GroupLayout, state: RangeState, *_: object) -> bool:
     """Whether :func:`running_step` serves: ``x`` and the running estimate on the CPU."""
-    return supports(x) and state.shift.device.type == "cpu"
+    return serves_tensor(x) and state.shift.device.type == "cpu"
 
 
 def serves_mask(x: torch.Tensor, *_: object) -> bool:
-    return supports_mask(x)
+    """Whether :func:`pack_mask` serves ``x``: a float dtype or bool (see
+    :func:`serves_tensor`)."""
+    return serves_tensor(x, MASK_DTYPES)
 
 
 def serves_packed(packed: PackedMask) -> bool:

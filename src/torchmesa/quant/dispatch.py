@@ -68,16 +68,15 @@ class Op(Generic[P, R]):
     """One operation: its reference, its fused implementations by backend, and how to
     find the tensor whose device picks the backend (the first argument, or its codes)."""
 
-    __slots__ = ("anchor", "fused", "name", "reference")
+    __slots__ = ("anchor", "fused", "reference")
 
     def __init__(
         self,
-        name: str,
         ref: Callable[P, R],
         anchor: Callable[[Any], torch.Tensor] = _first,
         **fused: Fused[P, R],
     ) -> None:
-        self.name, self.reference, self.anchor, self.fused = name, ref, anchor, fused
+        self.reference, self.anchor, self.fused = ref, anchor, fused
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         first: Any = args[0]
@@ -148,46 +147,38 @@ def _codes(q: QuantizedTensor | BlockCodes) -> torch.Tensor:
 
 
 GROUP_MINMAX = Op(
-    "group_minmax",
     reference.group_minmax,
     cpu=Fused(cpu.group_minmax, _cpu_x),
     triton=Fused(triton.group_minmax, _triton_x),
 )
-SCALE_OF = Op("scale_of", reference.scale_of, cpu=Fused(cpu.scale_of))
-SPAN_FLAGS = Op("span_flags", reference.span_flags, cpu=Fused(cpu.span_flags))
-EMA_STEP = Op("ema_step", reference.ema_step, cpu=Fused(cpu.ema_step))
-TWO_LEVEL_VALUE = Op(
-    "two_level_value", reference.two_level_value, cpu=Fused(cpu.two_level_value, _cpu_x)
-)
+SCALE_OF = Op(reference.scale_of, cpu=Fused(cpu.scale_of))
+SPAN_FLAGS = Op(reference.span_flags, cpu=Fused(cpu.span_flags))
+EMA_STEP = Op(reference.ema_step, cpu=Fused(cpu.ema_step))
+TWO_LEVEL_VALUE = Op(reference.two_level_value, cpu=Fused(cpu.two_level_value, _cpu_x))
 QUANTIZE = Op(
-    "quantize",
     reference.quantize,
     cpu=Fused(_FusedQuantize(cpu.codes_and_stats, cpu.record), _cpu_x),
     triton=Fused(_FusedQuantize(triton.codes_and_stats, triton.record), _triton_x),
 )
 DEQUANTIZE = Op(
-    "dequantize",
     reference.dequantize,
     _codes,
     cpu=Fused(cpu.dequantize, cpu.serves_codes),
     triton=Fused(triton.dequantize, lambda q: triton.serves(q.codes)),
 )
 QUANTIZE_BLOCKS = Op(
-    "quantize_blocks",
     blocks.quantize_blocks,
     cpu=Fused(_seeded(cpu.quantize_blocks), _cpu_x),
     triton=Fused(_seeded(triton.quantize_blocks), _rows_of_8),
 )
 DEQUANTIZE_BLOCKS = Op(
-    "dequantize_blocks",
     blocks.dequantize_blocks,
     _codes,
     cpu=Fused(cpu.dequantize_blocks, cpu.serves_blocks),
     triton=Fused(triton.dequantize_blocks, lambda q: _rows_of_8(q.codes, q.layout)),
 )
-PACK_MASK = Op("pack_mask", reference.pack_mask, cpu=Fused(cpu.pack_mask, cpu.serves_mask))
+PACK_MASK = Op(reference.pack_mask, cpu=Fused(cpu.pack_mask, cpu.serves_mask))
 UNPACK_MASK = Op(
-    "unpack_mask",
     reference.unpack_mask,
     lambda packed: packed.bits,
     cpu=Fused(cpu.unpack_mask, cpu.serves_packed),
@@ -225,14 +216,5 @@ def running_step_from_parts(x: torch.Tensor, layout: GroupLayout, state: RangeSt
     return Measured(q, lo, hi, step, nonfinite, overflows)
 
 
-QUANTIZE_DYNAMIC = Op(
-    "quantize_dynamic", dynamic_from_parts, cpu=Fused(cpu.quantize_dynamic, _cpu_x)
-)
-RUNNING_STEP = Op(
-    "running_step", running_step_from_parts, cpu=Fused(cpu.running_step, cpu.serves_running)
-)
-OPS = (
-    GROUP_MINMAX, SCALE_OF, SPAN_FLAGS, EMA_STEP, TWO_LEVEL_VALUE, QUANTIZE, DEQUANTIZE,
-    QUANTIZE_BLOCKS, DEQUANTIZE_BLOCKS, PACK_MASK, UNPACK_MASK, QUANTIZE_DYNAMIC,
-    RUNNING_STEP,
-)  # fmt: skip
+QUANTIZE_DYNAMIC = Op(dynamic_from_parts, cpu=Fused(cpu.quantize_dynamic, _cpu_x))
+RUNNING_STEP = Op(running_step_from_parts, cpu=Fused(cpu.running_step, cpu.serves_running))

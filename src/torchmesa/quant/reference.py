@@ -137,17 +137,16 @@ def quantize_codes(
     bits: int,
     rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
-    traced: bool = False,
 ) -> torch.Tensor:
     """Codes ``clamp(round((x - shift) * (1 / scale)), 0, 2^bits - 1)`` as uint8, shape of ``x``.
 
     Elementwise ops keep ``x``'s memory layout when it is dense (a transposed q/k/v stays
-    transposed), so dequantizing restores the same strides without a copy. ``traced``
-    (and for any tensor subclass: a fake tensor while a graph is traced): inside a
-    compiled graph, where nothing may depend on values, the floor for zero-minimum
-    groups is always computed (the same codes, without the two checks that skip it).
+    transposed), so dequantizing restores the same strides without a copy. For a tensor
+    subclass (a fake tensor while a compiled graph is traced, where nothing may depend on
+    values) the floor for zero-minimum groups is always computed: the same codes, without
+    the two checks that skip it.
     """
-    traced = traced or type(x) is not torch.Tensor
+    traced = type(x) is not torch.Tensor
     ndim = x.dim()
     y = x.float() - layout.broadcast(shift, ndim)
     y = y.mul_(layout.broadcast(scale.reciprocal(), ndim))
