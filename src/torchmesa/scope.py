@@ -4,8 +4,8 @@ A call of the tree starts at the first of its modules to run on a thread and end
 that module returns. :class:`Calls` decides whether it is compressed (rules [ Scope ],
 [ Other hooks ]), and opens for it either a :class:`~torchmesa.store.ForwardStore` with
 the saved-tensor hooks around it, or, when ``torch.compile`` runs it, the compiled path's
-graph hooks (rule [ Compiled graphs ]). Its ``pack`` and ``unpack`` are the saved-tensor
-hooks themselves.
+graph hooks (rule [ Compiled graphs ]). Its ``unpack`` is the unpack hook; the store's
+own ``pack`` is the pack hook.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ class Calls:
         return TreeCall(store, hooks)
 
     def pack(self, t: torch.Tensor) -> Stored:
-        """The pack hook: the running call's store keeps ``t`` as it decides."""
+        """The running call's store keeps ``t`` as it decides: the pack hook when the hooks
+        are timed (otherwise the store's own ``pack`` is the hook)."""
         store = self.current()
         return t if store is None else store.pack(t)
 
