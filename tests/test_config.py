@@ -1,6 +1,7 @@
 """Config validation: every bad value is refused with the field's name."""
 
 import pytest
+from torch import nn
 
 from torchmesa import Config, PerBlock, PerChannelGroup, PerHead, PerTensor, PerToken
 
@@ -77,6 +78,18 @@ def test_norm_kinds_come_from_class_names():
     assert kinds == ["batch"] * 3
     assert norm_kind("InstanceNorm1d") == "batch"
     assert norm_kind("GroupNorm") == norm_kind("Linear") == ""
+
+
+def test_a_depthwise_1x1_convolution_is_kept_like_a_batch_norm():
+    from torchmesa.decide import module_norm_kind
+
+    assert module_norm_kind(nn.Conv2d(16, 16, 1, groups=16)) == "batch"  # a per-channel scale
+    assert module_norm_kind(nn.Conv1d(8, 8, (1,), groups=8, bias=False)) == "batch"
+    assert module_norm_kind(nn.Conv2d(16, 16, 3, groups=16)) == ""  # a spatial filter
+    assert module_norm_kind(nn.Conv2d(16, 32, 1, groups=16)) == ""  # two outputs per channel
+    assert module_norm_kind(nn.Conv2d(16, 16, 1)) == ""  # mixes channels
+    assert module_norm_kind(nn.BatchNorm2d(4)) == "batch"
+    assert module_norm_kind(nn.LayerNorm(4)) == "token"
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

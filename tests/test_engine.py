@@ -684,6 +684,37 @@ def test_nothing_is_derived_from_an_input_kept_exact_or_not_stored():
     assert "derived" not in t.kept()
 
 
+def test_a_batch_norm_input_kept_at_16_bits_is_not_derived_from_codes():
+    class Net(nn.Module):  # a BatchNorm after an activation: its input is the GELU's output
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 16, 3), nn.GELU()
+            self.bn, self.head = nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.bn(self.act(self.conv(x))))
+
+    torch.manual_seed(0)
+    t, out = tracked(torchmesa.compress(Net(), Config(derive=True)), torch.randn(4, 3, 24, 24))
+    assert t.by_module["bn"].kept["half"].tensors == 1 and "derived" not in t.by_module["bn"].kept
+    out.sum().backward()
+    base, x = Net(), torch.randn(4, 3, 24, 24)
+    grads = []
+    for derive in (False, True):  # the same storage either way: gradients bitwise equal
+        model = torchmesa.compress(copy.deepcopy(base), Config(derive=derive))
+        model(x).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_a_per_channel_scale_keeps_its_input_like_a_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 1, groups=16), nn.BatchNorm2d(16))
+    t, out = tracked(torchmesa.compress(model), torch.randn(4, 3, 24, 24))
+    assert t.by_module["1"].kept["half"].tensors == 1 and "quantized" not in t.by_module["1"].kept
+    assert t.by_module["0"].kept["quantized"].tensors == 1
+    out.sum().backward()
+
+
 class FlakyGELU(nn.Module):
     """A 'GELU' that saves one tensor more every call: not a function of its input."""
 

@@ -181,7 +181,8 @@ class Config:
             block of mixed signs by a randomized Hadamard matrix before quantizing it, and
             by its inverse after, spreading an outlier over its block; ``"none"`` (the
             default) quantizes as is.
-        batch_norm: how BatchNorm and InstanceNorm inputs are kept. ``"half"`` (the
+        batch_norm: how BatchNorm and InstanceNorm inputs (and those of depthwise 1x1
+            convolutions, per-channel scales) are kept. ``"half"`` (the
             default): a 16-bit copy (fp16 scaled by a power of two where values exceed
             its range), because their weight gradient is a small sum of large terms that
             8-bit codes skew (`docs/fidelity.md`, "BatchNorm"). ``"quantize"`` stores them

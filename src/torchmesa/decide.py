@@ -43,8 +43,10 @@ NOTE [ Engine rules ]
     BatchNorm and InstanceNorm layers they are a 16-bit float copy instead
     (``Config.batch_norm``): their weight gradient is a sum over batch and image that
     cancels to a small value, and 8-bit codes of the input left it 7 % off (EfficientNet-B0;
-    fp16: 2.3 %). With ``groups=PerBlock(n)`` every such tensor is stored in blocks of ``n``
-    along its last dim, each with its own step (block-scaled codes, optionally rotated).
+    fp16: 2.3 %); so is the input of a depthwise 1x1 convolution, a per-channel scale whose
+    gradient cancels the same way (:func:`module_norm_kind`). With ``groups=PerBlock(n)``
+    every such tensor is stored in blocks of ``n`` along its last dim, each with its own
+    step (block-scaled codes, optionally rotated).
     Others stay exact: integers, fp64, small ones; sparse, nested, complex, quantized and
     float8 tensors and tensor subclasses (warned once per kind). An exact tensor that is a
     small view of a larger storage (the CLS token of a hidden state) is kept as a compact
@@ -85,8 +87,9 @@ NOTE [ Engine rules ]
     found through the saved tensor's autograd history; anything else on the way is stored. A
     known tensor changed in place (its version moved) is not derived from. What is rebuilt
     is dropped after its last use and at the end of the backward pass that rebuilt it; a
-    second backward (``retain_graph``) rebuilds it again. Masks and tensors kept exact stay
-    as they are.
+    second backward (``retain_graph``) rebuilds it again. Masks, tensors kept exact and
+    16-bit BatchNorm inputs stay as they are: a rebuild from 8-bit codes would lose the
+    precision they are kept at.
 
   [ Compiled graphs ] (PyTorch 2.13+; 2.8 does not tell the hooks their graph node, so there
     the eager hooks run, with one warning). Under ``torch.compile``, the root's hooks run
@@ -134,6 +137,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from torchmesa import quant
 from torchmesa.config import (
@@ -144,6 +148,7 @@ from torchmesa.config import (
     PerBlock,
     PerHead,
     Rounding,
+    norm_kind,
 )
 from torchmesa.tensors import is_parameter_like, is_probabilities, storage_nbytes
 
@@ -333,6 +338,18 @@ def granularity(t: torch.Tensor, config: Config, norm: NormKind) -> Granularity:
     if config.head_wise and t.dim() >= 4:
         return PerHead()
     return config.groups
+
+
+def module_norm_kind(module: nn.Module) -> NormKind:
+    """How a module's saves are laid out (:func:`torchmesa.config.norm_kind` of its class),
+    and ``"batch"`` for a per-channel scale (a depthwise 1x1 convolution): its weight's
+    gradient sums input times gradient over batch and image as a BatchNorm weight's does,
+    and cancels as much before a norm, so its input is kept like a BatchNorm's."""
+    kind = norm_kind(type(module).__name__)
+    if kind or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return kind
+    scale = module.groups == module.in_channels == module.out_channels
+    return "batch" if scale and all(k == 1 for k in module.kernel_size) else ""
 
 
 def long_rows(t: torch.Tensor) -> bool:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchmesa.config import Config, NormKind, norm_kind
+from torchmesa.config import Config, NormKind
+from torchmesa.decide import module_norm_kind
 from torchmesa.derive import is_derivable
 from torchmesa.derive.rerun import module_call
 from torchmesa.policy import Policy
@@ -93,7 +94,7 @@ class Engine:
         assert root is not None
         outside = _outside_graphs()
         for path, module in root.named_modules():
-            norm = norm_kind(type(module).__name__)
+            norm = module_norm_kind(module)
             config = self.settings[path]
             make = outside if module is root else _Hook
             if config is not None and config.derive and is_derivable(module):

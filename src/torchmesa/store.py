@@ -25,6 +25,7 @@ from torchmesa.decide import (
     Decision,
     Derive,
     Exact,
+    Half,
     Mask,
     Quantize,
     Source,
@@ -52,6 +53,7 @@ from torchmesa.track import active_trackers
 Key = tuple[int, int | torch.SymInt, torch.Size, tuple[int, ...], torch.dtype, int]
 """What makes two saves one tensor (:func:`dedup_key`)."""
 _CODES = (Quantize, BlockQuantize)  # decisions whose codes a later view can be cut from
+_KEPT = (Mask, Half)  # finer than a rebuild from codes: never derived (rule [ Derived ])
 
 
 class Shared:
@@ -292,7 +294,7 @@ class ForwardStore:
                   anchor: bool) -> Stored:  # fmt: skip
         """A tensor not saved before in this forward: derived where it can be, else packed
         by its decision's format; remembered for the saves after it."""
-        if config.derive and not anchor and type(decision) is not Mask:
+        if config.derive and not anchor and type(decision) not in _KEPT:
             decision = self.derivation(t, frame, ordinal) or decision
         earlier = self.earlier
         view = earlier.covering_base(t) if type(decision) in _CODES else None
