@@ -92,6 +92,15 @@ def test_a_depthwise_1x1_convolution_is_kept_like_a_batch_norm():
     assert module_norm_kind(nn.LayerNorm(4)) == "token"
 
 
+def test_piecewise_activations_name_their_kinks():
+    from torchmesa.decide import module_kinks
+
+    assert module_kinks(nn.Hardswish()) == module_kinks(nn.Hardsigmoid()) == (-3.0, 3.0)
+    assert module_kinks(nn.ReLU6()) == (0.0, 6.0)
+    assert module_kinks(nn.Hardtanh(-2.0, 0.5)) == (-2.0, 0.5)
+    assert module_kinks(nn.GELU()) == module_kinks(nn.ReLU()) == ()
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_low_bit_widths_are_accepted(bits):
     assert Config(bits=bits, rounding="stochastic").levels == (1 << bits) - 1

@@ -715,6 +715,33 @@ def test_a_per_channel_scale_keeps_its_input_like_a_batch_norm():
     out.sum().backward()
 
 
+def test_a_piecewise_activation_input_is_coded_on_its_side_of_each_kink(monkeypatch):
+    from torchmesa.formats import affine
+
+    seen = []
+    real = affine.pack_kinked
+
+    def spy(t, decision, *args):
+        seen.append(decision.kinks)
+        record = real(t, decision, *args)
+        restored = record.restore()
+        for k in decision.kinks:  # every value restored on the side of each kink it was on
+            assert torch.equal(restored > k, t > k) and torch.equal(restored < k, t < k)
+        return record
+
+    monkeypatch.setattr(affine, "pack_kinked", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.Hardswish(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 4, 1),
+    )  # fmt: skip
+    run = lambda m: (lambda o: (o, o.square().mean()))(m(torch.randn(8, 3, 16, 16) * 3))  # noqa: E731
+    result = compare(model, run)
+    assert seen == [(-3.0, 3.0), (0.0, 6.0)]
+    assert result.forward_equal and result.min_cosine >= 0.999, result.worst_param
+
+
 class FlakyGELU(nn.Module):
     """A 'GELU' that saves one tensor more every call: not a function of its input."""
 

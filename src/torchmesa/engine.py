@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from torchmesa.config import Config, NormKind
-from torchmesa.decide import module_norm_kind
+from torchmesa.decide import module_kinks, module_norm_kind
 from torchmesa.derive import is_derivable
 from torchmesa.derive.rerun import module_call
 from torchmesa.policy import Policy
@@ -95,6 +95,9 @@ class Engine:
         outside = _outside_graphs()
         for path, module in root.named_modules():
             norm = module_norm_kind(module)
+            kinks = module_kinks(module)
+            if kinks:
+                self.shared.kinks[path] = kinks
             config = self.settings[path]
             make = outside if module is root else _Hook
             if config is not None and config.derive and is_derivable(module):

@@ -63,6 +63,7 @@ class Shared:
     def __init__(self, root_label: str) -> None:
         self.ranges = RangeStore()  # each site moves with its own config's decay
         self.root_label = root_label
+        self.kinks: dict[str, quant.Kinks] = {}  # piecewise activations' paths (rule [ Quantized ])
         self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         self._warned: set[str] = set()
 
@@ -265,7 +266,8 @@ class ForwardStore:
         # sizes differ by position: long ones get a range each (rule [ Quantized ])
         in_attention = self.capture is not None and self.capture.sdpa
         norm: NormKind = "attention" if in_attention else frame.norm
-        decision: Decision = decide(t, config, norm, self.compiled)
+        kinks = self.shared.kinks.get(frame.path, ())
+        decision: Decision = decide(t, config, norm, self.compiled, kinks)
         rerun = frame.rerun
         # the input key of a derivable module still waiting for its anchor, else None
         wanted = rerun.input_key if rerun is not None and rerun.anchor is None else None

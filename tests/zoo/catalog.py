@@ -236,6 +236,8 @@ ZOO: list[Entry] = [
           _timm("efficientnet_b0")),
     Entry("timm:mobilenetv3_small_100", "MobileNet (BatchNorm, depthwise)",
           _timm("mobilenetv3_small_100")),
+    Entry("timm:mobilenetv3_small_100@128", "MobileNet at 128x128 (hardswish after BatchNorm)",
+          _timm("mobilenetv3_small_100", image=128, batch=8)),
     Entry("timm:fastvit_t8", "hybrid (FastViT, reparameterizable, per-channel scales)",
           _timm("fastvit_t8")),
     Entry("timm:regnetx_002", "RegNet", _timm("regnetx_002")),

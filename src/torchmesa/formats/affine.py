@@ -60,6 +60,8 @@ class AffineFormat:
     def pack(
         self, t: torch.Tensor, decision: Quantize, config: Config, site: Site, session: Session
     ) -> torch.Tensor | Record:
+        if decision.kinks:
+            return pack_kinked(t, decision, config, site, session)
         stochastic = decision.rounding == "stochastic"
         generator = session.generator(t.device, config.seed) if stochastic else None
         # finding out whether a range is not finite costs a GPU a device sync; fp16
@@ -88,6 +90,20 @@ class AffineFormat:
         if est.step is not None:
             session.ranges.record(site, est.step, session.staged)
         return QuantizedRecord(est.q, saved_stride(t))
+
+
+def pack_kinked(
+    t: torch.Tensor, decision: Quantize, config: Config, site: Site, session: Session
+) -> torch.Tensor | Record:
+    """Codes of a piecewise activation's input under the batch's ranges, moved so that no
+    value crosses a kink (:func:`torchmesa.quant.kink_ranges`)."""
+    lo, hi = quant.group_minmax(t, decision.layout)
+    nonfinite, overflows = quant.span_flags(lo, hi)
+    if nonfinite or overflows:
+        return kept_nonfinite(t, site, session, config) if nonfinite else compact(t)
+    shift, width = quant.kink_ranges(lo, hi, decision.kinks, decision.bits)
+    q = quant.quantize(t, decision.layout, shift, width, bits=decision.bits)
+    return QuantizedRecord(q, saved_stride(t))
 
 
 def kept_nonfinite(t: torch.Tensor, site: Site, session: Session, config: Config) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torchmesa.quant.dispatch import (
     UNPACK_MASK,
 )
 from torchmesa.quant.half import from_half, half_scale, to_half
+from torchmesa.quant.kinks import Kinks, kink_ranges
 from torchmesa.quant.layout import BlockLayout, GroupLayout
 from torchmesa.quant.logcodes import LOG_WINDOW, from_log_codes, to_log_codes
 from torchmesa.quant.records import (
@@ -51,6 +52,7 @@ __all__ = [
     "BlockLayout",
     "EmaStep",
     "GroupLayout",
+    "Kinks",
     "Measured",
     "PackedMask",
     "QuantizedTensor",
@@ -65,6 +67,7 @@ __all__ = [
     "from_log_codes",
     "group_minmax",
     "half_scale",
+    "kink_ranges",
     "pack_mask",
     "pack_two_level",
     "quantize",
