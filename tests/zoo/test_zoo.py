@@ -3,14 +3,20 @@ one call. Forward bitwise; every gradient that is not near zero at cosine >= 0.9
 near-zero ones (under 2 % of the model's typical gradient) with an error under 1 % of it
 (``helpers``), or,
 under bf16 autocast, no farther from fp32 training than exact bf16 is (BF16_NOISE);
-nothing held after backward; no torchmesa warning but the ones the entry expects."""
+nothing held after backward; no torchmesa warning but the ones the entry expects. The
+BatchNorm CNNs in COMPILED also train compiled like compiled exact."""
 
+import copy
 import warnings
 
 import pytest
 import torch
 from catalog import ZOO, Entry
-from helpers import NEAR_ZERO_ERROR, compare
+from helpers import NEAR_ZERO_ERROR, compare, grad_cosines
+from torch import nn
+
+import torchmesa
+from torchmesa.track import graph_saved
 
 pytestmark = pytest.mark.zoo
 MIN_COSINE = 0.999
@@ -25,6 +31,8 @@ EXPECTED_WARNINGS = {"hf:wav2vec2": "module 'Wav2Vec2ForCTC' holds NaN or Inf"}
 # fp32 as exact bf16 is: 0.999x its distance). Where torchmesa's gradient is no farther
 # from fp32's than exact bf16's is, within this factor, it adds nothing to bf16's error.
 BF16_NOISE = 1.05
+# BatchNorm CNNs under torch.compile, against compiled exact (the compiled path's own storage)
+COMPILED = ("timm:resnet18", "timm:mobilenetv3_small_100")
 AUTOCAST = ("hf:llama", "hf:whisper", "timm:vit_tiny_patch16_224", "timm:convnext_atto",
             "timm:efficientnet_b0")  # fmt: skip
 
@@ -70,3 +78,38 @@ def test_the_zoo_covers_the_families_people_train():
                    "dual encoder", "windowed", "ConvNeXt", "EfficientNet", "MobileNet",
                    "hybrid", "state-space", "LoRA"):  # fmt: skip
         assert family in families, family
+
+
+def activations_held(output: torch.Tensor, model: nn.Module) -> int:
+    """Bytes the compiled graphs hold for backward, less the parameters and the copies
+    of them that a compiled convolution keeps in its own layout (shaped like one)."""
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    storages = {t.untyped_storage().data_ptr(): t for t in graph_saved(output)}
+    return sum(
+        t.untyped_storage().nbytes() for t in storages.values() if tuple(t.shape) not in shapes
+    )
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_trains_one_step_compiled_like_compiled_exact(name, report):
+    torch._dynamo.reset()
+    model, run = next(e for e in ZOO if e.name == name).make()
+    exact = copy.deepcopy(model)
+    compiled, compiled_exact = torch.compile(torchmesa.compress(model)), torch.compile(exact)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo's notes on graph breaks
+        out, loss = run(compiled)
+        out_exact, loss_exact = run(compiled_exact)
+    held, held_exact = activations_held(loss, model), activations_held(loss_exact, exact)
+    loss.backward()
+    loss_exact.backward()
+    cosines = grad_cosines(exact, model)
+    worst = min(cosines, key=lambda n: cosines[n][0])
+    report.append(
+        f"zoo {name:34s} compiled  {held_exact / held:5.2f}x held  min cosine "
+        f"{cosines[worst][0]:.5f} ({worst}) against compiled exact"
+    )
+    torchmesa.decompress(model)
+    assert torch.equal(out, out_exact)
+    assert cosines[worst][0] >= MIN_COSINE, (worst, cosines[worst])
+    assert held_exact >= 2 * held, (held, held_exact)
