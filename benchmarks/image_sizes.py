@@ -1,0 +1,120 @@
+"""Convolutional and hybrid networks at the image sizes people train, beyond the zoo's 64x64.
+
+The zoo trains each model on 64x64 images; a miss can hide there (a channel whose
+variance sits near BatchNorm's eps, a value near a hardswish kink, a divisor as small as
+its eps). For each model and size (timm, untrained, cross-entropy, one step, the test
+suite's rule for near-zero gradients, ``tests/helpers.py``): the bytes stored against
+exact's, the worst gradient cosine and where. ``--compiled`` adds the same step under
+``torch.compile`` against compiled exact for the models in COMPILED (a minute or two
+each to compile). Needs timm: run it in the second environment.
+
+    .venv-zoo/bin/python benchmarks/image_sizes.py               # about a minute
+    .venv-zoo/bin/python benchmarks/image_sizes.py --compiled    # about 5 minutes more
+
+Writes JSON (``--out``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import torchmesa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import compare, grad_cosines
+
+# (timm model, image size, batch)
+CASES = (
+    ("mobilenetv3_small_100", 64, 4), ("mobilenetv3_small_100", 128, 8),
+    ("mobilenetv3_small_100", 224, 4), ("fastvit_t8", 64, 4), ("fastvit_t8", 128, 4),
+    ("fastvit_t8", 224, 2), ("efficientnet_b0", 128, 8), ("efficientnet_b0", 224, 4),
+    ("resnet18", 224, 4), ("efficientvit_b0", 64, 4), ("efficientvit_b0", 128, 4),
+    ("efficientvit_b0", 224, 2),
+)  # fmt: skip
+COMPILED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8))
+
+
+def _batch(name: str, image: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, image, image, generator=g)
+    return model, x, torch.randint(0, 10, (batch,), generator=g)
+
+
+def measure(name: str, image: int, batch: int) -> dict:
+    model, x, y = _batch(name, image, batch)
+
+    def run(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        out = m(x)
+        return out, F.cross_entropy(out, y)
+
+    res = compare(model, run)
+    return {
+        "model": name, "image": image, "batch": batch, "compiled": False,
+        "ratio": res.ratio, "min_cosine": res.min_cosine, "worst_param": res.worst_param,
+        "forward_equal": res.forward_equal,
+        "near_zero_max_error": max(res.null_params.values(), default=0.0),
+    }  # fmt: skip
+
+
+def measure_compiled(name: str, image: int, batch: int) -> dict:
+    model, x, y = _batch(name, image, batch)
+    exact = copy.deepcopy(model)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo's notes on graph breaks
+        compiled, compiled_exact = torch.compile(torchmesa.compress(model)), torch.compile(exact)
+        out, out_exact = compiled(x), compiled_exact(x)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(out_exact, y).backward()
+    cosines = grad_cosines(exact, model)
+    worst = min(cosines, key=lambda n: cosines[n][0])
+    torchmesa.decompress(model)
+    return {
+        "model": name, "image": image, "batch": batch, "compiled": True, "ratio": None,
+        "min_cosine": cosines[worst][0], "worst_param": worst,
+        "forward_equal": torch.equal(out, out_exact), "near_zero_max_error": None,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compiled", action="store_true", help="add the compiled cases")
+    parser.add_argument("--out", default="benchmarks/results/image-sizes-cpu.json")
+    args = parser.parse_args()
+    started = time.time()
+    rows = [measure(*case) for case in CASES]
+    if args.compiled:
+        rows += [measure_compiled(*case) for case in COMPILED]
+    print(f"{'model':24s} {'image':>5s} {'batch':>5s} {'path':8s} {'ratio':>6s}  "
+          f"{'min cosine':>10s}  worst parameter")  # fmt: skip
+    for r in rows:
+        ratio = f"{r['ratio']:5.2f}x" if r["ratio"] is not None else "     -"
+        path = "compiled" if r["compiled"] else "eager"
+        print(f"{r['model']:24s} {r['image']:5d} {r['batch']:5d} {path:8s} {ratio}  "
+              f"{r['min_cosine']:10.5f}  {r['worst_param']}")  # fmt: skip
+    command = ".venv-zoo/bin/python benchmarks/image_sizes.py"
+    report = {
+        "command": command + (" --compiled" if args.compiled else ""),
+        "torch": torch.__version__,
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
