@@ -154,6 +154,19 @@ class TransposedKeyAttention(FusedQKVAttention):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
+class HardswishBlock(nn.Module):
+    """A MobileNetV3 block's start: a BatchNorm, then a hardswish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.Hardswish()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn2, self.out = nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn2(self.dw(self.act(self.bn(self.conv(x))))))
+
+
 def strided_model(kind: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "channels-last":
@@ -329,6 +342,26 @@ def test_a_batch_norm_input_is_held_in_16_bits_in_the_compiled_graph():
     assert (torch.float32, (4, 16, 32, 32)) not in held
     # ReLU's mask is recomputed in backward from that input (compiled.compile_settings)
     assert (torch.bool, (4, 16, 32, 32)) not in held
+
+
+@pytest.mark.slow
+def test_a_piecewise_activation_input_is_saved_as_codes_that_keep_its_kinks():
+    """Compiled, a hardswish's input is saved (not recomputed from the BatchNorm's 16-bit
+    input, whose rounding moves values across its kinks) as 8-bit codes."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = HardswishBlock()
+    exact = copy.deepcopy(model)
+    x = torch.randn(8, 3, 16, 16) * 3
+    y = torch.compile(torchmesa.compress(model))(x)
+    y_exact = torch.compile(exact)(x)
+    assert torch.equal(y, y_exact)
+    held = [(t.dtype, tuple(t.shape)) for t in graph_saved(y)]
+    assert held.count((torch.uint8, (8, 16, 16, 16))) == 1  # its input (else recomputed)
+    assert (torch.float16, (8, 16, 16, 16)) in held  # the BatchNorm's input
+    y.square().mean().backward()
+    y_exact.square().mean().backward()
+    assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999
 
 
 @pytest.mark.slow

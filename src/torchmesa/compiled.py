@@ -88,16 +88,22 @@ COMPILE_SETTINGS: dict[str, Any] = {
 }
 
 
-def compile_settings() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
     """:data:`COMPILE_SETTINGS`, set for the graphs compiled while it is entered (the
-    settings this PyTorch has; they are part of AOTAutograd's cache key)."""
+    settings this PyTorch has; they are part of AOTAutograd's cache key), and Inductor's
+    joint-graph pass :func:`keep_kinked_inputs` where this PyTorch has the hook."""
     from torch._functorch import config as functorch
+    from torch._inductor import config as inductor
 
     known = functorch.get_config_copy()
-    patch: contextlib.AbstractContextManager[None] = functorch.patch(
-        **{k: v for k, v in COMPILE_SETTINGS.items() if k in known}
-    )
-    return patch
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            functorch.patch(**{k: v for k, v in COMPILE_SETTINGS.items() if k in known})
+        )
+        if "joint_custom_pre_pass" in inductor.get_config_copy():
+            stack.enter_context(inductor.patch(joint_custom_pre_pass=_kinked_pass()))
+        yield
 
 
 def unsupported(config: Config) -> str:
@@ -313,6 +319,60 @@ def _signs_read(state: dict[str, Any]) -> bool:
     return any(_target_in(user, SIGN_OPS) for user in _through_views(_backward_uses(state)))
 
 
+COMPARISONS = ("aten.lt.Scalar", "aten.le.Scalar", "aten.gt.Scalar", "aten.ge.Scalar")
+KINKED_MODULES = ("Hardswish", "Hardsigmoid", "Hardtanh", "ReLU6")
+
+
+def _kinks_read(state: dict[str, Any]) -> quant.Kinks:
+    """Where backward compares the saved node with a constant other than zero (a piecewise
+    activation's kinks: hardswish's and hardsigmoid's ±3, ReLU6's 6), at most two,
+    ascending; ``()`` when it compares with none or with more."""
+    if state.get("_bw_graph") is None:
+        return ()
+    points = {
+        float(user.args[1])
+        for user in _through_views(_backward_uses(state))
+        if _target_in(user, COMPARISONS) and len(user.args) > 1
+        and isinstance(user.args[1], (int, float)) and user.args[1] != 0
+    }  # fmt: skip
+    return tuple(sorted(points)) if 1 <= len(points) <= 2 else ()
+
+
+def keep_kinked_inputs(graph: torch.fx.Graph) -> None:
+    """A joint-graph pass: the input of a piecewise activation module is saved for
+    backward, never recomputed there from a value stored before it (a BatchNorm's 16-bit
+    input, whose rounding would move values across the kinks again), so that its own codes
+    keep each value on its side of each kink."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack or not node.args:
+            continue
+        path, (_, cls) = list(stack.items())[-1]
+        if str(getattr(cls, "__name__", cls)) not in KINKED_MODULES:
+            continue
+        first = node.args[0]
+        outer = getattr(first, "meta", {}).get("nn_module_stack") or {}
+        if isinstance(first, torch.fx.Node) and path not in outer:
+            first.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def _kinked_pass() -> Any:
+    """:func:`keep_kinked_inputs` as Inductor's custom pass, named so that its caches
+    know it."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class KeepKinkedInputs(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            keep_kinked_inputs(graph)
+
+        def uuid(self) -> str:
+            return "torchmesa.compiled.keep_kinked_inputs/1"
+
+    return KeepKinkedInputs()
+
+
 def _keep_signs(
     codes: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
@@ -396,6 +456,9 @@ class GraphHooks:
             norm = "attention"
         else:
             norm = _read_by_norm(state) if state is not None else ""
+        kinks = _kinks_read(state) if state is not None else ()
+        if kinks:  # a piecewise activation's input: codes that keep its sides, not 16 bits
+            norm = ""
         decision = decide(x, self.config, norm, compiled=state is not None)
         if isinstance(decision, Half):
             scale = quant.half_scale(x)
@@ -407,7 +470,11 @@ class GraphHooks:
         layout, ndim = _even_groups(decision.layout), x.dim()
         with torch.no_grad():
             lo, hi = quant.group_minmax(x, layout)
-            q = quant.quantize(x, layout, lo, hi - lo, bits=8)
+            if kinks:
+                lo, width = quant.kink_ranges(lo, hi, kinks, 8)
+            else:
+                width = hi - lo
+            q = quant.quantize(x, layout, lo, width, bits=8)
             shift, step = layout.broadcast(lo, ndim), layout.broadcast(q.scale, ndim)
             codes = q.codes
             if state is None or _signs_read(state):

@@ -105,7 +105,11 @@ NOTE [ Engine rules ]
     [ Quantized ] and [ Savings only ] (rule [ Masks ] does not apply: no tensor in a graph
     has history) with each batch's ranges: per token where a normalization op reads it, per
     head for 4+ dims, per channel otherwise; parameters (and their casts) stay exact, other
-    graph inputs are activations. Module hooks traced into the graph do nothing. A config
+    graph inputs are activations; a value backward compares with constants other than
+    zero gets codes that keep its side of each (a piecewise activation's kinks), and a
+    piecewise activation module's input is saved rather than recomputed
+    (:func:`torchmesa.compiled.keep_kinked_inputs`). Module hooks traced into the graph do
+    nothing. A config
     the graphs cannot store (below 8 bits, ``PerBlock``, stochastic rounding,
     ``check_finite``, different configs per module) or an older PyTorch warns once, and the
     eager hooks store what the compiled graphs save, in Python at run time.
