@@ -227,6 +227,21 @@ def test_values_whose_span_overflows_fp32_stay_exact_with_a_warning(dtype):
     assert t.compressed_tensors == 1  # w's copy is still compressed
 
 
+def test_a_piecewise_activation_input_whose_span_overflows_fp32_stays_exact_with_a_warning():
+    x = torch.randn(64, 64)
+    x[0, :2] = torch.tensor([-3e38, 3e38])
+    x.requires_grad_()
+    model = torchmesa.compress(nn.Sequential(Lambda(lambda a: a * 1), nn.Hardswish()))
+    with pytest.warns(RuntimeWarning, match="near the fp32 limit"):
+        out = model(x)
+    out.backward(torch.ones_like(out))
+    got = x.grad.clone()
+    x.grad = None
+    torchmesa.decompress(model)
+    model(x).backward(torch.ones_like(out))
+    assert torch.equal(got, x.grad)  # bitwise: stored exact
+
+
 def test_an_activation_holding_minus_inf_on_purpose_is_kept_exact_with_a_warning():
     # log-space zeros, as CTC's alphas hold: 8-bit codes would restore them as NaN
     x = torch.randn(64, 64, requires_grad=True)

@@ -77,16 +77,8 @@ class AffineFormat:
             flags,
         )
         est = ESTIMATORS[decision.estimator].quantize(t, job, session.ranges, session.staged)
-        if est.overflows:
-            session.warn_once(
-                "overflow",
-                "torchmesa: a saved activation holds values near the fp32 limit (|x| > "
-                "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule "
-                "[ Non-finite ]).",
-            )
-            return compact(t)
-        if est.nonfinite:
-            return kept_nonfinite(t, site, session, config)
+        if est.overflows or est.nonfinite:
+            return kept_unrepresentable(t, est.overflows, site, session, config)
         if est.step is not None:
             session.ranges.record(site, est.step, session.staged)
         return QuantizedRecord(est.q, saved_stride(t))
@@ -100,10 +92,27 @@ def pack_kinked(
     lo, hi = quant.group_minmax(t, decision.layout)
     nonfinite, overflows = quant.span_flags(lo, hi)
     if nonfinite or overflows:
-        return kept_nonfinite(t, site, session, config) if nonfinite else compact(t)
+        return kept_unrepresentable(t, overflows, site, session, config)
     shift, width = quant.kink_ranges(lo, hi, decision.kinks, decision.bits)
     q = quant.quantize(t, decision.layout, shift, width, bits=decision.bits)
     return QuantizedRecord(q, saved_stride(t))
+
+
+def kept_unrepresentable(
+    t: torch.Tensor, overflows: bool, site: Site, session: Session, config: Config
+) -> torch.Tensor:
+    """An activation whose ranges codes cannot hold, kept exact (rule [ Non-finite ]):
+    values near the fp32 limit, whose range overflows fp32 (warned once), else NaN or Inf
+    (:func:`kept_nonfinite`)."""
+    if not overflows:
+        return kept_nonfinite(t, site, session, config)
+    session.warn_once(
+        "overflow",
+        "torchmesa: a saved activation holds values near the fp32 limit (|x| > "
+        "1.7e38) whose range fp32 cannot hold; it is kept exact (engine rule "
+        "[ Non-finite ]).",
+    )
+    return compact(t)
 
 
 def kept_nonfinite(t: torch.Tensor, site: Site, session: Session, config: Config) -> torch.Tensor:
