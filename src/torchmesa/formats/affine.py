@@ -78,7 +78,7 @@ class AffineFormat:
         )
         est = ESTIMATORS[decision.estimator].quantize(t, job, session.ranges, session.staged)
         if est.overflows or est.nonfinite:
-            return kept_unrepresentable(t, est.overflows, site, session, config)
+            return kept_unrepresentable(t, bool(est.overflows), site, session, config)
         if est.step is not None:
             session.ranges.record(site, est.step, session.staged)
         return QuantizedRecord(est.q, saved_stride(t))
