@@ -25,11 +25,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import torchmesa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
+from catalog import _timm
 from helpers import compare, grad_cosines
 
 # (timm model, image size, batch)
@@ -43,23 +44,8 @@ CASES = (
 COMPILED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8))
 
 
-def _batch(name: str, image: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10).train()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, image, image, generator=g)
-    return model, x, torch.randint(0, 10, (batch,), generator=g)
-
-
 def measure(name: str, image: int, batch: int) -> dict:
-    model, x, y = _batch(name, image, batch)
-
-    def run(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        out = m(x)
-        return out, F.cross_entropy(out, y)
-
+    model, run = _timm(name, image, batch)()  # the zoo's model and batch at another size
     res = compare(model, run)
     return {
         "model": name, "image": image, "batch": batch, "compiled": False,
@@ -70,15 +56,15 @@ def measure(name: str, image: int, batch: int) -> dict:
 
 
 def measure_compiled(name: str, image: int, batch: int) -> dict:
-    model, x, y = _batch(name, image, batch)
+    model, run = _timm(name, image, batch)()
     exact = copy.deepcopy(model)
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Dynamo's notes on graph breaks
         compiled, compiled_exact = torch.compile(torchmesa.compress(model)), torch.compile(exact)
-        out, out_exact = compiled(x), compiled_exact(x)
-    F.cross_entropy(out, y).backward()
-    F.cross_entropy(out_exact, y).backward()
+        (out, loss), (out_exact, loss_exact) = run(compiled), run(compiled_exact)
+    loss.backward()
+    loss_exact.backward()
     cosines = grad_cosines(exact, model)
     worst = min(cosines, key=lambda n: cosines[n][0])
     torchmesa.decompress(model)

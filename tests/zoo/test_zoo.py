@@ -16,7 +16,7 @@ from helpers import NEAR_ZERO_ERROR, compare, grad_cosines
 from torch import nn
 
 import torchmesa
-from torchmesa.track import graph_saved
+from torchmesa.track import graph_held, graph_saved
 
 pytestmark = pytest.mark.zoo
 MIN_COSINE = 0.999
@@ -84,10 +84,8 @@ def activations_held(output: torch.Tensor, model: nn.Module) -> int:
     """Bytes the compiled graphs hold for backward, less the parameters and the copies
     of them that a compiled convolution keeps in its own layout (shaped like one)."""
     shapes = {tuple(p.shape) for p in model.parameters()}
-    storages = {t.untyped_storage().data_ptr(): t for t in graph_saved(output)}
-    return sum(
-        t.untyped_storage().nbytes() for t in storages.values() if tuple(t.shape) not in shapes
-    )
+    copies = [t for t in graph_saved(output) if tuple(t.shape) in shapes]
+    return graph_held(output, [*model.parameters(), *copies]).nbytes
 
 
 @pytest.mark.parametrize("name", COMPILED)
