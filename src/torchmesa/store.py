@@ -12,11 +12,14 @@ forward (running ranges, random generators, warnings given) is the model's
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
+from types import FrameType
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from torchmesa import quant
 from torchmesa.config import Config, NormKind
@@ -54,6 +57,22 @@ Key = tuple[int, int | torch.SymInt, torch.Size, tuple[int, ...], torch.dtype, i
 """What makes two saves one tensor (:func:`dedup_key`)."""
 _CODES = (Quantize, BlockQuantize)  # decisions whose codes a later view can be cut from
 _KEPT = (Mask, Half)  # finer than a rebuild from codes: never derived (rule [ Derived ])
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+
+def saved_by_checkpoint() -> bool:
+    """Whether the saved tensor being packed is an input ``torch.utils.checkpoint`` keeps to
+    run its function again (rule [ Checkpoint inputs ]): checkpoint's code called the hook
+    (2.13+: its frame's ``save_inputs``) or the ``autograd.Function`` it applied (2.8: the
+    reentrant ``CheckpointFunction`` and ``_NoopSaveInputs``), at most three frames up."""
+    frame: FrameType | None = sys._getframe(2)  # above this function and ForwardStore.pack
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Shared:
@@ -247,7 +266,7 @@ class ForwardStore:
             grad = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)
             try:
-                stored = self.store(t, site, frame, ordinal)
+                stored = self.store(t, site, frame, ordinal, saved_by_checkpoint())
             finally:
                 torch._C._set_grad_enabled(grad)
         counted = stored.stored if isinstance(stored, AnchorRecord) else stored
@@ -255,17 +274,23 @@ class ForwardStore:
             tracker.record(t, counted, site[0] or self.shared.root_label)
         return stored
 
-    def store(self, t: torch.Tensor, site: Site, frame: Frame, ordinal: int | None) -> Stored:
+    def store(
+        self, t: torch.Tensor, site: Site, frame: Frame, ordinal: int | None,
+        checkpoint_input: bool = False,
+    ) -> Stored:  # fmt: skip
         """What the format for ``t``'s decision packs, or, for a tensor not kept exact, the
         record of an earlier save of it (rule [ Stored once ]); a derivable module's input
         is its anchor, and what can be rebuilt from stored tensors is derived (rule
-        [ Derived ])."""
+        [ Derived ]). ``checkpoint_input``: a checkpoint keeps ``t`` to run its function
+        again (rule [ Checkpoint inputs ])."""
         config = frame.config
         assert config is not None
         # a fused attention's saves (q, k, v, its output) are rows of one token each, whose
         # sizes differ by position: long ones get a range each (rule [ Quantized ])
         in_attention = self.capture is not None and self.capture.sdpa
         norm: NormKind = "attention" if in_attention else frame.norm
+        if checkpoint_input:  # a sequence's rows get their own ranges; an image is kept 16-bit
+            norm = "batch" if t.dim() >= 4 else "token"
         kinks = self.shared.kinks.get(frame.path, ())
         decision: Decision = decide(t, config, norm, self.compiled, kinks)
         rerun = frame.rerun
