@@ -6,7 +6,9 @@ its eps). For each model and size (timm, untrained, cross-entropy, one step, the
 suite's rule for near-zero gradients, ``tests/helpers.py``): the bytes stored against
 exact's, the worst gradient cosine and where. ``--compiled`` adds the same step under
 ``torch.compile`` against compiled exact for the models in COMPILED (a minute or two
-each to compile). Needs timm: run it in the second environment.
+each to compile); ``--checkpointed`` the models in CHECKPOINTED trained with timm's
+checkpointing switch, where backward runs each segment again from its stored input.
+Needs timm: run it in the second environment.
 
     .venv-zoo/bin/python benchmarks/image_sizes.py               # about a minute
     .venv-zoo/bin/python benchmarks/image_sizes.py --compiled    # about 5 minutes more
@@ -42,13 +44,19 @@ CASES = (
     ("efficientvit_b0", 224, 2),
 )  # fmt: skip
 COMPILED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8))
+# trained with timm's own checkpointing switch (set_grad_checkpointing)
+CHECKPOINTED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8),
+                ("deit_tiny_patch16_224", 224, 4))  # fmt: skip
 
 
-def measure(name: str, image: int, batch: int) -> dict:
+def measure(name: str, image: int, batch: int, checkpointed: bool = False) -> dict:
     model, run = _timm(name, image, batch)()  # the zoo's model and batch at another size
+    if checkpointed:  # exact's copy checkpoints too: the same gradients
+        model.set_grad_checkpointing(True)
     res = compare(model, run)
     return {
         "model": name, "image": image, "batch": batch, "compiled": False,
+        "checkpointed": checkpointed,
         "ratio": res.ratio, "min_cosine": res.min_cosine, "worst_param": res.worst_param,
         "forward_equal": res.forward_equal,
         "near_zero_max_error": max(res.null_params.values(), default=0.0),
@@ -69,7 +77,8 @@ def measure_compiled(name: str, image: int, batch: int) -> dict:
     worst = min(cosines, key=lambda n: cosines[n][0])
     torchmesa.decompress(model)
     return {
-        "model": name, "image": image, "batch": batch, "compiled": True, "ratio": None,
+        "model": name, "image": image, "batch": batch, "compiled": True,
+        "checkpointed": False, "ratio": None,
         "min_cosine": cosines[worst][0], "worst_param": worst,
         "forward_equal": torch.equal(out, out_exact), "near_zero_max_error": None,
     }  # fmt: skip
@@ -78,22 +87,28 @@ def measure_compiled(name: str, image: int, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compiled", action="store_true", help="add the compiled cases")
+    parser.add_argument("--checkpointed", action="store_true",
+                        help="add the cases trained with timm's checkpointing")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/image-sizes-cpu.json")
     args = parser.parse_args()
     started = time.time()
     rows = [measure(*case) for case in CASES]
     if args.compiled:
         rows += [measure_compiled(*case) for case in COMPILED]
-    print(f"{'model':24s} {'image':>5s} {'batch':>5s} {'path':8s} {'ratio':>6s}  "
+    if args.checkpointed:
+        rows += [measure(*case, checkpointed=True) for case in CHECKPOINTED]
+    print(f"{'model':24s} {'image':>5s} {'batch':>5s} {'path':10s} {'ratio':>6s}  "
           f"{'min cosine':>10s}  worst parameter")  # fmt: skip
     for r in rows:
         ratio = f"{r['ratio']:5.2f}x" if r["ratio"] is not None else "     -"
-        path = "compiled" if r["compiled"] else "eager"
-        print(f"{r['model']:24s} {r['image']:5d} {r['batch']:5d} {path:8s} {ratio}  "
+        path = "compiled" if r["compiled"] else "checkpoint" if r["checkpointed"] else "eager"
+        print(f"{r['model']:24s} {r['image']:5d} {r['batch']:5d} {path:10s} {ratio}  "
               f"{r['min_cosine']:10.5f}  {r['worst_param']}")  # fmt: skip
     command = ".venv-zoo/bin/python benchmarks/image_sizes.py"
     report = {
-        "command": command + (" --compiled" if args.compiled else ""),
+        "command": command
+        + (" --compiled" if args.compiled else "")
+        + (" --checkpointed" if args.checkpointed else ""),
         "torch": torch.__version__,
         "seconds": round(time.time() - started, 1),
         "rows": rows,

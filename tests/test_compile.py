@@ -509,3 +509,32 @@ def test_compiled_attention_at_1024_tokens_trains_like_compiled_exact(kind):
     for y in outs:
         y.square().mean().backward()
     assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.999
+
+
+@pytest.mark.slow
+def test_torchmesa_compiled_under_an_activation_memory_budget_holds_less_and_trains_alike():
+    """AOTAutograd's memory budget (its knapsack over what to recompute) and torchmesa's
+    codes compose: what the budget still saves is stored as codes, and backward's
+    recomputation runs on their dequantized values."""
+    from torch._functorch import config as functorch
+
+    from torchmesa.apps.models import Spec
+
+    spec = Spec("vit", "vit", dim=96, depth=2, heads=3, image=32, patch=4)
+    x, target = spec.batch(8)
+    held, grads = {}, {}
+    for name in ("exact", "torchmesa", "torchmesa under budget"):
+        torch._dynamo.reset()  # each its own graphs: the budget is read when compiling
+        torch.manual_seed(0)
+        model = spec.build()
+        if name != "exact":
+            torchmesa.compress(model)
+        budget = 0.1 if name == "torchmesa under budget" else 1.0
+        with functorch.patch(activation_memory_budget=budget):
+            y = torch.compile(model)(x)
+            held[name] = graph_held(y, model.parameters()).nbytes
+            F.cross_entropy(y, target).backward()
+        grads[name] = model
+    assert held["torchmesa under budget"] < 0.6 * held["torchmesa"] < 0.2 * held["exact"]
+    for name in ("torchmesa", "torchmesa under budget"):
+        assert min(c for c, _ in grad_cosines(grads["exact"], grads[name]).values()) > 0.999

@@ -201,6 +201,14 @@ def test_fit_finds_the_largest_batch_per_setting(tmp_path):
         assert pinned or r["peak_at_largest"] > 0.9 * budget, r
     assert results["torchmesa"]["largest"] > 1.5 * results["exact"]["largest"]
     assert results["planner"]["note"].startswith("planned for 1/")
+    # the price beside the size: steps timed at each largest fit, per sample against exact
+    assert results["exact"]["per_unit_vs_exact"] == 1.0 and "samples/s" in done.stdout
+    for name, r in results.items():
+        per_sample = r["step_seconds_at_largest"] / r["largest"]
+        assert r["seconds_per_unit"] == pytest.approx(per_sample), name
+        assert r["units_per_second"] == pytest.approx(1 / per_sample), name
+    # checkpointing runs the blocks' forward twice: dearer per sample than exact
+    assert results["checkpoint"]["per_unit_vs_exact"] > 1.0
     with PIL.open(png) as image:
         assert image.format == "PNG" and image.size == (800, 450)
 
@@ -217,8 +225,11 @@ def test_fit_varies_the_sequence_length(tmp_path):
     assert "the largest seq-len at batch 2 that trains in 0.12 GiB" in done.stderr
     report = json.loads(done.stdout)
     assert report["vary"] == "seq-len" and report["batch_size"] == 2
+    assert "tokens/s" in done.stderr
     for r in report["results"]:
         assert r["largest"] > 64 and r["peak_at_largest"] <= report["budget_bytes"]
+        tokens = 2 * r["largest"]  # per token: the batch times the length
+        assert r["seconds_per_unit"] == pytest.approx(r["step_seconds_at_largest"] / tokens)
         assert all(t["value"] >= 64 for t in r["trials"])  # lengths, from 64 up
 
 
@@ -233,6 +244,7 @@ def test_fit_varies_the_sequence_length(tmp_path):
         ),
         (("fit", "gpt-5", "--memory", "1GiB"), "unknown model 'gpt-5'"),
         (("fit", "tiny-vit", "--memory", "1GiB", "--batch-size", "0"), "--batch-size must be"),
+        (("fit", "tiny-vit", "--memory", "1GiB", "--timed-steps", "-1"), "--timed-steps must be"),
         (("profile", "hf:NoSuchConfig"), "no configuration class of that name"),
         (("profile", "timm:resnet18"), "timm:resnet18 needs timm"),
     ],

@@ -1,6 +1,7 @@
 """``torchmesa fit``'s parts: the budget's units, the search on known memory curves, a trial
 in its subprocess (over budget, killed, crashed) and in this process."""
 
+import dataclasses
 import subprocess
 
 import pytest
@@ -116,6 +117,30 @@ def test_a_killed_trial_does_not_fit_and_a_crash_is_reported(monkeypatch):
 def test_a_trial_in_process_measures_one_steady_step():
     result = fit.trial(JOB, "torchmesa", 4)
     assert result["fits"] and result["peak"] > 0 and result["seconds"] > 0
+    assert result["step_seconds"] is None  # a search's trial times nothing more
+    timed = fit.trial(dataclasses.replace(JOB, timed_steps=2), "torchmesa", 4)
+    assert timed["fits"] and 0 < timed["step_seconds"]
+
+
+def test_each_setting_is_timed_once_at_its_largest_fit(monkeypatch):
+    asked = []
+
+    def fake(job, config, value):  # exact: 20 samples in 2 s; torchmesa: 60 in 9 s
+        asked.append((config, value, job.timed_steps))
+        largest = {"exact": 20, "torchmesa": 60}[config]
+        step = {"exact": 2.0, "torchmesa": 9.0}[config] if job.timed_steps else None
+        return fit.Trial(config, value, value <= largest, 1000 * value, 0.1, "", step)
+
+    monkeypatch.setattr(fit, "run_trial", fake)
+    found = fit.run(JOB, ("exact", "torchmesa"), lambda *_: None, timed_steps=3)
+    assert [a for a in asked if a[2]] == [("exact", 20, 3), ("torchmesa", 60, 3)]
+    results = {r["config"]: r for r in found.to_json()["results"]}
+    assert results["exact"]["seconds_per_unit"] == pytest.approx(0.1)
+    assert results["torchmesa"]["units_per_second"] == pytest.approx(60 / 9)
+    assert results["torchmesa"]["per_unit_vs_exact"] == pytest.approx(1.5)
+    assert "1.50x" in fit.table(found) and "samples/s" in fit.table(found)
+    untimed = fit.run(JOB, ("exact",), lambda *_: None, timed_steps=0)
+    assert untimed.to_json()["results"][0]["seconds_per_unit"] is None
 
 
 def test_the_optimizer_state_is_made_without_moving_a_weight():

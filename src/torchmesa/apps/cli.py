@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                    "length or image size")  # fmt: skip
     f.add_argument("--batch-size", type=int, default=1, help="with --vary seq-len/image-size")
     f.add_argument("--configs", nargs="+", choices=fit.CONFIGS, default=list(fit.CONFIGS))
+    f.add_argument("--timed-steps", type=int, default=2, metavar="N",
+                   help="steps timed at each setting's largest fit (its time per sample); "
+                   "0: none")  # fmt: skip
     add_output_arguments(f, "peaks against the varied value, per setting")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(run=_fit)
@@ -199,6 +202,8 @@ def _too_large(args: argparse.Namespace, err: BaseException) -> str:
 def _fit(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.timed_steps < 0:
+        raise CliError(f"--timed-steps must be 0 or more, got {args.timed_steps}")
     shape = sources.sizes_from_args(args)
     workload = sources.resolve(args.model, shape)
     if args.vary not in workload.varies:
@@ -212,7 +217,7 @@ def _fit(args: argparse.Namespace) -> int:
         job = fit.Job(args.model, shape, args.vary, args.batch_size, budget, setup)
         fit.check_machine(job)
         with _progress(not args.no_progress) as say:
-            found = fit.run(job, tuple(args.configs), say)
+            found = fit.run(job, tuple(args.configs), say, args.timed_steps)
     except fit.FitError as err:
         raise CliError(str(err)) from None
     say = _say(args)

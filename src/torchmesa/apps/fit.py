@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ class Job:
     budget: int
     setup: Setup
     policy_file: str | None = None  # the planner's policy, pickled
+    timed_steps: int = 0  # steps timed after the measured one (the price of a setting)
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "sizes": self.sizes.to_json(),
@@ -122,6 +124,7 @@ class Trial:
     peak: int | None
     seconds: float
     note: str = ""
+    step_seconds: float | None = None  # median of the steps timed after the measured one
 
 
 # -- the trial, in its subprocess --------------------------------------------------------------
@@ -157,19 +160,29 @@ def trial(job: Job, config: str, value: int) -> dict:
     stop = threading.Event()
     if setup.device == "cpu":
         _watch(before, job.budget, stop)
-    start = time.perf_counter()
-    try:
-        _make_optimizer_state(opt)
+
+    def step() -> float:
+        start = time.perf_counter()
         with setup.autocast():
             loss = workload.loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         setup.sync()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    try:
+        _make_optimizer_state(opt)
+        step()
     finally:
         stop.set()
     peak = setup.peak() if setup.device == "cuda" else setup.peak() - before
-    return {"fits": peak <= job.budget, "peak": peak, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    # after the first: warm caches, the memory mapped once
+    times = [step() for _ in range(job.timed_steps)]
+    median = statistics.median(times) if times else None
+    return {"fits": peak <= job.budget, "peak": peak, "seconds": seconds, "step_seconds": median}
 
 
 def _make_optimizer_state(opt: torch.optim.Optimizer) -> None:
@@ -235,7 +248,8 @@ def run_trial(job: Job, config: str, value: int) -> Trial:
     if done.returncode != 0:
         raise FitError(f"the trial {config} at {job.vary} {value} failed:\n{_tail(done.stderr)}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return Trial(config, value, bool(out["fits"]), out["peak"], seconds, out.get("note", ""))
+    return Trial(config, value, bool(out["fits"]), out["peak"], seconds, out.get("note", ""),
+                 out.get("step_seconds"))  # fmt: skip
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -337,6 +351,7 @@ class Search:
     configs: tuple[str, ...]
     trials: dict[str, list[Trial]] = dataclasses.field(default_factory=dict)
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    timing: dict[str, Trial] = dataclasses.field(default_factory=dict)  # at the largest fit
     seconds: float = 0.0
 
     def largest(self, config: str) -> int:
@@ -354,8 +369,26 @@ class Search:
         (v1, p1), (v2, p2) = fits[-2:]
         return (p2 - p1) / (v2 - v1)
 
+    def units(self, config: str) -> int:
+        """What one step at the largest fit trains: samples, or tokens when the sequence
+        length varies."""
+        largest = self.largest(config)
+        if self.job.vary == "batch":
+            return largest
+        return self.job.batch_size * (largest if self.job.vary == "seq-len" else 1)
+
+    def per_unit(self, config: str) -> float | None:
+        """Seconds per sample (per token when the sequence length varies) of a step at the
+        largest fit, the median of the steps timed there; None where none was timed."""
+        timed = self.timing.get(config)
+        if timed is None or timed.step_seconds is None or not self.units(config):
+            return None
+        return timed.step_seconds / self.units(config)
+
     def to_json(self) -> dict:
         exact = self.largest("exact") if "exact" in self.configs else 0
+        exact_per_unit = self.per_unit("exact")
+        per_unit = {c: self.per_unit(c) for c in self.configs}
         return {
             "model": self.job.model,
             "vary": self.job.vary,
@@ -375,6 +408,12 @@ class Search:
                     "vs_exact": self.largest(c) / exact if exact else None,
                     "peak_at_largest": self.peak_at_largest(c),
                     "bytes_per_step": self.per_step(c),
+                    "step_seconds_at_largest": (
+                        self.timing[c].step_seconds if c in self.timing else None
+                    ),
+                    "seconds_per_unit": per_unit[c],
+                    "units_per_second": _ratio(1.0, per_unit[c]),
+                    "per_unit_vs_exact": _ratio(per_unit[c], exact_per_unit),
                     "note": self.notes.get(c, ""),
                     "trials": [dataclasses.asdict(t) for t in self.trials.get(c, ())],
                 }
@@ -383,9 +422,15 @@ class Search:
         }
 
 
-def run(job: Job, configs: tuple[str, ...], progress: Callable[[str, bool], None]) -> Search:
-    """Search each configuration in turn; ``progress(message, is_trial)`` hears each step
-    as it starts."""
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def run(job: Job, configs: tuple[str, ...], progress: Callable[[str, bool], None],
+        timed_steps: int = 2) -> Search:  # fmt: skip
+    """Search each configuration in turn, then time ``timed_steps`` steps at its largest fit
+    (its price: seconds per sample); ``progress(message, is_trial)`` hears each step as it
+    starts."""
     started = time.perf_counter()
     out = Search(job, configs)
     with tempfile.TemporaryDirectory(prefix="torchmesa-fit-") as tmp:
@@ -405,6 +450,12 @@ def run(job: Job, configs: tuple[str, ...], progress: Callable[[str, bool], None
                 return run_trial(this, config, value)
 
             out.trials[config] = search(one, job.budget, START[job.vary], CAP[job.vary])
+            largest = out.largest(config)
+            if largest and timed_steps:
+                progress(f"{config}: timing {timed_steps} steps at {job.vary} {largest}", True)
+                out.timing[config] = run_trial(
+                    dataclasses.replace(this, timed_steps=timed_steps), config, largest
+                )
     out.seconds = time.perf_counter() - started
     return out
 
@@ -417,9 +468,11 @@ def table(search: Search) -> str:
     head = (f"{job.model}: the largest {what} that trains in {gib(job.budget)} "
             f"({job.setup.device}, {job.setup.precision})")  # fmt: skip
     unit = "sample" if job.vary == "batch" else "token" if job.vary == "seq-len" else "pixel"
+    speed = "tokens/s" if job.vary == "seq-len" else "samples/s"
     rows = [("config", f"largest {job.vary}", "x exact", "peak there", f"MiB per {unit}",
-             "trials", "")]  # fmt: skip
+             "step there", speed, "time x exact", "trials", "")]  # fmt: skip
     for r in data["results"]:
+        step = r["step_seconds_at_largest"]
         rows.append(
             (
                 r["config"],
@@ -427,6 +480,9 @@ def table(search: Search) -> str:
                 "-" if r["vs_exact"] is None else f"{r['vs_exact']:.2f}x",
                 "-" if r["peak_at_largest"] is None else gib(r["peak_at_largest"]),
                 "-" if r["bytes_per_step"] is None else f"{r['bytes_per_step'] / 2**20:.2f}",
+                "-" if step is None else f"{step:.2f} s",
+                "-" if r["units_per_second"] is None else f"{r['units_per_second']:.1f}",
+                "-" if r["per_unit_vs_exact"] is None else f"{r['per_unit_vs_exact']:.2f}x",
                 str(len(r["trials"])),
                 r["note"],
             )
@@ -442,6 +498,10 @@ def table(search: Search) -> str:
         else ("peak: what the step adds to the process's resident set (weights not counted)")
     )
     foot = f"{trials} trials, one training step each, in {_duration(search.seconds)}; {peak}"
+    timed = {t.step_seconds is not None for t in search.timing.values()}
+    if timed == {True}:
+        foot += (f"\nstep there: the median of the steps timed after a first one at the largest "
+                 f"fit, in one more trial per setting; time x exact: per {unit}")  # fmt: skip
     return "\n".join([head, "", *lines, "", foot])
 
 

@@ -5,6 +5,7 @@ from scratch, nothing downloaded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,25 +115,30 @@ class Decoder(nn.Module):
 
 
 class CheckpointedSequential(nn.Sequential):
-    """Runs each child under non-reentrant ``torch.utils.checkpoint`` while training.
+    """Runs each child under non-reentrant ``torch.utils.checkpoint`` while training, with
+    ``context_fn`` where one is given (selective checkpointing's policy).
 
     Checkpoint keeps each block's input through ``save_for_backward``, so saved-tensor
     accounting (``torchmesa.track``) counts it, and a compressed model stores it compressed.
     """
 
+    context_fn: Callable[[], Any] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = {} if self.context_fn is None else {"context_fn": self.context_fn}
         for block in self:
             if self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **extra)
             else:
                 x = block(x)
         return x
 
 
-def checkpoint_blocks(model: nn.Module) -> nn.Module:
+def checkpoint_blocks(model: nn.Module, context_fn: Callable[[], Any] | None = None) -> nn.Module:
     """Swap the model's ``blocks`` for a checkpointed copy holding the same modules."""
     blocks: Any = model.blocks
     model.blocks = CheckpointedSequential(*blocks)
+    model.blocks.context_fn = context_fn
     return model
 
 
@@ -172,18 +178,23 @@ class Spec:
             return _hf_gpt2(self)
         return Decoder(self.vocab, self.seq, self.dim, self.depth, self.heads)
 
-    def checkpointed(self, model: nn.Module) -> nn.Module:
+    def checkpointed(
+        self, model: nn.Module, context_fn: Callable[[], Any] | None = None
+    ) -> nn.Module:
         """``model`` with each block recomputed in backward (non-reentrant checkpoint),
-        the way its users would turn it on."""
+        the way its users would turn it on; ``context_fn``: selective checkpointing's
+        contexts (``torch.utils.checkpoint.create_selective_checkpoint_contexts``)."""
         if self.kind == "hf-gpt2":
-            kwargs = {"use_reentrant": False}
+            kwargs: dict[str, Any] = {"use_reentrant": False}
+            if context_fn is not None:
+                kwargs["context_fn"] = context_fn
             hf: Any = model
             if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
                 hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             return model
-        return checkpoint_blocks(model)
+        return checkpoint_blocks(model, context_fn)
 
     def batch(self, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
