@@ -207,8 +207,6 @@ def test_fit_finds_the_largest_batch_per_setting(tmp_path):
         per_sample = r["step_seconds_at_largest"] / r["largest"]
         assert r["seconds_per_unit"] == pytest.approx(per_sample), name
         assert r["units_per_second"] == pytest.approx(1 / per_sample), name
-    # checkpointing runs the blocks' forward twice: dearer per sample than exact
-    assert results["checkpoint"]["per_unit_vs_exact"] > 1.0
     with PIL.open(png) as image:
         assert image.format == "PNG" and image.size == (800, 450)
 

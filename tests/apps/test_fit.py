@@ -119,7 +119,11 @@ def test_a_trial_in_process_measures_one_steady_step():
     assert result["fits"] and result["peak"] > 0 and result["seconds"] > 0
     assert result["step_seconds"] is None  # a search's trial times nothing more
     timed = fit.trial(dataclasses.replace(JOB, timed_steps=2), "torchmesa", 4)
-    assert timed["fits"] and 0 < timed["step_seconds"]
+    assert timed["fits"] and timed["step_seconds"] > 0
+    # a timed rerun of a batch that fit is timed through a peak over the budget, not
+    # stopped (a trial held to the budget ends its process there)
+    over = fit.trial(dataclasses.replace(JOB, budget=1, timed_steps=1), "exact", 4)
+    assert not over["fits"] and over["step_seconds"] > 0
 
 
 def test_each_setting_is_timed_once_at_its_largest_fit(monkeypatch):

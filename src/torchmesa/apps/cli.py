@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                    "length or image size")  # fmt: skip
     f.add_argument("--batch-size", type=int, default=1, help="with --vary seq-len/image-size")
     f.add_argument("--configs", nargs="+", choices=fit.CONFIGS, default=list(fit.CONFIGS))
-    f.add_argument("--timed-steps", type=int, default=2, metavar="N",
+    f.add_argument("--timed-steps", type=int, default=1, metavar="N",
                    help="steps timed at each setting's largest fit (its time per sample); "
                    "0: none")  # fmt: skip
     add_output_arguments(f, "peaks against the varied value, per setting")
