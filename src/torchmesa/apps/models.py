@@ -125,7 +125,7 @@ class CheckpointedSequential(nn.Sequential):
     context_fn: Callable[[], Any] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra = {} if self.context_fn is None else {"context_fn": self.context_fn}
+        extra: dict[str, Any] = {} if self.context_fn is None else {"context_fn": self.context_fn}
         for block in self:
             if self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False, **extra)
