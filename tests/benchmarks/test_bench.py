@@ -36,6 +36,7 @@ def test_bench_smoke(tmp_path):
     assert rows["tiny-vit", "checkpoint+torchmesa"]["saved_bytes"] < checkpointed / 2
     for r in (exact, mesa):
         assert r["peak_bytes"] > 0 and r["step_seconds_median"] > 0
+        assert r["samples_per_second"] == pytest.approx(4 / r["step_seconds_median"])
         assert r["held_after_forward_bytes"] > 0 and r["first_step_seconds"] > 0
     # forward of the compressed model holds less, measured by the process, not by track()
     assert mesa["held_after_forward_bytes"] < exact["held_after_forward_bytes"]
@@ -111,7 +112,8 @@ def _row(model: str, config: str, peak: int, exact: bool = True) -> dict:
         "model": model, "kind": "vit" if model.startswith("deit") else "decoder",
         "config": config, "batch": 128, "saved_bytes": 2**20,
         "saved_vs_exact": ratio, "held_vs_exact": ratio, "peak_bytes": peak,
-        "peak_vs_exact": ratio, "step_time_vs_exact": ratio, "first_step_seconds": 0.5,
+        "peak_vs_exact": ratio, "step_time_vs_exact": ratio, "samples_per_second": 25.6,
+        "first_step_seconds": 0.5,
         "max_batch_in_budget": 300,
     }  # fmt: skip
 

@@ -260,6 +260,7 @@ def measure_model(name: str, batch_size: int, configs: list[str], warmup: int, s
                 "saved_bytes": saved[config],
                 "held_after_forward_bytes": small["held_after_forward"],
                 "step_seconds_median": statistics.median(times[config]),
+                "samples_per_second": batch_size / statistics.median(times[config]),
                 "first_step_seconds": first[config],
                 "peak_bytes": _peak(small, setup),
                 "peak_bytes_2x_batch": _peak(large, setup),
@@ -324,7 +325,7 @@ def _ratio(value: float | None) -> str:
 def table(rows: list[dict], budget_gib: float) -> str:
     head = (
         "model", "config", "batch", "saved MiB", "saved/exact", "held/exact", "peak MiB",
-        "peak/exact", "step/exact", "1st step s", f"max batch @ {budget_gib:g} GiB",
+        "peak/exact", "step/exact", "samples/s", "1st step s", f"max batch @ {budget_gib:g} GiB",
     )  # fmt: skip
     lines = [head]
     for r in rows:
@@ -339,6 +340,7 @@ def table(rows: list[dict], budget_gib: float) -> str:
                 f"{r['peak_bytes'] / 2**20:.0f}",
                 _ratio(r["peak_vs_exact"]),
                 _ratio(r["step_time_vs_exact"]),
+                f"{r['samples_per_second']:.1f}",
                 f"{r['first_step_seconds']:.2f}",
                 str(r["max_batch_in_budget"]),
             )
@@ -423,7 +425,8 @@ def _report(args: argparse.Namespace, setup: Setup, budget_gib: float, rows: lis
         "last step's forward minus before it (fresh process; CPU: glibc mallinfo2); peak: "
         + peak
         + "; step: median "
-        "forward+backward+AdamW step, interleaved across configs; first step: the first "
+        "forward+backward+AdamW step, interleaved across configs; samples per second: the "
+        "batch over that median; first step: the first "
         "forward+backward of each config, which pays one-time costs (kernel builds, "
         "compiles); max batch: a line through the peaks at batch and 2x batch",
         # start-up is paid once, before the timed steps: building the C kernels on first use
