@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import gc
 import json
 import sys
@@ -36,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
 import torchmesa
-from torchmesa.apps.benchmark import Setup
+from torchmesa.apps.benchmark import Setup, follow_live_memory
 from torchmesa.apps.models import SPECS, Spec
 
 CONFIGS = {
@@ -147,9 +146,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # M_MMAP_THRESHOLD: freed goes back
-    except (OSError, AttributeError):
+    if not follow_live_memory():
         print("peak_model.py: not glibc; in-use bytes include freed memory", file=sys.stderr)
     rows = [measure(SPECS[m], c, args.batch) for m in args.models for c in args.configs]
     print(table(rows))

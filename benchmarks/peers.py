@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import gc
 import json
@@ -56,7 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import torchmesa
-from torchmesa.apps.benchmark import Setup
+from torchmesa.apps.benchmark import Setup, follow_live_memory
 from torchmesa.apps.models import SPECS, Spec
 from torchmesa.track import graph_held
 
@@ -167,17 +166,6 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
-
-def _fix_mmap_threshold() -> bool:
-    """glibc's mmap threshold fixed at 128 KiB (it grows as large blocks are freed, after
-    which freed activations stay in the heap and the resident set stops following live
-    memory); False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 131072))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def peak(trainer: Trainer, batch: Any, setup: Setup) -> tuple[int, int]:
@@ -349,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "exact" not in args.rows:
         args.rows.insert(0, "exact")
-    if not _fix_mmap_threshold():
+    if not follow_live_memory():
         print("peers.py: not glibc; peaks include freed memory the allocator kept", file=sys.stderr)
     from torch._inductor import config as inductor
 

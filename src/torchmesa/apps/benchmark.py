@@ -78,7 +78,8 @@ MESA_REPORTED = {"deit-ti": (4171, 1858), "deit-b": (17691, 8616)}
 # glibc raises its mmap threshold as large blocks are freed, after which freed activations
 # stay in the heap and RSS measures fragmentation, not memory in use. A fixed threshold,
 # the same for every configuration, makes the peak resident set follow live memory.
-PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+MMAP_THRESHOLD = 131072
+PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,15 @@ def _glibc() -> ctypes.CDLL | None:
         return libc if hasattr(libc, "malloc_trim") else None
     except (OSError, AttributeError):
         return None
+
+
+def follow_live_memory() -> bool:
+    """In this process, what :data:`PEAK_ENV` sets for a fresh one: glibc's mmap threshold
+    fixed, so that freed tensors go back to the system at once and the resident set (and
+    the allocator's bytes in use) follow live memory; False where the C library is not
+    glibc."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
 
 
 def _mallinfo2() -> _MallInfo2 | None:

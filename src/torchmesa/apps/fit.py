@@ -390,8 +390,8 @@ class Search:
 
     def to_json(self) -> dict:
         exact = self.largest("exact") if "exact" in self.configs else 0
-        exact_per_unit = self.per_unit("exact")
         per_unit = {c: self.per_unit(c) for c in self.configs}
+        exact_per_unit = per_unit.get("exact")
         return {
             "model": self.job.model,
             "vary": self.job.vary,
@@ -504,7 +504,8 @@ def table(search: Search) -> str:
     timed = {t.step_seconds is not None for t in search.timing.values()}
     if timed == {True}:
         foot += (f"\nstep there: the median of the steps timed after a first one at the largest "
-                 f"fit, in one more trial per setting; time x exact: per {unit}")  # fmt: skip
+                 f"fit, in one more trial per setting; time x exact: per "
+                 f"{'token' if job.vary == 'seq-len' else 'sample'}")  # fmt: skip
     return "\n".join([head, "", *lines, "", foot])
 
 
