@@ -10,8 +10,9 @@ recomputed); ``compiled`` (``torch.compile``) and ``compiled-0.5``, ``-0.2``, ``
 Each row builds the model from the same seed and, in this one process, one after the
 other:
 
-- its gradients at batch B, before any optimizer step, against eager exact's (worst
-  per-parameter cosine, the test suite's rule for near-zero gradients);
+- its gradients at batch B, before any optimizer step, against exact's, eager or
+  compiled as the row is (worst per-parameter cosine, the test suite's rule for
+  near-zero gradients);
 - its median step time at batch B over STEPS steps after a warm-up (forward, backward,
   AdamW), as time per sample; exact is timed again last, to show the drift of one run;
 - the peak of a step at B and at 2B, and what its forward left held at each: the
@@ -23,8 +24,10 @@ other:
   stored (see ``docs/speed-and-memory.md``, "Where the peak comes from").
 
 Compiled rows compile once per batch size (``dynamic=False``), outside every timing and
-peak. With dropout in the model, Inductor's random numbers come from PyTorch's own
-generator (``fallback_random``), so every row draws the same masks.
+peak, and draw their random numbers as users' compiled models do, from Inductor's own
+generator: with dropout in the model their masks differ from eager's, so compiled rows'
+gradients are compared with compiled exact's (the same seed gives the same masks), eager
+rows' with eager exact's.
 
     python benchmarks/peers.py                      # DeiT-S, batch 8, 4 GiB: ~25 minutes
     python benchmarks/peers.py --model hf-gpt2-4l --batch 1 --budget-gib 8
@@ -154,7 +157,7 @@ class Trainer:
             return self.spec.loss(self.run, batch)
 
     def backward_only(self, batch: Any) -> None:
-        torch.manual_seed(1)  # the same dropout masks in every row
+        torch.manual_seed(1)  # the same dropout masks in every eager row and every compiled one
         self.loss(batch).backward()
 
     def step(self, batch: Any, held: list[int] | None = None) -> None:
@@ -237,21 +240,33 @@ def measure(spec: Spec, row: Row, batch: int, steps: int, budget_bytes: int,
         if per_sample > 0
         else None,
         "worst_grad_cosine": cosines[worst][0],
+        "cosine_against": "compiled exact" if row.compiled else "exact",
         "worst_param": worst,
     }
 
 
-def reference_grads(spec: Spec, batch: int) -> nn.Module:
-    """Eager exact fp32's gradients at ``batch``, before any optimizer step."""
-    trainer = Trainer(spec, ROWS["exact"])
+def reference_grads(spec: Spec, batch: int, row: str) -> nn.Module:
+    """Exact fp32's gradients at ``batch`` (``row``: eager or compiled exact), before any
+    optimizer step."""
+    trainer = Trainer(spec, ROWS[row])
     trainer.backward_only(spec.batch(batch))
     return trainer.model
 
 
+TRAINS_ALIKE = 0.999  # worst gradient cosine of a row that trains like exact
+
+
+def wrong_gradients(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows whose gradients differ from exact's (worst cosine below TRAINS_ALIKE)."""
+    return [r["row"] for r in rows if r["worst_grad_cosine"] < TRAINS_ALIKE]
+
+
 def dominated(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """For each torchmesa row, the peers both smaller (peak per sample) and faster (time per
-    sample): none, where torchmesa is on the front."""
-    peers = [r for r in rows if not r["torchmesa"]]
+    """For each torchmesa row, the peers that train alike and are both smaller (peak per
+    sample) and faster (time per sample): none, where torchmesa is on the front. A peer
+    with wrong gradients is no alternative, however small."""
+    wrong = wrong_gradients(rows)
+    peers = [r for r in rows if not r["torchmesa"] and r["row"] not in wrong]
     return {
         r["row"]: [
             p["row"]
@@ -294,10 +309,13 @@ def table(report: dict[str, Any]) -> str:
         f"per-sample slopes), {report['device']}, budget {report['budget_gib']} GiB; "
         "MiB per sample: peak, held after forward, transient = peak - held",
         f"exact timed again last: {again * 1e3:.1f} ms/sample (the run's drift)",
+        "gradients unlike exact's (cosine < 0.999): "
+        + (", ".join(report["wrong_gradients"]) or "none"),
     ]
     for name, peers in report["dominated"].items():
-        foot.append(f"{name}: " + (f"smaller and faster: {', '.join(peers)}" if peers
-                                   else "no peer is both smaller and faster"))  # fmt: skip
+        beaten = f"smaller and faster: {', '.join(peers)}"
+        front = "no peer that trains alike is both smaller and faster"
+        foot.append(f"{name}: {beaten if peers else front}")
     return "\n".join([*text, "", *foot])
 
 
@@ -308,11 +326,13 @@ def plot(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    wrong = report.get("wrong_gradients", [])
     for i, r in enumerate(report["rows"]):
         x, y = r["time_per_sample_s"] * 1e3, r["peak_per_sample_bytes"] / 2**20
-        ax.scatter(x, y, marker="o" if r["torchmesa"] else "s",
-                   color="tab:red" if r["torchmesa"] else "tab:gray")  # fmt: skip
-        ax.annotate(r["row"], (x, y), fontsize=7, xytext=(4, 3 if i % 2 else -9),
+        marker = "x" if r["row"] in wrong else "o" if r["torchmesa"] else "s"
+        ax.scatter(x, y, marker=marker, color="tab:red" if r["torchmesa"] else "tab:gray")
+        label = r["row"] + (" (wrong gradients)" if r["row"] in wrong else "")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3 if i % 2 else -9),
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("time per sample (ms), one training step")
     ax.set_ylabel("peak memory per sample (MiB)")
@@ -339,10 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rows.insert(0, "exact")
     if not follow_live_memory():
         print("peers.py: not glibc; peaks include freed memory the allocator kept", file=sys.stderr)
-    from torch._inductor import config as inductor
-
-    with inductor.patch(fallback_random=True):  # the same dropout masks compiled as eager
-        report = run(args)
+    report = run(args)
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
@@ -354,12 +371,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every row, then exact once more; the report."""
     spec = SPECS[args.model]
     started = time.perf_counter()
-    reference = reference_grads(spec, args.batch)
+    references = {
+        compiled: reference_grads(spec, args.batch, "compiled" if compiled else "exact")
+        for compiled in {ROWS[name].compiled for name in args.rows}
+    }
     budget_bytes = int(args.budget_gib * 2**30)
     rows = []
     for name in args.rows:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(measure(spec, ROWS[name], args.batch, args.steps, budget_bytes, reference))
+        row = ROWS[name]
+        reference = references[row.compiled]
+        rows.append(measure(spec, row, args.batch, args.steps, budget_bytes, reference))
         gc.collect()
     again = Trainer(spec, ROWS["exact"])
     batch = spec.batch(args.batch)
@@ -382,6 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "exact_again_time_per_sample_s": statistics.median(times) / args.batch,
     }
     report["dominated"] = dominated(rows)
+    report["wrong_gradients"] = wrong_gradients(rows)
     return report
 
 

@@ -92,17 +92,22 @@ COMPILE_SETTINGS: dict[str, Any] = {
 def compile_settings() -> Iterator[None]:
     """:data:`COMPILE_SETTINGS`, set for the graphs compiled while it is entered (the
     settings this PyTorch has; they are part of AOTAutograd's cache key), and Inductor's
-    joint-graph pass :func:`keep_kinked_inputs` where this PyTorch has the hook."""
+    joint-graph passes :func:`keep_kinked_inputs` (before its own passes) and
+    :func:`keep_random_draws` (after them) where this PyTorch has the hooks."""
     from torch._functorch import config as functorch
     from torch._inductor import config as inductor
 
-    known = functorch.get_config_copy()
+    known, passes = functorch.get_config_copy(), inductor.get_config_copy()
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             functorch.patch(**{k: v for k, v in COMPILE_SETTINGS.items() if k in known})
         )
-        if "joint_custom_pre_pass" in inductor.get_config_copy():
-            stack.enter_context(inductor.patch(joint_custom_pre_pass=_kinked_pass()))
+        if "joint_custom_pre_pass" in passes:
+            kinked = _graph_pass(keep_kinked_inputs, "keep_kinked_inputs/1")
+            stack.enter_context(inductor.patch(joint_custom_pre_pass=kinked))
+        if "joint_custom_post_pass" in passes:
+            draws = _graph_pass(keep_random_draws, "keep_random_draws/1")
+            stack.enter_context(inductor.patch(joint_custom_post_pass=draws))
         yield
 
 
@@ -358,19 +363,38 @@ def keep_kinked_inputs(graph: torch.fx.Graph) -> None:
             first.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
-def _kinked_pass() -> Any:
-    """:func:`keep_kinked_inputs` as Inductor's custom pass, named so that its caches
-    know it."""
+def keep_random_draws(graph: torch.fx.Graph) -> None:
+    """A joint-graph pass: every op that draws random numbers (dropout's mask, Inductor's
+    seeds) runs in forward only, never again in backward, where it would draw other
+    numbers than forward used and give silently wrong gradients.
+
+    The partitioner may recompute a value in backward. It never recomputes a random op
+    under its default settings, but with :data:`COMPILE_SETTINGS` (a value backward
+    needs whole may be recomputed) it recomputes Inductor's seeds, and under an
+    activation memory budget below 1 its knapsack trades banned random ops back into
+    recomputation; it leaves a value marked ``MUST_SAVE`` alone. A random op that a
+    checkpoint policy marked already (selective checkpointing) keeps its mark: the
+    partitioner replays its generator's state for those."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in graph.nodes:
+        tags = getattr(node.target, "tags", ())
+        if torch.Tag.nondeterministic_seeded in tags and "recompute" not in node.meta:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def _graph_pass(run: Callable[[torch.fx.Graph], None], name: str) -> Any:
+    """``run`` as Inductor's custom joint-graph pass, named so that its caches know it."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    class KeepKinkedInputs(CustomGraphPass):
+    class TorchmesaPass(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            keep_kinked_inputs(graph)
+            run(graph)
 
         def uuid(self) -> str:
-            return "torchmesa.compiled.keep_kinked_inputs/1"
+            return f"torchmesa.compiled.{name}"
 
-    return KeepKinkedInputs()
+    return TorchmesaPass()
 
 
 def _keep_signs(

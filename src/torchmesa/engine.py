@@ -110,6 +110,8 @@ class Engine:
             self._handles.append(handle)
             exit_ = make(self, self._exit, path)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
+        if type(root).__module__.startswith("torch.nn."):
+            _guard_module_hooks()
         _forget_compiled_modules()
 
     def detach(self) -> None:
@@ -218,6 +220,17 @@ def _forget_compiled_modules() -> None:
         return
     with convert_frame.compile_lock:
         reset_code(external_utils.wrap_inline(_forget_compiled_modules).__code__)
+
+
+def _guard_module_hooks() -> None:
+    """Make Dynamo's compiled frames check the hooks of the modules they run, for the rest
+    of the process. A ``torch.nn`` container's code is every container's of its class, so
+    without that check an exact container's compiled frame runs a compressed one too,
+    without its hooks, and stores nothing compressed, silently. The check costs a look at
+    each module's hook dicts per compiled call."""
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 def _outside_graphs() -> Any:
