@@ -110,15 +110,18 @@ class Engine:
             self._handles.append(handle)
             exit_ = make(self, self._exit, path)
             self._handles.append(module.register_forward_hook(exit_, always_call=True))
-        if type(root).__module__.startswith("torch.nn."):
-            _guard_module_hooks()
+        if type(root).__module__.startswith("torch.nn.") and "forward" not in vars(root):
+            root.forward = RootForward(root)
         _forget_compiled_modules()
 
     def detach(self) -> None:
-        """Remove every hook :meth:`attach` added."""
+        """Remove every hook :meth:`attach` added, and the root's forward it set."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        root = self._root()
+        if root is not None and isinstance(vars(root).get("forward"), RootForward):
+            del root.forward
         _forget_compiled_modules()
 
     def _stack(self) -> list[TreeCall]:
@@ -222,15 +225,23 @@ def _forget_compiled_modules() -> None:
         reset_code(external_utils.wrap_inline(_forget_compiled_modules).__code__)
 
 
-def _guard_module_hooks() -> None:
-    """Make Dynamo's compiled frames check the hooks of the modules they run, for the rest
-    of the process. A ``torch.nn`` container's code is every container's of its class, so
-    without that check an exact container's compiled frame runs a compressed one too,
-    without its hooks, and stores nothing compressed, silently. The check costs a look at
-    each module's hook dicts per compiled call."""
-    import torch._dynamo
+class RootForward:
+    """A compressed ``torch.nn`` root's own forward, called from this frame.
 
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    Dynamo compiles a ``torch.compile``-d module's call from one wrapper frame that all
+    modules share, and the root's hooks (run outside graphs) break that frame's graph, so
+    it runs uncompiled; the module's forward then gets a frame of its own, compiled, unless
+    its code is ``torch.nn``'s, which Dynamo skips: a compressed ``nn.Sequential`` would
+    run compiled only until another container of its class ran compiled, and then both
+    uncompiled (an exact one's graphs could even serve the compressed one, without its
+    hooks). This frame is torchmesa's, so Dynamo compiles it, with the container's forward
+    inside, and guards it apart from an exact container's."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module  # a strong reference: a deep copy gets its copy's forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
 
 
 def _outside_graphs() -> Any:
