@@ -1,11 +1,13 @@
-"""Where timm's EfficientViT-B0 loses its gradients under torchmesa: which saves of its
-ReLU linear attention (``LiteMLA._attn``) need more than 8-bit codes.
+"""Where timm's EfficientViT-B0 loses its gradients with 8-bit codes: which saves of its
+ReLU linear attention (``LiteMLA._attn``) need more, and what rule [ Normalized
+products ] keeps.
 
 ``LiteMLA._attn`` computes ``kv = kᵀ @ v`` (``v`` padded with a column of ones), then
 ``out = q @ kv`` and divides ``out`` by its last column (a sum as small as its ``eps``).
 Each variant runs the whole model compressed, one step against exact (the zoo's
-comparison), with some of those four ops' saves kept exact: an inner saved-tensor hook
-that returns each tensor as it is wins over torchmesa's for what it covers.
+comparison). With the rule off, some of those four ops' saves are kept exact by an inner
+saved-tensor hook that returns each tensor as it is (it wins over torchmesa's for what
+it covers); the last row is torchmesa as it is, the rule on.
 
     .venv-zoo/bin/python benchmarks/linear_attention.py        # 64, 128 and 224 px: ~1 min
     .venv-zoo/bin/python benchmarks/linear_attention.py --cases 64x4
@@ -32,14 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
 from catalog import _timm
 from helpers import compare
 
+from torchmesa import normalized
+
 OPS = ("kv product", "q product", "divisor", "division")
+RULE = "torchmesa (rule on)"
 VARIANTS = {
-    "all 8-bit (the default)": (),
+    "8-bit codes (rule off)": (),
     "q product kept": ("q product",),
     "division kept": ("division",),
     "kv product kept": ("kv product",),
     "q product and division kept": ("q product", "division"),
     "all four kept": OPS,
+    RULE: (),
 }
 
 
@@ -72,6 +78,17 @@ def attention(exact: tuple[str, ...]) -> Callable[..., torch.Tensor]:
     return _attn
 
 
+@contextlib.contextmanager
+def rule_off() -> Iterator[None]:
+    """Inside: no division is taken for a normalizing one (rule [ Normalized products ])."""
+    original = normalized.Window._normalized
+    normalized.Window._normalized = lambda self, args, kwargs: []  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        normalized.Window._normalized = original  # type: ignore[method-assign]
+
+
 def measure(image: int, batch: int) -> list[dict[str, Any]]:
     """Every variant at ``image`` pixels, ``batch`` images."""
     import timm.models.efficientvit_mit as efficientvit
@@ -82,7 +99,8 @@ def measure(image: int, batch: int) -> list[dict[str, Any]]:
         for name, exact in VARIANTS.items():
             efficientvit.LiteMLA._attn = attention(exact)
             model, run = _timm("efficientvit_b0", image, batch)()
-            res = compare(model, run)
+            with contextlib.nullcontext() if name == RULE else rule_off():
+                res = compare(model, run)
             rows.append({"image": image, "batch": batch, "variant": name, "kept": list(exact),
                          "ratio": res.ratio,
                          "min_cosine": res.min_cosine, "worst_param": res.worst_param,

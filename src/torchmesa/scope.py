@@ -170,7 +170,7 @@ class Calls:
         hooks.enter_context(pair)
         # what score chains add, and where SDPA runs (rules [ Quantized ], [ Probabilities ])
         if not store.compiled:
-            store.capture = hooks.enter_context(scores.Capture())
+            store.capture = hooks.enter_context(scores.Capture(store.keep_exact))
         return TreeCall(store, hooks)
 
     def pack(self, t: torch.Tensor) -> Stored:

@@ -49,7 +49,7 @@ from torchmesa.derive import (
 )
 from torchmesa.estimator import RangeStore, Site, Staged
 from torchmesa.formats import FORMATS, MaskRecord, QuantizedRecord, Session, ViewRecord
-from torchmesa.records import Stored, saved_stride
+from torchmesa.records import Record, Stored, saved_stride
 from torchmesa.tensors import extent, is_dense, storage_nbytes, storage_ptr
 from torchmesa.track import active_trackers
 
@@ -260,8 +260,9 @@ class ForwardStore:
         if not is_activation(t, self.param_storages, self.frozen_shapes):
             return t
         site = frame.next_site()
-        if frame.config is None:  # a module a rule keeps exact
-            stored: Stored = t
+        capture = self.capture
+        if frame.config is None or (capture is not None and capture.window.exact):
+            stored: Stored = t  # a module a rule keeps exact, or [ Normalized products ]
         else:  # torch.no_grad() without its context object: this runs per saved tensor
             grad = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)
@@ -270,9 +271,20 @@ class ForwardStore:
             finally:
                 torch._C._set_grad_enabled(grad)
         counted = stored.stored if isinstance(stored, AnchorRecord) else stored
+        module = site[0] or self.shared.root_label
         for tracker in active_trackers():
-            tracker.record(t, counted, site[0] or self.shared.root_label)
+            tracker.record(t, counted, module)
+        if capture is not None and capture.window.saving is not None:  # a product runs
+            capture.window.saving.append((t, stored, module))
         return stored
+
+    def keep_exact(self, saves: list[tuple[torch.Tensor, Stored, str]]) -> None:
+        """A division normalizes the products that saved ``saves``: their records give back
+        the saved tensors themselves (rule [ Normalized products ]), counted as held."""
+        for t, stored, module in saves:
+            if isinstance(stored, Record) and stored.keep(t):
+                for tracker in active_trackers():
+                    tracker.record_operand(t, module)
 
     def store(
         self, t: torch.Tensor, site: Site, frame: Frame, ordinal: int | None,

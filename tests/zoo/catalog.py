@@ -251,4 +251,6 @@ ZOO: list[Entry] = [
     Entry("timm:test_mambaout", "gated ConvNet (MambaOut)", _timm("test_mambaout")),
     Entry("timm:repvit_m0_9", "mobile ConvNet (RepViT, reparameterizable)",
           _timm("repvit_m0_9")),
+    Entry("timm:efficientvit_b0", "hybrid (MIT EfficientViT, ReLU linear attention)",
+          _timm("efficientvit_b0")),
 ]  # fmt: skip

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from torchmesa import normalized
 from torchmesa.decide import Derive, Source
 from torchmesa.derive.recognise import LAYOUT_NODES, _signed, layout_step
 from torchmesa.derive.replay import Like, apply_step
@@ -122,10 +123,12 @@ class Capture(TorchFunctionMode):
     the autograd node of their output, and which ``scaled_dot_product_attention`` call is
     running. Everything else passes through untouched."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Callable[[list[normalized.Save]], None] | None = None) -> None:
         super().__init__()
         self.calls: dict[tuple[Any, int], WatchedCall] = {}
         self.sdpa: list[SdpaCall] = []
+        self.window = normalized.Window()  # products a division may normalize
+        self.keep = keep  # what keeps a normalized product's saves exact; None: nothing
 
     def __torch_function__(
         self,
@@ -136,11 +139,17 @@ class Capture(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
+            self.window.products.clear()
             self.sdpa.append(SdpaCall.of(args, kwargs))
             try:
                 return func(*args, **kwargs)
             finally:
                 self.sdpa.pop()
+        window = self.window
+        if func in normalized.WATCHED and self.keep is not None:
+            return window.call(func, args, kwargs, self.keep)
+        if window.products and func not in normalized.BETWEEN and not _getter(func):
+            window.products.clear()  # an op no normalizer is made with closes the window
         if func not in _WATCHED:
             return func(*args, **kwargs)
         # read before the call: an in-place op gives its input a new autograd node
@@ -153,6 +162,12 @@ class Capture(TorchFunctionMode):
 
     def clear(self) -> None:
         self.calls.clear()
+        self.window.clear()
+
+
+def _getter(func: Any) -> bool:
+    """Whether ``func`` reads a tensor's attribute (``.shape``, ``.dtype``)."""
+    return getattr(func, "__name__", "") == "__get__"
 
 
 # -- backward: the steps replayed -----------------------------------------------------------
