@@ -5,8 +5,8 @@ Linear attention (EfficientViT's ReLU attention, Performer-like kernels) compute
 ``out = q @ kv`` and divides it by a normalizer that is itself a product's output (a
 column of ``out``, or ``q @ k.sum()``), a sum that can be as small as its ``eps``. The
 gradient of ``q`` is then a difference of two terms over that normalizer, which cancel:
-8-bit codes of what the products and the division save skew it (EfficientViT-B0 at
-64×64: cosine 0.885). Those tensors are small (a head's ``d × d`` state, one row per
+8-bit codes of what the products and the division save skew it (``docs/limits.md``
+measures it on EfficientViT). Those tensors are small (a head's ``d × d`` state, one row per
 token), so they are kept as they are.
 
 A saved-tensor hook sees a product's saves before the division that makes them
