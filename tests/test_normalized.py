@@ -89,3 +89,23 @@ def test_softmax_attention_keeps_nothing_exact(scale, monkeypatch):
     torch.manual_seed(0)
     model = torchmesa.compress(SoftmaxAttention(scale=scale))
     assert _kept(model, torch.randn(2, 16, 64), monkeypatch) == []
+
+
+def test_a_kept_tensor_changed_in_place_after_forward_makes_backward_raise():
+    """As PyTorch does for the tensors it saves itself: never silently other values."""
+
+    class Changed(LinearAttention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads)
+            q, k, v = F.relu(qkv[:, :, 0]), F.relu(qkv[:, :, 1]), qkv[:, :, 2]
+            kv = k.transpose(-1, -2) @ F.pad(v, (0, 1), value=1.0)
+            out = q @ kv
+            out = out[..., :-1] / (out[..., -1:] + 1e-5)
+            kv.mul_(2)  # after the division kept it
+            return out.reshape(b, n, c)
+
+    torch.manual_seed(0)
+    model = torchmesa.compress(Changed())
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        model(torch.randn(2, 16, 64)).square().mean().backward()

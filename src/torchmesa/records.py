@@ -14,19 +14,20 @@ class Record:
     backward. ``stride`` is the saved tensor's own when it was not contiguous (rule [ Strides ]),
     else None; ``nbytes`` is what the record holds."""
 
-    __slots__ = ("__weakref__", "kept", "stride")
+    __slots__ = ("__weakref__", "kept", "kept_version", "stride")
     kind = "quantized"  # how ``track()`` and ``report()`` name the way it is kept
 
     def __init__(self, stride: tuple[int, ...] | None) -> None:
         self.stride = stride
         self.kept: torch.Tensor | None = None
+        self.kept_version = 0
 
     def keep(self, t: torch.Tensor) -> bool:
         """From now on give back ``t``, the saved tensor itself, instead of what was stored
         (rule [ Normalized products ]); False if it was kept already."""
         if self.kept is not None:
             return False
-        self.kept = t
+        self.kept, self.kept_version = t, t._version
         return True
 
     @property
@@ -41,6 +42,11 @@ class Record:
         """What backward gets: the restored tensor, with the saved strides when a compiled
         backward reads it (it asserts them) and they differ (rule [ Strides ])."""
         if self.kept is not None:
+            if self.kept._version != self.kept_version:  # as autograd's own saved tensors
+                raise RuntimeError(
+                    "torchmesa: a tensor saved for backward (kept exact, rule [ Normalized "
+                    "products ]) was modified by an in-place operation after forward"
+                )
             return self.kept
         t = self.restore()
         if self.stride is not None and in_compiled_backward() and not same_strides(t, self.stride):
