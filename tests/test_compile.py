@@ -588,3 +588,52 @@ def test_dropout_is_never_drawn_again_in_a_compiled_backward(budget: float):
         outputs[name], grads[name] = y.detach(), trained
     assert torch.equal(outputs["exact"], outputs["torchmesa"])
     assert min(c for c, _ in grad_cosines(grads["exact"], grads["torchmesa"]).values()) > 0.9999
+
+
+def _aten_graph(fn, *args) -> torch.fx.Graph:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn)(*args).graph
+
+
+def test_a_compiled_graph_keeps_a_normalized_product_and_its_division_exact():
+    """Rule [ Normalized products ] on a decomposed graph: the operands of ``q @ kv`` and
+    of ``kᵀ @ v`` before it, and the division's, are kept; softmax attention (its
+    decomposition divides by a sum of exponentials) and scaled scores keep nothing."""
+    from torchmesa.compiled import normalized_values
+
+    def linear(q, k, v):
+        out = q @ (k.transpose(-1, -2) @ F.pad(v, (0, 1), value=1.0))
+        return out[..., :-1] / (out[..., -1:] + 1e-5)
+
+    def softmax(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) / 8.0
+        e = (scores - scores.amax(-1, keepdim=True)).exp()
+        return (e / e.sum(-1, keepdim=True)) @ v
+
+    q, k, v = (torch.rand(2, 4, 16, 8) for _ in range(3))
+    graph = _aten_graph(linear, q, k, v)
+    kept = normalized_values(graph)
+    products = graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default)
+    divisions = graph.find_nodes(op="call_function", target=torch.ops.aten.div.Tensor)
+    assert len(products) == 2 and len(divisions) == 1
+    assert {a for p in products for a in p.args} | set(divisions[0].args) <= kept
+    assert normalized_values(_aten_graph(softmax, q, k, v)) == set()
+
+
+@pytest.mark.slow
+def test_a_linear_attention_trains_compiled_like_compiled_exact():
+    """The toy linear attention's gradients were at worst cosine -0.005 compiled."""
+    from test_normalized import LinearAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearAttention(), nn.LayerNorm(64), LinearAttention())
+    exact = copy.deepcopy(model)
+    x = torch.randn(4, 16, 64)
+    y = torch.compile(torchmesa.compress(model))(x)
+    y_exact = torch.compile(exact)(x)
+    assert torch.equal(y, y_exact) and compiled_saved(y, model)[1] > 0
+    y.square().mean().backward()
+    y_exact.square().mean().backward()
+    assert min(c for c, _ in grad_cosines(exact, model).values()) > 0.99

@@ -58,6 +58,10 @@ FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_produ
 SOFTMAX_OPS = ("aten._softmax.", "aten._safe_softmax.")
 # between probabilities and a saved copy: layout, a safe softmax's zeroing, dropout's product
 PROBABILITY_OPS = (*LAYOUT_OPS, "aten.where.", "aten.mul.")
+# products, and the steps between a product and a division that normalizes by it
+PRODUCT_OPS = ("aten.bmm.", "aten.mm.")
+NORMALIZER_OPS = (*LAYOUT_OPS, "aten.slice.", "aten.select.", "aten.add.", "aten.sum.",
+                  "unsqueeze", "squeeze", "aten.clamp")  # fmt: skip
 # between a softmax's input and its row maximum: layout, a scale, a mask added or filled
 LOGIT_OPS = (*LAYOUT_OPS, "aten.mul.", "aten.div.", "aten.add.", "aten.where.", "masked_fill",
              "aten.tanh.")  # fmt: skip
@@ -284,6 +288,75 @@ def attention_kind(node: Any) -> str:
     return ""
 
 
+def normalized_values(graph: torch.fx.Graph) -> set[Any]:
+    """The nodes whose saves rule [ Normalized products ] keeps exact in ``graph``: the
+    operands of a product (``bmm``, ``mm``) whose output a division divides by, within a
+    few steps of :data:`NORMALIZER_OPS`, and the operands of that division. Computed once
+    per graph."""
+    cached: set[Any] | None = getattr(graph, "_torchmesa_normalized", None)
+    if cached is not None:
+        return cached
+    kept: set[Any] = set()
+    for div in graph.find_nodes(op="call_function", target=torch.ops.aten.div.Tensor):
+        if len(div.args) < 2:
+            continue
+        products = _products_before(div.args[1])
+        if not products:
+            continue
+        products |= _products_before(div.args[0])
+        for product in list(products):  # the products these multiply (kᵀ @ v in q @ kv)
+            for arg in product.args:
+                products |= _products_before(arg)
+        kept |= {a for a in div.args if isinstance(a, torch.fx.Node)}
+        kept |= {a for p in products for a in p.args if isinstance(a, torch.fx.Node)}
+    graph._torchmesa_normalized = kept  # type: ignore[attr-defined]
+    return kept
+
+
+def _products_before(node: Any, steps: int = 8) -> set[Any]:
+    """The product nodes ``node`` comes from through at most ``steps`` normalizer steps."""
+    found: set[Any] = set()
+    todo, seen = [node], set[Any]()
+    while todo and len(seen) < steps:
+        n = todo.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if _target_in(n, PRODUCT_OPS):
+            found.add(n)
+        elif _target_in(n, NORMALIZER_OPS):
+            todo.extend(a for a in n.args if isinstance(a, torch.fx.Node))
+    return found
+
+
+def _in_normalized(node: Any, steps: int = 8) -> bool:
+    """Whether the saved node is a layout copy of a value :func:`normalized_values` keeps
+    (the transposed operand a product's backward reads), or is or reaches one through at
+    most ``steps`` normalizer steps (a product's output the division reads through a
+    slice, a product's operand through a view)."""
+    kept = normalized_values(node.graph)
+    if not kept:
+        return False
+    source = node
+    for _ in range(steps):
+        if source in kept:
+            return True
+        if not _target_in(source, LAYOUT_OPS) or not source.args:
+            break
+        source = source.args[0]
+    todo, seen = [node], set[Any]()
+    while todo and len(seen) < steps:
+        n = todo.pop()
+        if n in seen:
+            continue
+        if n in kept:
+            return True
+        seen.add(n)
+        if n is node or _target_in(n, NORMALIZER_OPS):
+            todo.extend(n.users)
+    return False
+
+
 def _copy_of_input(node: Any) -> bool:
     """Whether the saved node is an input of the graph (a parameter, most often)
     reshaped or cast: autocast's bf16 copy of a weight is an intermediate of the graph,
@@ -463,8 +536,8 @@ class GraphHooks:
     def _pack(self, x: torch.Tensor) -> PackedSave:
         state = _trace_state()  # None when this runs eagerly, on a real tensor
         node = state["_node"] if state else None
-        if _copy_of_input(node):
-            return (x,)
+        if _copy_of_input(node) or (node is not None and _in_normalized(node)):
+            return (x,)  # a parameter's copy, or rule [ Normalized products ]
         kind = attention_kind(node) if node is not None else ""
         if kind == "statistics":
             return (x,)

@@ -36,7 +36,9 @@ NOTE [ Engine rules ]
     at cosine 0.885 (64 px). The product's saves are packed before the division exists,
     so their records are told afterwards to give back the tensors themselves, which the
     capture holds while only layout steps, additions, sums and casts follow the product.
-    Their codes stay held too. Eager only.
+    Their codes stay held too. Compiled graphs find the same values in the graph
+    (:func:`torchmesa.compiled.normalized_values`), with the products those multiply
+    (``kᵀ @ v`` in ``q @ kv``): compiled EfficientViT-B0 held 0.9990 without them.
   [ Masks ] Bool tensors (dropout and attention masks) are packed to 1 bit, losslessly; so
     is a float tensor with no autograd history whose entries are all 0 or one other value
     (the CPU's dropout mask ``{0, 1/(1-p)}``, an additive attention mask ``{0, -inf}``),

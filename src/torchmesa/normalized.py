@@ -14,8 +14,9 @@ sensitive exists. So :class:`Window` holds, while only layout steps, additions, 
 casts follow, the products just made and what each saved (the tensors themselves: still
 alive there, as the attention's locals); a division whose divisor comes from one of them
 makes their records give back those tensors (:meth:`torchmesa.records.Record.keep`), and
-saves its own operands exact. Any other op closes the window. Eager only: a compiled
-graph's saves are decided when it is traced.
+saves its own operands exact. Any other op closes the window. A compiled graph's saves
+are decided when it is traced, from the whole graph
+(:func:`torchmesa.compiled.normalized_values`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ EXPECTED_WARNINGS = {"hf:wav2vec2": "module 'Wav2Vec2ForCTC' holds NaN or Inf"}
 # from fp32's than exact bf16's is, within this factor, it adds nothing to bf16's error.
 BF16_NOISE = 1.05
 # BatchNorm CNNs under torch.compile, against compiled exact (the compiled path's own storage)
-COMPILED = ("timm:resnet18", "timm:mobilenetv3_small_100@128")
+COMPILED = ("timm:resnet18", "timm:mobilenetv3_small_100@128", "timm:efficientvit_b0")
 AUTOCAST = ("hf:llama", "hf:whisper", "timm:vit_tiny_patch16_224", "timm:convnext_atto",
             "timm:efficientnet_b0")  # fmt: skip
 
