@@ -4,7 +4,9 @@ The zoo trains each model on 64x64 images; a miss can hide there (a channel whos
 variance sits near BatchNorm's eps, a value near a hardswish kink, a divisor as small as
 its eps). For each model and size (timm, untrained, cross-entropy, one step, the test
 suite's rule for near-zero gradients, ``tests/helpers.py``): the bytes stored against
-exact's, the worst gradient cosine and where. ``--compiled`` adds the same step under
+exact's, the worst gradient cosine and where, and beside it how far exact training under
+bf16 autocast is from exact fp32 on the same step (worst cosine and where): a parameter
+whose gradient cancels so finely that bf16 loses it too. ``--compiled`` adds the same step under
 ``torch.compile`` against compiled exact for the models in COMPILED (a minute or two
 each to compile); ``--checkpointed`` the models in CHECKPOINTED trained with timm's
 checkpointing switch, where backward runs each segment again from its stored input.
@@ -43,16 +45,31 @@ CASES = (
     ("resnet18", 224, 4), ("efficientvit_b0", 64, 4), ("efficientvit_b0", 128, 4),
     ("efficientvit_b0", 224, 2),
 )  # fmt: skip
-COMPILED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8))
+COMPILED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8), ("efficientvit_b0", 64, 4))
 # trained with timm's own checkpointing switch (set_grad_checkpointing)
 CHECKPOINTED = (("resnet18", 128, 8), ("mobilenetv3_small_100", 128, 8),
                 ("deit_tiny_patch16_224", 224, 4))  # fmt: skip
+
+
+def bf16_exact(name: str, image: int, batch: int) -> tuple[float, str]:
+    """Exact training under bf16 autocast against exact fp32, one step: the worst
+    gradient cosine and its parameter."""
+    model, run = _timm(name, image, batch)()
+    reference = copy.deepcopy(model)
+    for m, dtype in ((reference, None), (model, torch.bfloat16)):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            run(m)[1].backward()
+    cosines = grad_cosines(reference, model)
+    worst = min(cosines, key=lambda n: cosines[n][0])
+    return cosines[worst][0], worst
 
 
 def measure(name: str, image: int, batch: int, checkpointed: bool = False) -> dict:
     model, run = _timm(name, image, batch)()  # the zoo's model and batch at another size
     if checkpointed:  # exact's copy checkpoints too: the same gradients
         model.set_grad_checkpointing(True)
+    bf16_cosine, bf16_worst = bf16_exact(name, image, batch)
     res = compare(model, run)
     return {
         "model": name, "image": image, "batch": batch, "compiled": False,
@@ -60,6 +77,7 @@ def measure(name: str, image: int, batch: int, checkpointed: bool = False) -> di
         "ratio": res.ratio, "min_cosine": res.min_cosine, "worst_param": res.worst_param,
         "forward_equal": res.forward_equal,
         "near_zero_max_error": max(res.null_params.values(), default=0.0),
+        "bf16_exact_min_cosine": bf16_cosine, "bf16_exact_worst_param": bf16_worst,
     }  # fmt: skip
 
 
@@ -98,12 +116,14 @@ def main() -> None:
     if args.checkpointed:
         rows += [measure(*case, checkpointed=True) for case in CHECKPOINTED]
     print(f"{'model':24s} {'image':>5s} {'batch':>5s} {'path':10s} {'ratio':>6s}  "
-          f"{'min cosine':>10s}  worst parameter")  # fmt: skip
+          f"{'min cosine':>10s}  {'bf16 exact':>10s}  worst parameter")  # fmt: skip
     for r in rows:
         ratio = f"{r['ratio']:5.2f}x" if r["ratio"] is not None else "     -"
         path = "compiled" if r["compiled"] else "checkpoint" if r["checkpointed"] else "eager"
+        bf16 = r.get("bf16_exact_min_cosine")
+        bf16_text = f"{bf16:10.5f}" if bf16 is not None else f"{'-':>10s}"
         print(f"{r['model']:24s} {r['image']:5d} {r['batch']:5d} {path:10s} {ratio}  "
-              f"{r['min_cosine']:10.5f}  {r['worst_param']}")  # fmt: skip
+              f"{r['min_cosine']:10.5f}  {bf16_text}  {r['worst_param']}")  # fmt: skip
     command = ".venv-zoo/bin/python benchmarks/image_sizes.py"
     report = {
         "command": command
