@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -337,13 +338,8 @@ def _in_normalized(node: Any, steps: int = 8) -> bool:
     kept = normalized_values(node.graph)
     if not kept:
         return False
-    source = node
-    for _ in range(steps):
-        if source in kept:
-            return True
-        if not _target_in(source, LAYOUT_OPS) or not source.args:
-            break
-        source = source.args[0]
+    if any(source in kept for source in itertools.islice(_layout_sources(node), steps)):
+        return True
     todo, seen = [node], set[Any]()
     while todo and len(seen) < steps:
         n = todo.pop()
@@ -363,11 +359,17 @@ def _copy_of_input(node: Any) -> bool:
     and a parameter's copy is never quantized (engine rule [ Parameters ])."""
     if node is None or node.op != "call_function":
         return False
-    while node is not None and node.op == "call_function":
-        if not _target_in(node, LAYOUT_OPS):
-            return False
-        node = node.args[0] if node.args else None
-    return node is not None and getattr(node, "op", None) == "placeholder"
+    *_, source = _layout_sources(node)
+    return bool(source.op == "placeholder")
+
+
+def _layout_sources(node: Any) -> Iterator[Any]:
+    """``node``, and the values it is a layout copy of (views, casts: first arguments)."""
+    while isinstance(node, torch.fx.Node):
+        yield node
+        if node.op != "call_function" or not node.args or not _target_in(node, LAYOUT_OPS):
+            return
+        node = node.args[0]
 
 
 def _even_groups(layout: quant.GroupLayout) -> quant.GroupLayout:

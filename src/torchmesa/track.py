@@ -129,8 +129,9 @@ class Tracker:
 
     def record_operand(self, stored: Any, module: str) -> None:
         """Count what a rebuilt tensor's recipe stored of its own (a mask or bias added to
-        attention scores, rule [ Probabilities ]): held for backward, though exact training holds
-        nothing for it. Counted once, however many recipes share it."""
+        attention scores, rule [ Probabilities ]: held for backward, though exact training holds
+        nothing for it), or a saved tensor a record keeps after all beside its codes (rule
+        [ Normalized products ]). Counted once, however many recipes or records share it."""
         entry = self.by_module.setdefault(module, ModuleBytes())
         exact = isinstance(stored, torch.Tensor)
         self._count_stored(

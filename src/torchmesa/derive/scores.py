@@ -121,7 +121,9 @@ class Capture(TorchFunctionMode):
     """Records, during a compressed forward, the operands that the ops a score chain may
     hold (add, sub, ``masked_fill``, ``where``, ``baddbmm``) were called with, keyed by
     the autograd node of their output, and which ``scaled_dot_product_attention`` call is
-    running. Everything else passes through untouched."""
+    running, and keeps the window of products a division may normalize (rule [ Normalized
+    products ], :class:`torchmesa.normalized.Window`). Everything else passes through
+    untouched."""
 
     def __init__(self, keep: Callable[[list[normalized.Save]], None] | None = None) -> None:
         super().__init__()
